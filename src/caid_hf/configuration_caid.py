@@ -1,0 +1,150 @@
+"""Configuration of CAiD models (backbone, pre-training objective, downstream heads)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+DISCRIMINATION_METHODS = ("moco_v2",)
+PROJECTION_HEADS = ("mlp", "linear")
+RECONSTRUCTION_ACTIVATIONS = ("sigmoid", "identity")
+
+
+def available_encoders() -> list[str]:
+    """Names of the segmentation_models_pytorch encoders CAiD can use (e.g. ``resnet50``)."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    return sorted(encoders)
+
+
+class CAiDConfig(PretrainedConfig):
+    r"""Configuration of a CAiD U-Net and its pre-training objective.
+
+    Defaults reproduce the paper's setting (REFERENCE.md): a ResNet-50 U-Net on 224 px
+    views, MoCo-v2 with an MLP head, a queue of 65,536 keys of dimension 128, momentum
+    0.999, temperature 0.2, loss ``1 * L_ID + 10 * L_MSE`` on a sigmoid reconstruction.
+
+    Args:
+        encoder_name: segmentation_models_pytorch encoder name (``resnet18``, ``resnet50`` ...).
+        encoder_depth: number of encoder stages used by the U-Net (3..5).
+        decoder_channels: channels of the U-Net decoder blocks, one per stage.
+        in_channels: input channels; grey radiographs are replicated to 3.
+        image_size: side of the square training views in pixels (divisible by 32).
+        discrimination_method: instance-discrimination objective; ``moco_v2`` (the one the
+            original code ships).
+        context_prediction: ``True`` is CAiD (instance discrimination + reconstruction);
+            ``False`` is the plain instance-discrimination baseline (the decoder is not used).
+        queue_size: MoCo queue length K; must be divisible by the global batch size.
+        momentum: MoCo momentum m of the key encoder.
+        contrastive_temperature: MoCo softmax temperature T (not ``temperature``: transformers
+            reserves that name for generation).
+        projection_dim: output dimension of the projection head.
+        projection_head: ``mlp`` (Linear-ReLU-Linear, MoCo-v2) or ``linear`` (MoCo-v1).
+        shuffle_bn_splits: on a single process, BatchNorm statistics are computed over this
+            many sub-batches and the key batch is shuffled across them, emulating the
+            cross-process shuffle-BN of MoCo (1 disables the emulation). Ignored when several
+            processes run: the real cross-process shuffle is used.
+        contrastive_weight: weight of the instance-discrimination loss.
+        reconstruction_weight: weight of the reconstruction (MSE) loss.
+        reconstruction_activation: activation of the reconstruction output (``sigmoid``).
+        classifier_dropout: dropout before a downstream classification head.
+    """
+
+    model_type = "caid"
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet50",
+        encoder_depth: int = 5,
+        decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16),
+        in_channels: int = 3,
+        image_size: int = 224,
+        discrimination_method: str = "moco_v2",
+        context_prediction: bool = True,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        contrastive_temperature: float = 0.2,
+        projection_dim: int = 128,
+        projection_head: str = "mlp",
+        shuffle_bn_splits: int = 2,
+        contrastive_weight: float = 1.0,
+        reconstruction_weight: float = 10.0,
+        reconstruction_activation: str = "sigmoid",
+        classifier_dropout: float = 0.0,
+        **kwargs,
+    ):
+        self.encoder_name = encoder_name
+        self.encoder_depth = int(encoder_depth)
+        self.decoder_channels = [int(c) for c in decoder_channels]
+        self.in_channels = int(in_channels)
+        self.image_size = int(image_size)
+        self.discrimination_method = discrimination_method
+        self.context_prediction = bool(context_prediction)
+        self.queue_size = int(queue_size)
+        self.momentum = float(momentum)
+        self.contrastive_temperature = float(contrastive_temperature)
+        self.projection_dim = int(projection_dim)
+        self.projection_head = projection_head
+        self.shuffle_bn_splits = int(shuffle_bn_splits)
+        self.contrastive_weight = float(contrastive_weight)
+        self.reconstruction_weight = float(reconstruction_weight)
+        self.reconstruction_activation = reconstruction_activation
+        self.classifier_dropout = float(classifier_dropout)
+        super().__init__(**kwargs)
+        self.validate_caid()
+
+    def validate_caid(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        encoders = available_encoders()
+        if self.encoder_name not in encoders:
+            raise ValueError(
+                f"encoder_name={self.encoder_name!r} is not a segmentation_models_pytorch encoder; "
+                f"choose one of: {', '.join(encoders[:12])}, ..."
+            )
+        if not 3 <= self.encoder_depth <= 5:
+            raise ValueError(f"encoder_depth must be in 3..5, got {self.encoder_depth}")
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels needs one entry per encoder stage ({self.encoder_depth}), "
+                f"got {self.decoder_channels}"
+            )
+        if any(c <= 0 for c in self.decoder_channels):
+            raise ValueError(f"decoder_channels must be positive, got {self.decoder_channels}")
+        if self.in_channels <= 0:
+            raise ValueError(f"in_channels must be positive, got {self.in_channels}")
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ValueError(
+                f"image_size must be a positive multiple of 32 (the U-Net downsamples 5 times), "
+                f"got {self.image_size}"
+            )
+        if self.discrimination_method not in DISCRIMINATION_METHODS:
+            raise ValueError(
+                f"discrimination_method={self.discrimination_method!r} is unknown; "
+                f"choose one of {DISCRIMINATION_METHODS}"
+            )
+        if self.queue_size <= 0:
+            raise ValueError(f"queue_size must be positive, got {self.queue_size}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(
+                f"contrastive_temperature must be positive, got {self.contrastive_temperature}"
+            )
+        if self.projection_dim <= 0:
+            raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
+        if self.projection_head not in PROJECTION_HEADS:
+            raise ValueError(
+                f"projection_head={self.projection_head!r} is unknown; choose one of {PROJECTION_HEADS}"
+            )
+        if self.shuffle_bn_splits < 1:
+            raise ValueError(f"shuffle_bn_splits must be >= 1, got {self.shuffle_bn_splits}")
+        if self.contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.reconstruction_weight < 0:
+            raise ValueError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+        if self.reconstruction_activation not in RECONSTRUCTION_ACTIVATIONS:
+            raise ValueError(
+                f"reconstruction_activation={self.reconstruction_activation!r} is unknown; "
+                f"choose one of {RECONSTRUCTION_ACTIVATIONS}"
+            )
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")

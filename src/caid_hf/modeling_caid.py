@@ -1,0 +1,290 @@
+"""CAiD models: the U-Net backbone and its pre-training wrapper.
+
+The U-Net is assembled from segmentation_models_pytorch parts so that the backbone's
+state-dict keys are exactly those of ``smp.Unet`` with the same encoder, and the
+original repository's loading recipes keep working on our safetensors files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from segmentation_models_pytorch.encoders import get_encoder
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_caid import CAiDConfig
+from .distributed import world_size
+from .objectives.moco import MoCoV2, encode_in_splits, global_pool
+
+
+@dataclass
+class CAiDModelOutput(ModelOutput):
+    """Output of :class:`CAiDModel`.
+
+    Args:
+        last_hidden_state: deepest encoder features [B, C, H/32, W/32].
+        pooler_output: global average pool of ``last_hidden_state`` [B, C], the embedding.
+        reconstruction: restored image [B, 1, H, W] in [0, 1] (sigmoid), or ``None`` when not
+            computed.
+        hidden_states: every encoder stage (input first), when ``output_hidden_states``.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CAiDForPreTrainingOutput(ModelOutput):
+    """Output of :class:`CAiDForPreTraining`.
+
+    Args:
+        loss: ``contrastive_weight * contrastive_loss + reconstruction_weight * reconstruction_loss``
+            (fp32 scalar; the reconstruction term only when ``labels`` are given).
+        contrastive_loss: InfoNCE of the instance-discrimination objective (fp32 scalar).
+        reconstruction_loss: mean squared error of ``reconstruction`` against ``labels``.
+        logits: [B, 1 + K] MoCo logits divided by the temperature (column 0 = positive key).
+        reconstruction: [B, 1, H, W] in [0, 1], ``None`` for the instance-discrimination baseline.
+        embeddings: pooled query features [B, C].
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+
+
+class CAiDPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by all CAiD models."""
+
+    config_class = CAiDConfig
+    base_model_prefix = "caid"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The same schemes the parts get from their own libraries: torchvision's ResNet init
+        # for encoder convolutions, smp's for decoder and head, torch's default for Linear.
+        scheme = getattr(module, "_caid_init", None)
+        if isinstance(module, nn.Conv2d):
+            if scheme == "decoder":
+                init.kaiming_uniform_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif scheme == "head":
+                init.xavier_uniform_(module.weight)
+            else:
+                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(module, "weight", None) is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, MoCoV2):
+            init.copy_(module.queue, F.normalize(torch.randn_like(module.queue), dim=0))
+            init.zeros_(module.queue_ptr)
+
+
+class CAiDModel(CAiDPreTrainedModel):
+    """The CAiD U-Net: an smp encoder, the smp U-Net decoder and a 1-channel reconstruction head.
+
+    ``state_dict()`` keys equal ``smp.Unet(config.encoder_name)``'s. Inputs are 3-channel
+    images in [0, 1] without mean/std normalisation, H and W divisible by 32.
+    """
+
+    def __init__(self, config: CAiDConfig):
+        super().__init__(config)
+        self.encoder = get_encoder(
+            config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None
+        )
+        self.decoder = UnetDecoder(
+            encoder_channels=self.encoder.out_channels,
+            decoder_channels=config.decoder_channels,
+            n_blocks=config.encoder_depth,
+            add_center_block=config.encoder_name.startswith("vgg"),
+        )
+        self.segmentation_head = SegmentationHead(config.decoder_channels[-1], 1, kernel_size=3)
+        for m in self.decoder.modules():
+            m._caid_init = "decoder"
+        for m in self.segmentation_head.modules():
+            m._caid_init = "head"
+        self.post_init()
+
+    @property
+    def embedding_dim(self) -> int:
+        """Channels C of the deepest encoder stage (the pooled embedding's size)."""
+        return self.encoder.out_channels[-1]
+
+    def reconstruct(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Decoder + head on the encoder stages → [B, 1, H, W] (sigmoid unless configured off)."""
+        out = self.segmentation_head(self.decoder(features))
+        return torch.sigmoid(out) if self.config.reconstruction_activation == "sigmoid" else out
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        compute_reconstruction: bool = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CAiDModelOutput | tuple:
+        """Encode ``pixel_values`` [B, 3, H, W] (float in [0, 1]); decode unless told not to."""
+        features = self.encoder(pixel_values)
+        output = CAiDModelOutput(
+            last_hidden_state=features[-1],
+            pooler_output=global_pool(features[-1]),
+            reconstruction=self.reconstruct(features) if compute_reconstruction else None,
+            hidden_states=tuple(features) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def to_torchvision(self, num_classes: int = 1000) -> nn.Module:
+        """A torchvision ResNet carrying this encoder's weights (its ``fc`` freshly initialised)."""
+        import torchvision
+
+        name = self.config.encoder_name
+        if not (name.startswith("resnet") or name.startswith("resnext")) or not hasattr(
+            torchvision.models, name
+        ):
+            raise ValueError(f"to_torchvision() supports torchvision ResNets; encoder is {name!r}")
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        missing, unexpected = model.load_state_dict(self.encoder.state_dict(), strict=False)
+        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+            raise RuntimeError(f"encoder does not match torchvision {name}: {missing} {unexpected}")
+        return model.to(self.device)
+
+    def to_smp(self) -> nn.Module:
+        """A ``segmentation_models_pytorch.Unet`` with exactly these weights (sigmoid activation)."""
+        import segmentation_models_pytorch as smp
+
+        c = self.config
+        model = smp.Unet(
+            c.encoder_name,
+            encoder_depth=c.encoder_depth,
+            encoder_weights=None,
+            decoder_channels=c.decoder_channels,
+            in_channels=c.in_channels,
+            classes=1,
+            activation="sigmoid" if c.reconstruction_activation == "sigmoid" else None,
+        )
+        model.load_state_dict(self.state_dict())
+        return model.to(self.device)
+
+
+class CAiDForPreTraining(CAiDPreTrainedModel):
+    """CAiD pre-training: instance discrimination on the encoder + reconstruction by the U-Net.
+
+    ``self.caid`` is the published backbone; the projection head, momentum key branch and
+    queue live in ``self.objective`` and never enter the backbone's files. With
+    ``config.context_prediction=False`` it is the plain instance-discrimination baseline:
+    the decoder is frozen and never run (its weights stay at their initialisation).
+    """
+
+    def __init__(self, config: CAiDConfig):
+        super().__init__(config)
+        self.caid = CAiDModel(config)
+        self.objective = MoCoV2(
+            self.caid.encoder,
+            feature_dim=self.caid.embedding_dim,
+            projection_dim=config.projection_dim,
+            queue_size=config.queue_size,
+            momentum=config.momentum,
+            temperature=config.contrastive_temperature,
+            head=config.projection_head,
+            shuffle_bn_splits=config.shuffle_bn_splits,
+        )
+        # The queue is identical on every rank by construction: keep DDP from re-broadcasting it.
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, ["objective.queue", "objective.queue_ptr"]
+        )
+        self.post_init()
+        self.objective.reset_momentum_branch(self.caid.encoder)
+        self.freeze_unused()
+
+    def freeze_unused(self) -> None:
+        """Parameters that must not be trained: the key branch always, the decoder in ID-only mode.
+
+        DDP raises on trainable parameters without gradients, and ``from_pretrained`` turns
+        ``requires_grad`` back on, so this runs after construction and after loading.
+        """
+        self.objective.freeze_momentum_branch()
+        train_decoder = self.config.context_prediction
+        for p in [*self.caid.decoder.parameters(), *self.caid.segmentation_head.parameters()]:
+            p.requires_grad_(train_decoder)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load a pre-training checkpoint, or start pre-training from a published backbone.
+
+        A backbone folder (``CAiDModel``) has no key branch and no queue: the key branch is
+        then set to a copy of the loaded query branch and the queue to fresh random keys.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info["missing_keys"])
+        if any(k.startswith("objective.momentum_") for k in missing):
+            model.objective.reset_momentum_branch(model.caid.encoder)
+        if {"objective.queue", "objective.queue_ptr"} & missing:
+            model.objective.reset_queue()
+        model.freeze_unused()
+        return (model, info) if want_info else model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        key_pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CAiDForPreTrainingOutput | tuple:
+        """One CAiD step.
+
+        Args:
+            pixel_values: query views [B, 3, H, W], float in [0, 1] (distorted in CAiD mode).
+            key_pixel_values: key views [B, 3, H, W], float in [0, 1].
+            labels: reconstruction target [B, 1, H, W] in [0, 1] (the query view undistorted).
+        """
+        c = self.config
+        # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
+        splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
+        features = encode_in_splits(self.caid.encoder, pixel_values, splits)
+        embeddings = global_pool(features[-1])
+        moco = self.objective(embeddings, key_pixel_values, self.caid.encoder)
+
+        reconstruction = reconstruction_loss = None
+        loss = c.contrastive_weight * moco.loss
+        if c.context_prediction:
+            reconstruction = self.caid.reconstruct(features)
+            if labels is not None:
+                reconstruction_loss = F.mse_loss(reconstruction.float(), labels.float())
+                loss = loss + c.reconstruction_weight * reconstruction_loss
+        output = CAiDForPreTrainingOutput(
+            loss=loss,
+            contrastive_loss=moco.loss,
+            reconstruction_loss=reconstruction_loss,
+            logits=moco.logits,
+            reconstruction=reconstruction,
+            embeddings=embeddings,
+        )
+        return output if return_dict is not False else output.to_tuple()

@@ -1,0 +1,183 @@
+"""MoCo-v2 instance discrimination, the contrastive half of CAiD.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
+Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297.
+
+A query embedding must pick its own key (the other view of the same image, encoded by a
+slowly moving momentum copy of the encoder) out of a queue of keys from earlier batches.
+Only the encoder and projection head have a momentum copy: CAiD's decoder never sees the
+key view (the reference runs it there and discards the result).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import (
+    concat_all_gather,
+    shuffle_across_ranks,
+    unshuffle_across_ranks,
+    world_size,
+)
+
+
+def build_projection_head(in_features: int, out_features: int, kind: str = "mlp") -> nn.Module:
+    """MoCo-v2 ``mlp`` head Linear(C, C) → ReLU → Linear(C, D), or MoCo-v1 ``linear`` Linear(C, D).
+
+    The MLP's state-dict keys (``0.*``, ``2.*``) match the reference's ``encoder_q.fc``.
+    """
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, out_features)
+        )
+    return nn.Linear(in_features, out_features)
+
+
+def encode_in_splits(encoder: nn.Module, x: torch.Tensor, splits: int) -> list[torch.Tensor]:
+    """Run an smp encoder on ``splits`` consecutive sub-batches and concatenate each stage.
+
+    In training mode every sub-batch gets its own BatchNorm statistics, as it would on a
+    separate device: this is the single-process emulation of multi-device BatchNorm.
+    """
+    if splits <= 1 or x.shape[0] < 2:
+        return encoder(x)
+    chunks = [encoder(part) for part in x.tensor_split(min(splits, x.shape[0]))]
+    return [torch.cat(stage, dim=0) for stage in zip(*chunks)]
+
+
+def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
+    """Global average pool [B, C, h, w] → [B, C]."""
+    return feature_map.mean(dim=(2, 3))
+
+
+@dataclass
+class MoCoOutput:
+    """loss: scalar fp32; logits: [B, 1 + K] fp32 already divided by T (column 0 = positive);
+    keys: [B, D] L2-normalised keys of this rank's batch."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    keys: torch.Tensor
+
+
+class MoCoV2(nn.Module):
+    """MoCo-v2 head, momentum key encoder and queue.
+
+    Args:
+        encoder: the query encoder (an smp encoder returning a list of stage features);
+            a frozen deep copy becomes the momentum key encoder.
+        feature_dim: channels of the deepest stage (2048 for ResNet-50, 512 for ResNet-18).
+        projection_dim: embedding dimension D (128).
+        queue_size: number of queued keys K (65,536).
+        momentum: m of ``key = m * key + (1 - m) * query`` (0.999).
+        temperature: T of the logits (0.2).
+        head: ``"mlp"`` or ``"linear"``.
+        shuffle_bn_splits: sub-batches of the single-process shuffle-BN emulation.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        projection_dim: int = 128,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        temperature: float = 0.2,
+        head: str = "mlp",
+        shuffle_bn_splits: int = 2,
+    ):
+        super().__init__()
+        self.momentum = momentum
+        self.temperature = temperature
+        self.shuffle_bn_splits = shuffle_bn_splits
+        self.projection_head = build_projection_head(feature_dim, projection_dim, head)
+        self.momentum_encoder = copy.deepcopy(encoder)
+        self.momentum_projection_head = copy.deepcopy(self.projection_head)
+        self.register_buffer("queue", F.normalize(torch.randn(projection_dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.freeze_momentum_branch()
+
+    def freeze_momentum_branch(self) -> None:
+        """The key branch learns only through :meth:`momentum_update`, never from gradients."""
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+    def momentum_parameters(self) -> list[nn.Parameter]:
+        return [*self.momentum_encoder.parameters(), *self.momentum_projection_head.parameters()]
+
+    @torch.no_grad()
+    def reset_momentum_branch(self, encoder: nn.Module) -> None:
+        """Make the key branch an exact copy of the query branch (start of training)."""
+        query = [*encoder.parameters(), *self.projection_head.parameters()]
+        torch._foreach_copy_(self.momentum_parameters(), query)
+        for k, q in zip(self.momentum_encoder.buffers(), encoder.buffers()):
+            k.copy_(q)
+
+    @torch.no_grad()
+    def reset_queue(self) -> None:
+        """Fresh queue: random normal keys, L2-normalised along the feature dimension."""
+        self.queue.copy_(F.normalize(torch.randn_like(self.queue), dim=0))
+        self.queue_ptr.zero_()
+
+    @torch.no_grad()
+    def momentum_update(self, encoder: nn.Module) -> None:
+        """key ← m · key + (1 − m) · query for every parameter of encoder and head (buffers untouched)."""
+        keys = self.momentum_parameters()
+        queries = [*encoder.parameters(), *self.projection_head.parameters()]
+        torch._foreach_mul_(keys, self.momentum)
+        torch._foreach_add_(keys, queries, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def encode_keys(self, key_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Key embeddings [B, D] (fp32, L2-normalised) of the key views [B, 3, H, W], with shuffle-BN."""
+        x, splits = key_pixel_values, 1
+        shuffled = self.training and world_size() > 1
+        if shuffled:
+            x, inverse = shuffle_across_ranks(x)
+        elif self.training and self.shuffle_bn_splits > 1:
+            permutation = torch.randperm(x.shape[0], device=x.device)
+            x, inverse, splits = x[permutation], torch.argsort(permutation), self.shuffle_bn_splits
+        features = encode_in_splits(self.momentum_encoder, x, splits)
+        keys = F.normalize(self.momentum_projection_head(global_pool(features[-1])).float(), dim=1)
+        if shuffled:
+            return unshuffle_across_ranks(keys, inverse)
+        return keys[inverse] if splits > 1 else keys
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write the keys of all ranks [world * B, D] at the pointer (wrapping around) and advance it."""
+        keys = concat_all_gather(keys)
+        size = self.queue.shape[1]
+        ptr = int(self.queue_ptr)
+        index = torch.arange(ptr, ptr + keys.shape[0], device=keys.device) % size
+        self.queue[:, index] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + keys.shape[0]) % size
+
+    def forward(
+        self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor, encoder: nn.Module
+    ) -> MoCoOutput:
+        """InfoNCE of the queries against their keys and the queue.
+
+        Args:
+            query_embedding: pooled query features [B, C] (with gradient).
+            key_pixel_values: key views [B, 3, H, W] in [0, 1].
+            encoder: the query encoder, source of the momentum update.
+        In training mode the key branch is first moved towards the query branch and the new
+        keys are enqueued after the loss is computed (MoCo's order); eval mode changes nothing.
+        """
+        if self.training:
+            self.momentum_update(encoder)
+        q = F.normalize(self.projection_head(query_embedding).float(), dim=1)
+        k = self.encode_keys(key_pixel_values)
+        positive = (q * k).sum(dim=1, keepdim=True)
+        negative = q @ self.queue.clone().float()
+        logits = torch.cat([positive, negative], dim=1) / self.temperature
+        loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+        if self.training:
+            self.enqueue(k)
+        return MoCoOutput(loss=loss, logits=logits, keys=k)

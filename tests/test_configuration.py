@@ -1,0 +1,58 @@
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from caid_hf import CAiDConfig
+
+
+def test_defaults_are_the_papers_setting():
+    c = CAiDConfig()
+    assert c.model_type == "caid"
+    assert c.encoder_name == "resnet50" and c.image_size == 224
+    assert c.discrimination_method == "moco_v2" and c.projection_head == "mlp"
+    assert c.queue_size == 65536 and c.momentum == 0.999
+    assert c.contrastive_temperature == 0.2 and c.projection_dim == 128
+    assert c.contrastive_weight == 1.0 and c.reconstruction_weight == 10.0
+    assert c.reconstruction_activation == "sigmoid" and c.context_prediction is True
+    assert c.decoder_channels == [256, 128, 64, 32, 16]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("encoder_name", "resnet51"),
+        ("discrimination_method", "byol"),
+        ("image_size", 100),
+        ("image_size", 0),
+        ("queue_size", 0),
+        ("queue_size", -5),
+        ("momentum", 1.0),
+        ("contrastive_temperature", 0.0),
+        ("projection_dim", 0),
+        ("projection_head", "deep"),
+        ("encoder_depth", 6),
+        ("decoder_channels", [16, 8]),
+        ("shuffle_bn_splits", 0),
+        ("reconstruction_weight", -1.0),
+        ("reconstruction_activation", "tanh"),
+        ("classifier_dropout", 1.0),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CAiDConfig(**{field: value})
+
+
+def test_save_and_auto_config_round_trip(tmp_path):
+    c = CAiDConfig(encoder_name="resnet18", image_size=128, queue_size=4096, momentum=0.99,
+                   contrastive_temperature=0.07, context_prediction=False)
+    c.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "caid"
+    assert "temperature" not in saved and saved["contrastive_temperature"] == 0.07
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CAiDConfig)
+    for key in ("encoder_name", "image_size", "queue_size", "momentum", "context_prediction",
+                "decoder_channels", "contrastive_temperature"):
+        assert getattr(loaded, key) == getattr(c, key)

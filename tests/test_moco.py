@@ -1,0 +1,166 @@
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from caid_hf import CAiDConfig, CAiDForPreTraining
+from caid_hf.objectives.moco import MoCoV2, global_pool
+
+
+def _inputs(batch=4, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, size, size, generator=g),
+            torch.rand(batch, 3, size, size, generator=g),
+            torch.rand(batch, 1, size, size, generator=g))
+
+
+def _independent_loss(model, q_img, k_img, target, momentum_step: bool):
+    """The CAiD loss written out by hand from REFERENCE.md, on a copy of the model."""
+    m = copy.deepcopy(model)
+    c = m.config
+    enc_q, head_q = m.caid.encoder, m.objective.projection_head
+    enc_k, head_k = m.objective.momentum_encoder, m.objective.momentum_projection_head
+    with torch.no_grad():
+        if momentum_step:
+            for pk, pq in zip([*enc_k.parameters(), *head_k.parameters()],
+                              [*enc_q.parameters(), *head_q.parameters()]):
+                pk.mul_(c.momentum).add_(pq, alpha=1 - c.momentum)
+    feats = enc_q(q_img)
+    q = F.normalize(head_q(feats[-1].mean((2, 3))), dim=1)
+    with torch.no_grad():
+        k = F.normalize(head_k(enc_k(k_img)[-1].mean((2, 3))), dim=1)
+    queue = model.objective.queue.clone()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1)
+    ce = F.cross_entropy(logits / c.contrastive_temperature, torch.zeros(len(q), dtype=torch.long))
+    recon = torch.sigmoid(m.caid.segmentation_head(m.caid.decoder(feats)))
+    mse = F.mse_loss(recon, target)
+    return c.contrastive_weight * ce + c.reconstruction_weight * mse, ce, mse
+
+
+def test_loss_matches_independent_computation_in_training_mode():
+    config = CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32, projection_dim=16,
+                        shuffle_bn_splits=1, momentum=0.9)
+    model = CAiDForPreTraining(config)
+    q_img, k_img, target = _inputs()
+    model.train()
+    expected, ce, mse = _independent_loss(model.train(), q_img, k_img, target, momentum_step=True)
+    out = model(q_img, k_img, labels=target)
+    torch.testing.assert_close(out.contrastive_loss, ce, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.reconstruction_loss, mse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+    assert out.logits.shape == (4, 33)
+
+
+def test_loss_matches_independent_computation_in_eval_mode(tiny_config):
+    model = CAiDForPreTraining(tiny_config)
+    q_img, k_img, target = _inputs(seed=1)
+    expected, _, _ = _independent_loss(model.eval(), q_img, k_img, target, momentum_step=False)
+    queue_before = model.objective.queue.clone()
+    out = model(q_img, k_img, labels=target)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+    # evaluation neither enqueues nor moves the key branch
+    assert torch.equal(model.objective.queue, queue_before) and int(model.objective.queue_ptr) == 0
+
+
+def test_momentum_update_hand_computed():
+    encoder = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    moco = MoCoV2(torch.nn.Sequential(torch.nn.Identity()), feature_dim=2, projection_dim=2,
+                  queue_size=4, momentum=0.9, head="linear")
+    moco.momentum_encoder = copy.deepcopy(encoder)
+    with torch.no_grad():
+        encoder[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        moco.momentum_encoder[0].weight.copy_(torch.tensor([[0.0, 0.0], [10.0, -10.0]]))
+        moco.projection_head.weight.fill_(1.0)
+        moco.projection_head.bias.fill_(0.5)
+        moco.momentum_projection_head.weight.fill_(0.0)
+        moco.momentum_projection_head.bias.fill_(0.0)
+    moco.momentum_update(encoder)
+    torch.testing.assert_close(moco.momentum_encoder[0].weight,
+                               torch.tensor([[0.1, 0.2], [9.3, -8.6]]))
+    torch.testing.assert_close(moco.momentum_projection_head.weight, torch.full((2, 2), 0.1))
+    torch.testing.assert_close(moco.momentum_projection_head.bias, torch.full((2,), 0.05))
+    # the query side is untouched
+    torch.testing.assert_close(encoder[0].weight, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_enqueue_writes_at_pointer_and_wraps_around():
+    moco = MoCoV2(torch.nn.Identity(), feature_dim=2, projection_dim=2, queue_size=6)
+    with torch.no_grad():
+        moco.queue.zero_()
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    moco.enqueue(keys)
+    assert int(moco.queue_ptr) == 4
+    assert torch.equal(moco.queue[:, :4], keys.T) and torch.equal(moco.queue[:, 4:], torch.zeros(2, 2))
+    moco.enqueue(keys + 10)
+    # columns 4, 5 then 0, 1 receive the new keys; 2, 3 keep the old ones
+    assert int(moco.queue_ptr) == 2
+    assert torch.equal(moco.queue[:, 4], keys[0] + 10) and torch.equal(moco.queue[:, 5], keys[1] + 10)
+    assert torch.equal(moco.queue[:, 0], keys[2] + 10) and torch.equal(moco.queue[:, 1], keys[3] + 10)
+    assert torch.equal(moco.queue[:, 2:4], keys[2:].T)
+
+
+def test_training_step_enqueues_its_keys(tiny_config):
+    model = CAiDForPreTraining(tiny_config).train()
+    q_img, k_img, target = _inputs()
+    out = model(q_img, k_img, labels=target)
+    assert int(model.objective.queue_ptr) == 4
+    model.objective.momentum_encoder.eval()
+    # keys in the queue are the normalised key embeddings of this batch
+    assert torch.allclose(model.objective.queue[:, :4].norm(dim=0), torch.ones(4), atol=1e-5)
+    assert out.logits.shape == (4, 1 + tiny_config.queue_size)
+
+
+def test_key_branch_receives_no_gradient(tiny_config):
+    model = CAiDForPreTraining(tiny_config).train()
+    q_img, k_img, target = _inputs()
+    model(q_img, k_img, labels=target).loss.backward()
+    assert all(p.grad is None for p in model.objective.momentum_parameters())
+    assert not any(p.requires_grad for p in model.objective.momentum_parameters())
+    assert model.caid.encoder.conv1.weight.grad.abs().sum() > 0
+    assert model.objective.projection_head[0].weight.grad.abs().sum() > 0
+    assert model.caid.decoder.blocks[0].conv1[0].weight.grad.abs().sum() > 0
+
+
+def test_shuffle_bn_emulation_returns_keys_in_input_order(tiny_config):
+    model = CAiDForPreTraining(tiny_config)
+    moco = model.objective.train()
+    moco.momentum_encoder.eval()  # fixed BN statistics: the result cannot depend on the split
+    k_img = _inputs(batch=6)[1]
+    with torch.no_grad():
+        plain = F.normalize(moco.momentum_projection_head(
+            global_pool(moco.momentum_encoder(k_img)[-1])), dim=1)
+    torch.manual_seed(3)
+    shuffled = moco.encode_keys(k_img)
+    torch.testing.assert_close(shuffled, plain, rtol=0, atol=1e-6)
+
+
+def test_shuffle_bn_emulation_uses_sub_batch_statistics(tiny_config):
+    """In training mode the keys depend on which other images share their sub-batch."""
+    model = CAiDForPreTraining(tiny_config)
+    moco = model.objective.train()
+    k_img = _inputs(batch=8)[1]
+    torch.manual_seed(0)
+    a = moco.encode_keys(k_img)
+    torch.manual_seed(1)
+    b = moco.encode_keys(k_img)
+    assert not torch.allclose(a, b, atol=1e-4)
+    moco.shuffle_bn_splits = 1
+    torch.manual_seed(0)
+    c = moco.encode_keys(k_img)
+    torch.manual_seed(1)
+    assert torch.allclose(c, moco.encode_keys(k_img), atol=1e-6)
+
+
+def test_instance_discrimination_baseline_skips_the_decoder():
+    config = CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32, projection_dim=16,
+                        context_prediction=False, contrastive_weight=2.0)
+    model = CAiDForPreTraining(config).train()
+    assert not any(p.requires_grad for p in model.caid.decoder.parameters())
+    calls = []
+    model.caid.decoder.register_forward_hook(lambda *a: calls.append(1))
+    q_img, k_img, target = _inputs()
+    out = model(q_img, k_img, labels=target)
+    assert out.reconstruction is None and out.reconstruction_loss is None and not calls
+    torch.testing.assert_close(out.loss, 2.0 * out.contrastive_loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.caid.decoder.parameters())

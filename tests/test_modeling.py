@@ -1,0 +1,157 @@
+import segmentation_models_pytorch as smp
+import torch
+import torchvision
+from transformers import AutoModel, AutoModelForPreTraining
+
+from caid_hf import CAiDConfig, CAiDForPreTraining, CAiDModel
+
+
+def _strip(key: str, prefixes=("module.", "backbone.", "encoder.")) -> str:
+    for p in prefixes:
+        if key.startswith(p):
+            key = key[len(p):]
+    return key
+
+
+def _train_a_little(model, steps=3, size=64, batch=4):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.rand(batch, 3, size, size, generator=g)
+        out = model(x, torch.rand(batch, 3, size, size, generator=g),
+                    labels=torch.rand(batch, 1, size, size, generator=g))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_state_dict_keys_equal_smp_unet(tiny_config):
+    ours = CAiDModel(tiny_config).state_dict()
+    theirs = smp.Unet("resnet18", encoder_weights=None).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_backbone_outputs_shapes(tiny_config):
+    model = CAiDModel(tiny_config).eval()
+    x = torch.rand(2, 3, 64, 96)
+    out = model(x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 512, 2, 3)
+    assert out.pooler_output.shape == (2, 512)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean((2, 3)))
+    assert out.reconstruction.shape == (2, 1, 64, 96)
+    assert 0 <= out.reconstruction.min() and out.reconstruction.max() <= 1
+    assert len(out.hidden_states) == 6
+    assert model(x, compute_reconstruction=False).reconstruction is None
+
+
+def test_backbone_round_trip_is_bit_exact(tiny_config, tmp_path):
+    pre = CAiDForPreTraining(tiny_config)
+    _train_a_little(pre)
+    pre.caid.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = CAiDModel.from_pretrained(tmp_path)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, CAiDModel)
+    ref = pre.caid.state_dict()
+    for m in (loaded, auto):
+        sd = m.state_dict()
+        assert sd.keys() == ref.keys()
+        assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    x = torch.rand(2, 3, 64, 64)
+    pre.caid.eval()
+    assert torch.equal(loaded.eval()(x).reconstruction, pre.caid(x).reconstruction)
+
+
+def test_pretraining_round_trip_keeps_queue_and_key_branch(tiny_config, tmp_path):
+    pre = CAiDForPreTraining(tiny_config)
+    _train_a_little(pre)
+    assert int(pre.objective.queue_ptr) == 12
+    pre.save_pretrained(tmp_path)
+    loaded = AutoModelForPreTraining.from_pretrained(tmp_path)
+    assert isinstance(loaded, CAiDForPreTraining)
+    ref, sd = pre.state_dict(), loaded.state_dict()
+    assert sd.keys() == ref.keys()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    # loading must not unfreeze the key branch
+    assert not any(p.requires_grad for p in loaded.objective.momentum_parameters())
+    assert all(p.requires_grad for p in loaded.caid.parameters())
+
+
+def test_continue_from_backbone_initialises_queue_and_key_branch(tiny_config, tmp_path):
+    pre = CAiDForPreTraining(tiny_config)
+    _train_a_little(pre)
+    pre.caid.save_pretrained(tmp_path)
+    cont = CAiDForPreTraining.from_pretrained(tmp_path)
+    queue = cont.objective.queue
+    assert torch.isfinite(queue).all()
+    torch.testing.assert_close(queue.norm(dim=0), torch.ones(queue.shape[1]))
+    assert int(cont.objective.queue_ptr) == 0
+    enc = cont.caid.encoder.state_dict()
+    key = cont.objective.momentum_encoder.state_dict()
+    assert all(torch.equal(enc[k], key[k]) for k in enc)
+    head_q = cont.objective.projection_head.state_dict()
+    head_k = cont.objective.momentum_projection_head.state_dict()
+    assert all(torch.equal(head_q[k], head_k[k]) for k in head_q)
+    assert not any(p.requires_grad for p in cont.objective.momentum_parameters())
+    ref = pre.caid.state_dict()
+    assert all(torch.equal(cont.caid.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_original_recipes_load_our_weights(tmp_path):
+    """REFERENCE.md's downstream recipes on our safetensors file, ResNet-50 as in the paper."""
+    from safetensors.torch import load_file
+
+    config = CAiDConfig(encoder_name="resnet50", image_size=64, queue_size=32)
+    model = CAiDModel(config)
+    # non-trivial BN statistics so the comparison means something
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 3, 64, 64), compute_reconstruction=False)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    x = torch.rand(2, 3, 64, 64)
+    ours = model(x, output_hidden_states=True).hidden_states
+
+    # classification recipe: torchvision resnet50
+    tv = torchvision.models.resnet50(num_classes=14)
+    cls_state = {_strip(k): v for k, v in state.items()
+                 if not _strip(k).startswith(("fc", "segmentation_head", "decoder"))}
+    missing, unexpected = tv.load_state_dict(cls_state, strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    tv.eval()
+    with torch.no_grad():
+        h = tv.relu(tv.bn1(tv.conv1(x)))
+        assert torch.equal(h, ours[1])
+        h = tv.layer1(tv.maxpool(h))
+        assert torch.equal(h, ours[2])
+        for layer, feature in zip((tv.layer2, tv.layer3, tv.layer4), ours[3:]):
+            h = layer(h)
+            assert torch.equal(h, feature)
+
+    # segmentation recipe: smp.Unet("resnet50")
+    unet = smp.Unet("resnet50", encoder_weights=None)
+    seg_state = {_strip(k, ("module.", "backbone.")): v for k, v in state.items()}
+    seg_state = {k: v for k, v in seg_state.items() if not k.startswith(("fc", "segmentation_head"))}
+    missing, unexpected = unet.load_state_dict(seg_state, strict=False)
+    assert set(missing) == {"segmentation_head.0.weight", "segmentation_head.0.bias"}
+    assert not unexpected
+    unet.eval()
+    with torch.no_grad():
+        for a, b in zip(unet.encoder(x), ours):
+            assert torch.equal(a, b)
+
+
+def test_exports_carry_the_same_weights(tiny_config):
+    model = CAiDModel(tiny_config).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        unet = model.to_smp().eval()
+        torch.testing.assert_close(unet(x), ref.reconstruction, rtol=0, atol=0)
+        tv = model.to_torchvision(num_classes=3).eval()
+        assert tv.fc.out_features == 3
+        feats = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+        assert torch.equal(feats, ref.last_hidden_state)
