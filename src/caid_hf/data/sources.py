@@ -1,0 +1,229 @@
+"""Image sources: where the pre-training images come from.
+
+Every source answers three questions: how many images (``len``), the
+image at a position (``load(i)``: grey uint8 [H, W]) and a stable name for
+it (``image_id(i)``). Sources hold paths, never decoded images, so they are
+cheap to pickle into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path, PureWindowsPath
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .phantoms import generate_phantom
+
+__all__ = [
+    "ImageFolderSource",
+    "ImageSource",
+    "PhantomSource",
+    "SplitListSource",
+    "decode_grey",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """A sized, indexable collection of grey images."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` as grey uint8 [H, W] in 0..255."""
+        ...
+
+    def image_id(self, i: int) -> str:
+        """A stable name of image ``i`` (a relative path, ``phantom_00042``, …)."""
+        ...
+
+
+def _check_index(i: int, length: int) -> int:
+    if not 0 <= i < length:
+        raise IndexError(f"image index {i} out of range for a source of {length} images")
+    return i
+
+
+def _scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
+    """Map integer pixels stored in 16 (or 32) bits to uint8 by their bit depth.
+
+    The stored bit depth (10, 12, 14 … bits inside a 16-bit container) is not
+    in the PNG, so it is taken as the smallest of 8/10/12/14/16 bits that
+    holds the image's maximum: a 12-bit image maps 4095 to 255, and a dark
+    16-bit image stays dark instead of being stretched.
+    """
+    values = np.clip(values, 0, None).astype(np.float32)
+    peak = int(values.max(initial=0))
+    bits = next((b for b in (8, 10, 12, 14, 16) if peak < 2**b), peak.bit_length())
+    return np.rint(values * (255.0 / (2**bits - 1))).astype(np.uint8)
+
+
+def decode_grey(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as grey uint8 [H, W] in 0..255.
+
+    8-bit grey is returned as stored; RGB, RGBA (alpha dropped), grey+alpha
+    and palette images are converted with PIL's luminance (ITU-R 601). 16-bit
+    (and 32-bit integer) grey is scaled by its bit depth, taken as the
+    smallest of 8/10/12/14/16 bits that holds the image's maximum:
+    ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps 4095 to 255.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable image; the message names ``path``.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "L":
+                return np.array(image, dtype=np.uint8)
+            if image.mode in _SIXTEEN_BIT_MODES:
+                return _scale_high_bit_depth(np.asarray(image))
+            return np.array(image.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        # PIL raises SyntaxError for some malformed headers.
+        raise ValueError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
+
+
+class SplitListSource:
+    """Images named in a ChestX-ray14 style split list.
+
+    One image per line: the first whitespace-separated token is a path
+    relative to ``images_root``; the rest (the labels) is ignored. Blank lines
+    and lines starting with ``#`` are skipped. ``image_id(i)`` is the path as
+    written in the list.
+
+    Raises:
+        FileNotFoundError: the split file or ``images_root`` does not exist.
+        ValueError: a path is absolute or leaves ``images_root`` (``..``), with
+            file and line number; or the list names no image.
+    """
+
+    def __init__(self, split_file: str | os.PathLike, images_root: str | os.PathLike) -> None:
+        self.split_file = Path(split_file)
+        self.images_root = Path(images_root)
+        if not self.split_file.is_file():
+            raise FileNotFoundError(f"split file not found: {self.split_file}")
+        if not self.images_root.is_dir():
+            raise FileNotFoundError(f"images folder not found: {self.images_root}")
+        self.relative_paths: list[str] = []
+        lines = self.split_file.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name = line.split()[0]
+            posix_name = name.replace("\\", "/")  # lists written on Windows
+            if posix_name.startswith("/") or PureWindowsPath(name).drive:
+                raise ValueError(
+                    f"{self.split_file}:{number}: absolute path {name!r}; "
+                    f"paths must be relative to {self.images_root}"
+                )
+            if posixpath.normpath(posix_name).split("/")[0] == "..":
+                raise ValueError(
+                    f"{self.split_file}:{number}: path {name!r} leaves {self.images_root}"
+                )
+            self.relative_paths.append(name)
+        if not self.relative_paths:
+            raise ValueError(f"split file {self.split_file} names no images")
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def path(self, i: int) -> Path:
+        """The file of image ``i``."""
+        return self.images_root / self.relative_paths[_check_index(i, len(self))]
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded to grey uint8 [H, W]."""
+        return decode_grey(self.path(i))
+
+    def image_id(self, i: int) -> str:
+        """The path of image ``i`` as written in the split list."""
+        return self.relative_paths[_check_index(i, len(self))]
+
+
+class ImageFolderSource:
+    """Every PNG/JPEG below a folder, recursively, sorted by relative path.
+
+    Extensions match case-insensitively; hidden files and folders (names
+    starting with ``.``, such as macOS ``._x.png`` resource forks) are
+    skipped. ``image_id(i)`` is the POSIX path relative to ``root``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: ``root`` holds no image.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        found = (path.relative_to(self.root) for path in self.root.rglob("*"))
+        self.relative_paths: list[str] = sorted(
+            relative.as_posix()
+            for relative in found
+            if relative.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in relative.parts)
+            and (self.root / relative).is_file()
+        )
+        if not self.relative_paths:
+            raise ValueError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {self.root}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def path(self, i: int) -> Path:
+        """The file of image ``i``."""
+        return self.root / self.relative_paths[_check_index(i, len(self))]
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded to grey uint8 [H, W]."""
+        return decode_grey(self.path(i))
+
+    def image_id(self, i: int) -> str:
+        """The POSIX path of image ``i`` relative to ``root``."""
+        return self.relative_paths[_check_index(i, len(self))]
+
+
+class PhantomSource:
+    """Synthetic chest phantoms drawn on demand (see ``phantoms.generate_phantom``).
+
+    ``load(i)`` is phantom ``i`` of the set fixed by ``seed``: grey uint8
+    [size, size]; ``load_mask(i)`` its nodule mask, uint8 {0, 1}.
+    """
+
+    def __init__(
+        self, num_images: int, size: int = 256, seed: int = 0, nodules: bool = True
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be positive, got {num_images}")
+        self.num_images = num_images
+        self.size = size
+        self.seed = seed
+        self.nodules = nodules
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, i: int) -> np.ndarray:
+        """Phantom ``i``: grey uint8 [size, size]."""
+        return generate_phantom(_check_index(i, len(self)), self.size, self.seed, self.nodules)[0]
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Nodule mask of phantom ``i``: uint8 [size, size] with values {0, 1}."""
+        return generate_phantom(_check_index(i, len(self)), self.size, self.seed, self.nodules)[1]
+
+    def image_id(self, i: int) -> str:
+        """``phantom_00042`` style name, matching ``write_phantoms``' file stems."""
+        return f"phantom_{_check_index(i, len(self)):05d}"
