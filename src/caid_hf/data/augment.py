@@ -1,0 +1,794 @@
+"""Batched, on-device view augmentation of CAiD (REFERENCE.md, "Views and distortions").
+
+The CPU loader only decodes and crops: a batch arrives as uint8 ``[B, 2, S, S]``
+(view 0 = query, view 1 = key, one grey channel) on the training device. Here,
+per view and in one batch of ``2B`` images: colour jitter (p 0.8), Gaussian
+blur (p 0.5), horizontal flip (p 0.5) and, in CAiD mode, one of cut-out (30 %),
+out-painting (5 %), local shuffle (30 %) or nothing (35 %). The
+reconstruction target is the query view's crop before all of that, flipped
+with the query view.
+
+Every random number comes from one ``torch.Generator`` on the batch's device,
+drawn in a fixed order and with shapes that do not depend on the data, so a
+seed fixes the output and the generator state can be checkpointed.
+
+Hand-written rather than taken from a library: torchvision's v2 transforms
+draw one parameter set per call (the whole batch shares it) from the global
+RNG, and kornia's per-sample augmentations also draw from the global RNG; none
+of them has CAiD's three distortions (boxes with a stopping rule,
+out-painting windows, block swaps).
+
+Sizes are in pixels of a ``reference_size`` (224) view and scale with the
+view, so a 448-px view gets the same relative distortion;
+``reference_compat=True`` keeps the reference's absolute pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AugmentationConfig",
+    "AugmentedViews",
+    "Boxes",
+    "Distortion",
+    "PixelGeometry",
+    "Swaps",
+    "ViewAugmenter",
+    "color_jitter",
+    "cutout_mask",
+    "distort",
+    "gaussian_blur",
+    "local_shuffle",
+    "outpaint_mask",
+    "random_gaussian_blur",
+    "random_horizontal_flip",
+    "sample_boxes",
+    "sample_distortion_codes",
+    "sample_swaps",
+]
+
+
+class Distortion(IntEnum):
+    """Codes of the context-prediction distortion applied to a view."""
+
+    NONE = 0
+    CUTOUT = 1
+    OUTPAINT = 2
+    SHUFFLE = 3
+
+
+_PROBABILITIES = (
+    "jitter_p",
+    "blur_p",
+    "flip_p",
+    "cutout_p",
+    "outpaint_p",
+    "shuffle_p",
+    "box_stop_p",
+)
+_RANGES = ("blur_sigma", "cutout_size", "outpaint_shrink", "shuffle_block")
+
+
+@dataclass
+class AugmentationConfig:
+    """Hyperparameters of the view augmentation; defaults are the reference's.
+
+    Pixel sizes (``blur_sigma``, ``cutout_size``, ``outpaint_shrink``,
+    ``shuffle_block``, ``margin``) are for a ``reference_size`` view and are
+    scaled by ``S / reference_size`` for an S-px view (see :meth:`geometry`),
+    unless ``reference_compat`` is set. ``reference_compat=True`` also leaves
+    the reconstruction target unflipped, as the reference does.
+
+    ``saturation`` and ``hue`` are kept for parity with the reference's
+    ``ColorJitter`` but change nothing on grey images: saturation blends the
+    image with its own grey version (itself), and a hue rotation moves no
+    colour of a pixel whose saturation is zero.
+    """
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+    cutout_p: float = 0.30
+    outpaint_p: float = 0.05
+    shuffle_p: float = 0.30
+    max_boxes: int = 10
+    box_stop_p: float = 0.1
+    cutout_size: tuple[int, int] = (10, 70)
+    outpaint_shrink: tuple[int, int] = (50, 70)
+    shuffle_block: tuple[int, int] = (10, 15)
+    shuffle_swaps: int = 10
+    margin: int = 3
+    reference_size: int = 224
+    distort_key_view: bool = True
+    reference_compat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in _RANGES:
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(
+                    f"AugmentationConfig.{name} must be a (low, high) pair, got {value!r}"
+                )
+            setattr(self, name, tuple(value))
+        for name in _PROBABILITIES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"AugmentationConfig.{name} must be in [0, 1], got {getattr(self, name)}"
+                )
+        total = self.cutout_p + self.outpaint_p + self.shuffle_p
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                "AugmentationConfig.cutout_p + outpaint_p + shuffle_p must be <= 1, "
+                f"got {self.cutout_p} + {self.outpaint_p} + {self.shuffle_p} = {total}"
+            )
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"AugmentationConfig.{name} must be >= 0, got {getattr(self, name)}"
+                )
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"AugmentationConfig.hue must be in [0, 0.5], got {self.hue}")
+        for name in _RANGES:
+            low, high = getattr(self, name)
+            positive = name == "blur_sigma"  # sigma may be fractional, pixel sizes are >= 1
+            if (low <= 0 if positive else low < 1) or low > high:
+                raise ValueError(
+                    f"AugmentationConfig.{name} must be a (low, high) pair with "
+                    f"{'0 <' if positive else '1 <='} low <= high, got {(low, high)}"
+                )
+        for name, low in (
+            ("max_boxes", 1),
+            ("shuffle_swaps", 0),
+            ("margin", 0),
+            ("reference_size", 1),
+        ):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < low:
+                raise ValueError(
+                    f"AugmentationConfig.{name} must be an integer >= {low}, got {getattr(self, name)}"
+                )
+
+    def geometry(self, size: int) -> PixelGeometry:
+        """Pixel sizes for an ``size``-px view.
+
+        Integer sizes are ``round(v * size / reference_size)`` (at least 1; the
+        margin at least 1 when the reference margin is positive), sigma is
+        scaled without rounding. With ``reference_compat`` nothing is scaled.
+        """
+        scale = 1.0 if self.reference_compat else size / self.reference_size
+
+        def pixels(value: int) -> int:
+            return max(1, math.floor(value * scale + 0.5))
+
+        def pair(values: tuple[int, int]) -> tuple[int, int]:
+            return pixels(values[0]), pixels(values[1])
+
+        return PixelGeometry(
+            size=size,
+            blur_sigma=(self.blur_sigma[0] * scale, self.blur_sigma[1] * scale),
+            cutout_size=pair(self.cutout_size),
+            outpaint_shrink=pair(self.outpaint_shrink),
+            shuffle_block=pair(self.shuffle_block),
+            margin=pixels(self.margin) if self.margin > 0 else 0,
+            reference_compat=self.reference_compat,
+        )
+
+
+@dataclass(frozen=True)
+class PixelGeometry:
+    """The config's pixel sizes resolved for one view size (see ``AugmentationConfig.geometry``)."""
+
+    size: int
+    blur_sigma: tuple[float, float]
+    cutout_size: tuple[int, int]
+    outpaint_shrink: tuple[int, int]
+    shuffle_block: tuple[int, int]
+    margin: int
+    reference_compat: bool = False
+
+    def check_fits(self) -> None:
+        """Raise ``ValueError`` when boxes, windows or blocks cannot be placed inside the margin."""
+        size, margin = self.size, self.margin
+        problems = []
+        if self.cutout_size[1] + 2 * margin > size:
+            problems.append(f"cut-out boxes up to {self.cutout_size[1]} px")
+        if self.outpaint_shrink[1] >= size or self.outpaint_shrink[0] < 2 * margin:
+            problems.append(f"out-painting windows of {size} - {self.outpaint_shrink} px")
+        if self.shuffle_block[1] + 2 * margin > size:
+            problems.append(f"shuffle blocks up to {self.shuffle_block[1]} px")
+        if not problems:
+            return
+        message = f"{', '.join(problems)} with a {margin}-px margin do not fit a {size}-px view"
+        if self.reference_compat:
+            needed = max(
+                self.cutout_size[1] + 2 * margin,
+                self.shuffle_block[1] + 2 * margin,
+                self.outpaint_shrink[1] + 1,
+            )
+            message += (
+                "; reference_compat=True keeps the reference's absolute pixel sizes (made for "
+                f"224-px views): use views of at least {needed} px, or reference_compat=False "
+                "to scale the sizes with the view"
+            )
+        raise ValueError(message)
+
+
+@dataclass
+class AugmentedViews:
+    """Output of :class:`ViewAugmenter`.
+
+    Attributes:
+        query: float32 [B, 3, S, S] in [0, 1], the query view (3 equal channels, an ``expand``).
+        key: float32 [B, 3, S, S] in [0, 1], the key view.
+        target: float32 [B, 1, S, S] in [0, 1], the query view's crop before appearance
+            changes and distortion (flipped with it), or None without context prediction.
+        distortion: int64 [B], the query view's :class:`Distortion` code.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    target: torch.Tensor | None
+    distortion: torch.Tensor
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _process_index() -> int:
+    """Rank of this process in the default process group (0 without one)."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def _rand(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
+def _randint(generator: torch.Generator, low: int, high: int, *shape: int) -> torch.Tensor:
+    """Integers uniform in ``low..high`` inclusive, int64."""
+    return torch.randint(low, high + 1, shape, generator=generator, device=generator.device)
+
+
+def _randint_below(generator: torch.Generator, count: torch.Tensor) -> torch.Tensor:
+    """Per-element integers uniform in ``0..count-1`` (``count`` int64 >= 1, any shape)."""
+    draw = (_rand(generator, *count.shape) * count).long()
+    return torch.minimum(draw, count - 1)  # float rounding can reach ``count``
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def color_jitter(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    p: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``ColorJitter`` on grey images, per sample, with probability ``p``.
+
+    Brightness ``b ~ U(1 - brightness, 1 + brightness)``: ``clamp(b x)``; contrast
+    ``c ~ U(1 - contrast, 1 + contrast)``: ``clamp(c x + (1 - c) mean(x))``, the
+    mean taken per image over the input of that step. torchvision applies its
+    four operations in a random order; saturation and hue are no-ops on grey
+    images, so only whether brightness comes before contrast matters (p 1/2).
+
+    Draws four uniforms per sample, in this order: applied (``< p``), ``b``,
+    ``c``, brightness first (``< 0.5``).
+
+    Args:
+        x: float [B, C, H, W] in [0, 1].
+        generator: the random stream, on ``x``'s device.
+
+    Returns:
+        ``(out, applied)``: out like ``x`` in [0, 1] (``x`` exactly where not
+        applied); applied bool [B].
+    """
+    n = x.shape[0]
+    applied = _rand(generator, n) < p
+    b = 1.0 - brightness + 2.0 * brightness * _rand(generator, n)
+    b = b.clamp_min(0.0)
+    c = 1.0 - contrast + 2.0 * contrast * _rand(generator, n)
+    c = c.clamp_min(0.0)
+    brightness_first = _rand(generator, n) < 0.5
+    one = torch.ones_like(b)
+    # Both steps are clamp(alpha * x + (1 - alpha) * anchor), anchor 0 for brightness and
+    # the mean for contrast; alpha = 1 leaves a sample exactly as it is.
+    for step_is_brightness in (brightness_first, ~brightness_first):
+        alpha = torch.where(applied, torch.where(step_is_brightness, b, c), one)
+        use_mean = applied & ~step_is_brightness
+        anchor = torch.where(use_mean, x.mean(dim=(1, 2, 3)), torch.zeros_like(b))
+        x = (_per_sample(alpha) * x + _per_sample((1.0 - alpha) * anchor)).clamp_(0.0, 1.0)
+    return x, applied
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding.
+
+    Args:
+        x: float [B, C, H, W].
+        sigma: float [B] (> 0), in pixels.
+        radius: kernel half-width; default ``ceil(3 * max(sigma))`` (reads
+            ``sigma`` back to the host, so pass it on an accelerator). Clipped
+            to ``min(H, W) - 1``.
+
+    Returns:
+        float [B, C, H, W]; for x in [0, 1] the result is in [0, 1] up to float
+        rounding (the kernel sums to 1 and is non-negative).
+    """
+    n, channels, height, width = x.shape
+    if radius is None:
+        radius = math.ceil(3.0 * float(sigma.max()))
+    radius = max(0, min(radius, height - 1, width - 1))
+    if radius == 0:
+        return x.clone()
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma.to(x.dtype).view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    groups = n * channels
+    # One grouped convolution over the whole batch: each image gets its own kernel.
+    flat = x.reshape(1, groups, height, width)
+    flat = F.conv2d(
+        F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
+        kernel.view(groups, 1, 1, -1),
+        groups=groups,
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, radius, radius), mode="reflect"),
+        kernel.view(groups, 1, -1, 1),
+        groups=groups,
+    )
+    return flat.view(n, channels, height, width)
+
+
+def random_gaussian_blur(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    p: float = 0.5,
+    sigma_range: tuple[float, float] = (0.1, 2.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blur each sample with probability ``p``, sigma ~ U(sigma_range) pixels.
+
+    Args:
+        x: float [B, C, H, W] in [0, 1].
+
+    Returns:
+        ``(out, applied)``: out float [B, C, H, W] in [0, 1], ``x`` exactly where
+        not applied; applied bool [B].
+    """
+    n = x.shape[0]
+    applied = _rand(generator, n) < p
+    low, high = sigma_range
+    sigma = low + (high - low) * _rand(generator, n)
+    blurred = gaussian_blur(x, sigma, math.ceil(3.0 * high)).clamp_(0.0, 1.0)
+    return torch.where(_per_sample(applied), blurred, x), applied
+
+
+def random_horizontal_flip(
+    x: torch.Tensor, generator: torch.Generator, p: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror each sample left-right with probability ``p``.
+
+    Args:
+        x: [B, C, H, W], any dtype.
+
+    Returns:
+        ``(out, flipped)``: out like ``x``; flipped bool [B].
+    """
+    flipped = _rand(generator, x.shape[0]) < p
+    return torch.where(_per_sample(flipped), x.flip(-1), x), flipped
+
+
+@dataclass
+class Boxes:
+    """Up to K axis-aligned boxes per sample; all int64/bool [B, K].
+
+    A box covers rows ``top .. top + height - 1`` and columns ``left .. left + width - 1``;
+    only boxes with ``active`` count.
+    """
+
+    top: torch.Tensor
+    left: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+    active: torch.Tensor
+
+    @property
+    def count(self) -> torch.Tensor:
+        """int64 [B]: number of active boxes per sample."""
+        return self.active.sum(dim=1)
+
+    def mask(self, size: int) -> torch.Tensor:
+        """bool [B, 1, size, size]: True on pixels covered by at least one active box."""
+        coords = torch.arange(size, device=self.top.device)
+
+        def inside(start: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+            start = start.unsqueeze(-1)
+            return (
+                (coords >= start)
+                & (coords < start + extent.unsqueeze(-1))
+                & self.active.unsqueeze(-1)
+            )
+
+        rows = inside(self.top, self.height).float()  # [B, K, S]
+        cols = inside(self.left, self.width).float()
+        # rows^T @ cols counts, per pixel, the boxes covering it (small exact integers).
+        return (torch.bmm(rows.transpose(1, 2), cols) > 0.5).unsqueeze(1)
+
+
+def sample_boxes(
+    generator: torch.Generator,
+    batch_size: int,
+    size: int,
+    side_range: tuple[int, int],
+    max_boxes: int = 10,
+    stop_p: float = 0.1,
+    margin: int = 3,
+) -> Boxes:
+    """Draw up to ``max_boxes`` boxes per sample inside a ``margin``-px border.
+
+    The first box is always active; after each box the sequence stops with
+    probability ``stop_p``, so ``P(n = k) = (1 - stop_p)^(k-1) stop_p`` for
+    ``k < max_boxes``. Height and width are independent, uniform in
+    ``side_range`` (inclusive); the top-left corner is uniform in
+    ``margin .. size - side - margin`` (inclusive). ``max_boxes`` boxes are
+    drawn for every sample, so the stream consumed does not depend on the data.
+    """
+    shape = (batch_size, max_boxes)
+    height = _randint(generator, *side_range, *shape)
+    width = _randint(generator, *side_range, *shape)
+    top = margin + _randint_below(generator, size - height - 2 * margin + 1)
+    left = margin + _randint_below(generator, size - width - 2 * margin + 1)
+    go_on = _rand(generator, *shape) >= stop_p
+    active = torch.cat([torch.ones_like(go_on[:, :1]), go_on[:, :-1].cumprod(dim=1).bool()], dim=1)
+    return Boxes(top, left, height, width, active)
+
+
+def cutout_mask(
+    generator: torch.Generator,
+    batch_size: int,
+    size: int,
+    box_size: tuple[int, int] = (10, 70),
+    max_boxes: int = 10,
+    stop_p: float = 0.1,
+    margin: int = 3,
+) -> torch.Tensor:
+    """bool [B, 1, size, size]: True on the pixels a cut-out sets to 0 (union of the boxes)."""
+    return sample_boxes(generator, batch_size, size, box_size, max_boxes, stop_p, margin).mask(size)
+
+
+def outpaint_mask(
+    generator: torch.Generator,
+    batch_size: int,
+    size: int,
+    shrink: tuple[int, int] = (50, 70),
+    max_boxes: int = 10,
+    stop_p: float = 0.1,
+    margin: int = 3,
+) -> torch.Tensor:
+    """bool [B, 1, size, size]: True on the pixels an out-painting keeps.
+
+    Windows have sides ``size - U{shrink}`` (height and width independent);
+    everything outside their union is set to 0.
+    """
+    sides = (size - shrink[1], size - shrink[0])
+    return sample_boxes(generator, batch_size, size, sides, max_boxes, stop_p, margin).mask(size)
+
+
+@dataclass
+class Swaps:
+    """Block swaps of a local shuffle, applied in order; int64 [B, T] each.
+
+    Swap t exchanges the ``height x width`` blocks at ``(top_a, left_a)`` and
+    ``(top_b, left_b)``. ``max_side`` bounds height and width.
+    """
+
+    height: torch.Tensor
+    width: torch.Tensor
+    top_a: torch.Tensor
+    left_a: torch.Tensor
+    top_b: torch.Tensor
+    left_b: torch.Tensor
+    max_side: int
+
+    def index(self, size: int) -> torch.Tensor:
+        """int64 [B, size*size]: flat source pixel of each output pixel (``out = x.flat[index]``).
+
+        Swaps apply in order, each ``a = x[A].copy(); b = x[B].copy(); x[A] = b;
+        x[B] = a``. A swap whose two blocks overlap is skipped: copying overlapping
+        blocks would duplicate part of the overlap and drop other pixels, and a
+        local shuffle must only move pixels (the map is always a permutation).
+        About 1.3 % of swaps overlap at the default sizes.
+        """
+        n_pixels = size * size
+        batch, n_swaps = self.height.shape
+        side = self.max_side
+        device = self.height.device
+        offset = torch.arange(side, device=device)
+        dy, dx = offset.view(1, 1, side, 1), offset.view(1, 1, 1, side)
+        overlap = ((self.top_a - self.top_b).abs() < self.height) & (
+            (self.left_a - self.left_b).abs() < self.width
+        )
+        valid = (
+            (dy < self.height[..., None, None])
+            & (dx < self.width[..., None, None])
+            & ~overlap[..., None, None]
+        )
+        # Blocks are padded to side x side; padded cells read and write private dummy
+        # slots past the image, so no scatter ever has two writers on one target.
+        dummy = n_pixels + dy * side + dx
+
+        def cells(top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+            flat = (top[..., None, None] + dy) * size + left[..., None, None] + dx
+            return torch.where(valid, flat, dummy).reshape(batch, n_swaps, side * side)
+
+        cells_a, cells_b = cells(self.top_a, self.left_a), cells(self.top_b, self.left_b)
+        index = torch.arange(n_pixels + side * side, device=device).repeat(batch, 1)
+        for t in range(n_swaps):
+            source_a = index.gather(1, cells_a[:, t])
+            source_b = index.gather(1, cells_b[:, t])
+            index.scatter_(1, cells_a[:, t], source_b)
+            index.scatter_(1, cells_b[:, t], source_a)
+        return index[:, :n_pixels]
+
+
+def sample_swaps(
+    generator: torch.Generator,
+    batch_size: int,
+    size: int,
+    block_size: tuple[int, int] = (10, 15),
+    swaps: int = 10,
+    margin: int = 3,
+) -> Swaps:
+    """Draw ``swaps`` block swaps per sample: sides ~ U{block_size} (shared by both
+    blocks of a swap, height and width independent), each block's top-left uniform in
+    ``margin .. size - side - margin`` independently."""
+    shape = (batch_size, swaps)
+    height = _randint(generator, *block_size, *shape)
+    width = _randint(generator, *block_size, *shape)
+    free_rows = size - height - 2 * margin + 1
+    free_cols = size - width - 2 * margin + 1
+    top_a = margin + _randint_below(generator, free_rows)
+    left_a = margin + _randint_below(generator, free_cols)
+    top_b = margin + _randint_below(generator, free_rows)
+    left_b = margin + _randint_below(generator, free_cols)
+    return Swaps(height, width, top_a, left_a, top_b, left_b, max_side=block_size[1])
+
+
+def local_shuffle(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    block_size: tuple[int, int] = (10, 15),
+    swaps: int = 10,
+    margin: int = 3,
+) -> torch.Tensor:
+    """Swap ``swaps`` pairs of random blocks, in sequence, in every sample.
+
+    Sizes are in pixels of ``x`` (no scaling). The swaps are composed into one
+    index map and applied with a single gather; the result is always a permutation
+    of the pixels (swaps of overlapping blocks are skipped, see :meth:`Swaps.index`).
+
+    Args:
+        x: [B, C, S, S], any dtype.
+
+    Returns:
+        like ``x``; nothing changes within ``margin`` px of the border.
+    """
+    batch, channels, size, _ = x.shape
+    index = sample_swaps(generator, batch, size, block_size, swaps, margin).index(size)
+    flat = x.reshape(batch, channels, size * size)
+    return flat.gather(2, index.unsqueeze(1).expand(-1, channels, -1)).view_as(x)
+
+
+def sample_distortion_codes(
+    generator: torch.Generator, batch_size: int, config: AugmentationConfig
+) -> torch.Tensor:
+    """int64 [B] :class:`Distortion` codes: r ~ U(0, 1); r <= cutout_p: cut-out; next
+    outpaint_p: out-painting; next shuffle_p: local shuffle; else none."""
+    r = _rand(generator, batch_size)
+    cut = config.cutout_p
+    out = cut + config.outpaint_p
+    shuf = out + config.shuffle_p
+    band = (r > cut).long() + (r > out).long() + (r > shuf).long()  # 0 cut-out .. 3 none
+    return (band + 1) % 4
+
+
+def distort(
+    x: torch.Tensor, generator: torch.Generator, config: AugmentationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply CAiD's context-prediction distortion to each sample.
+
+    Draws, in this order and for every sample whatever its code: the codes
+    (:func:`sample_distortion_codes`), the cut-out boxes, the out-painting
+    windows and the shuffle swaps (:func:`sample_boxes`, :func:`sample_swaps`),
+    with the config's sizes scaled to the view (``config.geometry``).
+
+    Args:
+        x: float [B, C, S, S] in [0, 1].
+
+    Returns:
+        ``(out, codes)``: out like ``x``; codes int64 [B] (:class:`Distortion`).
+
+    Raises:
+        ValueError: the boxes do not fit an S-px view (only tiny views, or
+            ``reference_compat`` with S < 76).
+    """
+    batch, _, size, _ = x.shape
+    geo = config.geometry(size)
+    geo.check_fits()
+    common = {"max_boxes": config.max_boxes, "stop_p": config.box_stop_p, "margin": geo.margin}
+    codes = sample_distortion_codes(generator, batch, config)
+    cut = cutout_mask(generator, batch, size, geo.cutout_size, **common)
+    keep = outpaint_mask(generator, batch, size, geo.outpaint_shrink, **common)
+    shuffled = local_shuffle(x, generator, geo.shuffle_block, config.shuffle_swaps, geo.margin)
+    code = _per_sample(codes)
+    zero = ((code == Distortion.CUTOUT) & cut) | ((code == Distortion.OUTPAINT) & ~keep)
+    out = torch.where(code == Distortion.SHUFFLE, shuffled, x).masked_fill_(zero, 0.0)
+    return out, codes
+
+
+class ViewAugmenter:
+    """Turns a batch of crop pairs into CAiD's query view, key view and target.
+
+    Args:
+        config: augmentation hyperparameters (reference defaults when None).
+        context_prediction: CAiD mode (distortion + target); False is the
+            instance-discrimination baseline (no distortion, target None).
+        seed: seed of the generator, created on the first batch's device. In
+            multi-process training give each process its own seed.
+
+    Call with ``crops`` uint8 [B, 2, S, S] (view 0 query, view 1 key); returns
+    :class:`AugmentedViews`. ``state_dict`` / ``load_state_dict`` save and
+    restore the random stream, so the object can be handed to Accelerate's
+    ``register_for_checkpointing``; the state holds every process's stream.
+    """
+
+    def __init__(
+        self,
+        config: AugmentationConfig | None = None,
+        context_prediction: bool = True,
+        seed: int = 0,
+    ):
+        self.config = config if config is not None else AugmentationConfig()
+        self.context_prediction = context_prediction
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._pending: tuple[str, torch.Tensor] | None = None
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The random stream; None until the first batch (or after loading a state)."""
+        return self._generator
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is not None:
+            if torch.device(self._generator.device) != device:
+                raise ValueError(
+                    f"crops are on {device} but this ViewAugmenter's generator lives on "
+                    f"{self._generator.device}; use one augmenter per device"
+                )
+            return self._generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        if self._pending is not None:
+            saved_device, state = self._pending
+            if torch.device(saved_device).type == device.type:
+                generator.set_state(state)
+            else:
+                warnings.warn(
+                    f"the saved augmentation stream belongs to a {saved_device} generator and cannot "
+                    f"continue on {device}; starting a fresh stream from seed {self.seed}",
+                    stacklevel=3,
+                )
+            self._pending = None
+        self._generator = generator
+        return generator
+
+    def _own_state(self) -> dict[str, Any]:
+        device, generator_state = None, None
+        if self._generator is not None:
+            device, generator_state = str(self._generator.device), self._generator.get_state()
+        elif self._pending is not None:
+            device, generator_state = self._pending[0], self._pending[1].clone()
+        return {"seed": self.seed, "device": device, "generator_state": generator_state}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"streams": [per process: {"seed", "device", "generator_state"}]}``.
+
+        Accelerate writes registered objects from the main process only, so every
+        process's stream is gathered here (a collective: all processes call it, as
+        ``Accelerator.save_state`` does); device and state are None before the first batch.
+        """
+        own = self._own_state()
+        if not _distributed():
+            return {"streams": [own]}
+        streams: list[Any] = [None] * _world_size()
+        torch.distributed.all_gather_object(streams, own)
+        return {"streams": streams}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore this process's stream from a :meth:`state_dict`; it continues exactly
+        where it was saved. Saved by a different number of processes: raises."""
+        streams, rank, world = state["streams"], _process_index(), _world_size()
+        if len(streams) != world:
+            raise ValueError(
+                f"the augmentation state was saved by {len(streams)} process(es) but this run has "
+                f"{world}; resume with the same number of processes"
+            )
+        own = streams[rank]
+        self.seed = int(own["seed"])
+        self._generator = None
+        self._pending = None
+        if own.get("generator_state") is not None:
+            self._pending = (str(own["device"]), own["generator_state"].detach().cpu().to(torch.uint8))
+
+    def __call__(self, crops: torch.Tensor) -> AugmentedViews:
+        if not isinstance(crops, torch.Tensor):
+            raise TypeError(f"crops must be a torch.Tensor, got {type(crops).__name__}")
+        if crops.dtype != torch.uint8:
+            raise TypeError(f"crops must be uint8 (grey 0..255), got {crops.dtype}")
+        if crops.dim() != 4 or crops.shape[1] != 2 or crops.shape[2] != crops.shape[3]:
+            raise ValueError(
+                f"crops must have shape [B, 2, S, S] (two square grey views per image), got {list(crops.shape)}"
+            )
+        config = self.config
+        batch, _, size, _ = crops.shape
+        geo = config.geometry(size)
+        generator = self._generator_for(crops.device)
+
+        # Both views of every image form one batch of 2B: sample 2i is image i's query.
+        x = crops.reshape(2 * batch, 1, size, size).float().div_(255.0)
+        original = x[0::2]
+        x, _ = color_jitter(x, generator, config.brightness, config.contrast, config.jitter_p)
+        x, _ = random_gaussian_blur(x, generator, config.blur_p, geo.blur_sigma)
+        x, flipped = random_horizontal_flip(x, generator, config.flip_p)
+        x = x.view(batch, 2, size, size)
+        query, key = x[:, :1], x[:, 1:]
+
+        target = None
+        codes = torch.zeros(batch, dtype=torch.long, device=crops.device)
+        if self.context_prediction:
+            if config.distort_key_view:
+                both, all_codes = distort(x.reshape(2 * batch, 1, size, size), generator, config)
+                both = both.view(batch, 2, size, size)
+                query, key, codes = both[:, :1], both[:, 1:], all_codes[0::2]
+            else:
+                query, codes = distort(query.contiguous(), generator, config)
+            target = original
+            if not config.reference_compat:  # the reference forgets to flip the target
+                target = torch.where(_per_sample(flipped[0::2]), original.flip(-1), original)
+            target = target.contiguous()
+
+        def rgb(view: torch.Tensor) -> torch.Tensor:
+            return view.contiguous().expand(batch, 3, size, size)
+
+        return AugmentedViews(query=rgb(query), key=rgb(key), target=target, distortion=codes)
+
+    def __repr__(self) -> str:
+        changed = {
+            f.name: getattr(self.config, f.name)
+            for f in fields(self.config)
+            if getattr(self.config, f.name) != f.default
+        }
+        return (
+            f"{type(self).__name__}(context_prediction={self.context_prediction}, seed={self.seed}, "
+            f"config changes={changed})"
+        )

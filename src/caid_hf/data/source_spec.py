@@ -1,0 +1,39 @@
+"""Turn the run configuration's source strings into image sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from .sources import ImageFolderSource, PhantomSource, SplitListSource
+
+PHANTOMS = "phantoms"
+
+
+def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: int = 1000,
+                     phantom_size: int = 256, phantom_seed: int = 0):
+    """``"phantoms"`` → :class:`PhantomSource`; a file → :class:`SplitListSource` (relative to
+    ``images_root``, default: the list's folder); a folder → :class:`ImageFolderSource`."""
+    if spec == PHANTOMS:
+        return PhantomSource(num_phantoms, size=phantom_size, seed=phantom_seed)
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolderSource(path)
+    if path.is_file():
+        return SplitListSource(path, images_root if images_root is not None else path.parent)
+    raise FileNotFoundError(
+        f"data source {spec!r} is neither 'phantoms', an existing split-list file nor a folder"
+    )
+
+
+def hold_out(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Split a dataset into (train, validation) with a fixed, seeded permutation."""
+    import torch
+
+    n = len(dataset)
+    n_val = max(1, round(n * fraction))
+    if n - n_val < 1:
+        raise ValueError(f"validation_fraction={fraction} leaves no training images out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])

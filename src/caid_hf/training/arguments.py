@@ -1,0 +1,153 @@
+"""Run configuration: a YAML file plus command-line overrides, parsed into dataclasses.
+
+Flag names follow transformers' ``TrainingArguments`` where the meaning is the same, and
+every field of :class:`~caid_hf.CAiDConfig` is a flag too (``--encoder_name resnet18``).
+Precedence: dataclass defaults < YAML file (``--config``) < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..configuration_caid import CAiDConfig
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how views are made."""
+
+    train_source: str = field(
+        default="phantoms",
+        metadata={"help": "'phantoms' (embedded synthetic chest phantoms), a split-list file "
+                          "(ChestX-ray14 style, needs --images_root) or an image folder."},
+    )
+    validation_source: str | None = field(
+        default=None,
+        metadata={"help": "Same kinds as train_source. Unset: phantoms get their own held-out "
+                          "phantoms; other sources hold out --validation_fraction."},
+    )
+    images_root: str | None = field(
+        default=None, metadata={"help": "Folder the split lists' relative paths start from."}
+    )
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "Share of the training images held out when there is no "
+                                        "validation_source (phantoms excepted)."}
+    )
+    num_train_phantoms: int = field(default=1000, metadata={"help": "Phantoms to train on."})
+    num_validation_phantoms: int = field(default=200, metadata={"help": "Held-out phantoms."})
+    phantom_size: int = field(default=256, metadata={"help": "Side of the generated phantoms (px)."})
+    crop_scale_min: float = field(default=0.2, metadata={"help": "RandomResizedCrop scale lower bound."})
+    crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop scale upper bound."})
+    reference_compat: bool = field(
+        default=False,
+        metadata={"help": "Reproduce the original's augmentation exactly: target not flipped with "
+                          "the view, distortion sizes in absolute pixels."},
+    )
+
+
+@dataclass
+class PretrainingArguments:
+    """The optimisation and bookkeeping of a pre-training run."""
+
+    output_dir: str = field(default="outputs/caid", metadata={"help": "Where everything is written."})
+    num_train_epochs: int = field(default=800, metadata={"help": "Epochs (the original's default)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides epochs if > 0."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch per process."})
+    per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: train batch."})
+    learning_rate: float = field(
+        default=0.03, metadata={"help": "Peak SGD learning rate, used as given (the paper: 0.03 for "
+                                        "a global batch of 256)."}
+    )
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum (not MoCo's)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "'cosine' or 'constant' (per step)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    seed: int = field(default=42, metadata={"help": "Seed of everything random."})
+    logging_steps: int = field(default=10, metadata={"help": "Log scalars every N optimizer steps."})
+    save_steps: int = field(default=0, metadata={"help": "Also save the training state every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Training states kept."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' in output_dir."}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "Start from a CAiD folder or Hub id (backbone or full "
+                                        "pre-training model) instead of random weights."}
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "CPU decode/crop workers."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU exists."})
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.lr_scheduler_type not in ("cosine", "constant"):
+            raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _model_arguments_class() -> type:
+    """A dataclass with one field per CAiDConfig argument, defaults taken from CAiDConfig."""
+    fields = []
+    for name, param in inspect.signature(CAiDConfig.__init__).parameters.items():
+        if name == "self" or param.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        default = param.default
+        if isinstance(default, (list, tuple)):
+            fields.append((name, list[int], field(default_factory=lambda d=default: list(d))))
+        else:
+            fields.append((name, type(default), field(default=default)))
+    cls = dataclasses.make_dataclass("ModelArguments", fields)
+    cls.__doc__ = "Every CAiDConfig field, overridable from YAML or the command line."
+    return cls
+
+
+ModelArguments = _model_arguments_class()
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
+
+
+def known_fields() -> list[str]:
+    return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """Read a flat YAML mapping of argument names; unknown names raise with a suggestion."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values")
+    names = known_fields()
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{path}: unknown key {key!r}{hint}")
+    return values
+
+
+def parse_pretraining_args(argv: list[str] | None = None):
+    """Parse ``[--config FILE.yaml] [--field value ...]`` → (model_args, data_args, training_args)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML file of argument values.")
+    if known.config:
+        parser.set_defaults(**load_yaml_config(known.config))
+    outputs = parser.parse_args_into_dataclasses(args=rest)
+    return tuple(outputs[: len(ARGUMENT_CLASSES)])

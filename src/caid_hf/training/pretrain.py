@@ -1,0 +1,272 @@
+"""CAiD pre-training with Accelerate: one CPU, one GPU or many nodes, same code.
+
+Flat loop, top to bottom: prepare, loop, augment, forward, backward, step, log,
+validate, save. Launch with ``accelerate launch scripts/pretrain.py --config FILE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from ..configuration_caid import CAiDConfig
+from ..data.augment import AugmentationConfig, ViewAugmenter
+from ..data.crops import TwoCropDataset
+from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
+from ..modeling_caid import CAiDForPreTraining
+from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
+from .checkpointing import TrainState, latest_checkpoint
+
+
+def build_datasets(data_args: DataArguments, image_size: int, seed: int):
+    """(train, validation) datasets of uint8 crop pairs [2, S, S]."""
+    scale = (data_args.crop_scale_min, data_args.crop_scale_max)
+
+    def crops(source):
+        return TwoCropDataset(source, image_size, scale=scale)
+
+    def source(spec, num_phantoms, phantom_seed):
+        return source_from_spec(spec, data_args.images_root, num_phantoms,
+                                data_args.phantom_size, phantom_seed)
+
+    train = crops(source(data_args.train_source, data_args.num_train_phantoms, seed))
+    if data_args.validation_source is not None:
+        return train, crops(source(data_args.validation_source, data_args.num_validation_phantoms,
+                                   seed + 1))
+    if data_args.train_source == PHANTOMS:  # held-out phantoms come from another seed
+        return train, crops(source(PHANTOMS, data_args.num_validation_phantoms, seed + 1))
+    return hold_out(train, data_args.validation_fraction, seed)
+
+
+def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_processes: int) -> None:
+    """Refuse configurations that would fail or silently misbehave, before any compute."""
+    global_batch = args.per_device_train_batch_size * num_processes
+    if config.queue_size % global_batch:
+        raise ValueError(
+            f"queue_size={config.queue_size} must be divisible by the global batch size "
+            f"per_device_train_batch_size × processes = {global_batch}"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no process group formed: every process "
+            "would train alone. On CPU-only machines launch with ACCELERATE_USE_CPU=true "
+            "(or --use_cpu true)."
+        )
+
+
+@torch.no_grad()
+def evaluate(model, loader, augmenter_seed: int, context_prediction: bool, accelerator) -> dict:
+    """Mean validation losses over the whole loader, with the same views every epoch."""
+    model.eval()
+    augment = ViewAugmenter(AugmentationConfig(), context_prediction, seed=augmenter_seed)
+    totals = torch.zeros(4, device=accelerator.device)  # loss, contrastive, reconstruction, count
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(augmenter_seed)  # the crops of num_workers=0 loaders
+        for crops in loader:
+            views = augment(crops)
+            out = model(views.query, views.key, labels=views.target)
+            n = crops.shape[0]
+            rec = out.reconstruction_loss if out.reconstruction_loss is not None else torch.zeros(())
+            totals += torch.stack([out.loss.detach() * n, out.contrastive_loss.detach() * n,
+                                   rec.to(totals.device) * n, torch.tensor(float(n), device=totals.device)])
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    n = totals[3].clamp(min=1)
+    metrics = {"val/loss": (totals[0] / n).item(), "val/contrastive_loss": (totals[1] / n).item()}
+    if context_prediction:
+        metrics["val/reconstruction_loss"] = (totals[2] / n).item()
+    return metrics
+
+
+def save_backbone(accelerator, model, folder: Path) -> None:
+    """Write the published backbone (config.json + model.safetensors) from the main process."""
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).caid.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    """What a run leaves: the trained model (this process's copy) and its bookkeeping.
+
+    ``output_dir/best`` holds the backbone with the lowest validation loss (reached at
+    ``best_step``), ``output_dir/final`` the last one; ``history`` is every logged record.
+    """
+
+    model: CAiDForPreTraining
+    output_dir: Path
+    global_step: int
+    best_val_loss: float
+    best_step: int
+    history: list
+
+
+def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -> PretrainResult:
+    """Run CAiD pre-training with the given arguments (see :mod:`.arguments`)."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=args.use_cpu or not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), automatic_checkpoint_naming=True,
+            total_limit=args.save_total_limit,
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    config = CAiDConfig(**dataclasses.asdict(model_args))
+    check_run_config(config, args, accelerator.num_processes)
+    set_seed(args.seed)
+
+    if args.init_from:
+        model = CAiDForPreTraining.from_pretrained(args.init_from, config=config)
+    else:
+        model = CAiDForPreTraining(config)
+    train_set, val_set = build_datasets(data_args, config.image_size, args.seed)
+    loader_kwargs = {"num_workers": args.dataloader_num_workers,
+                     "persistent_workers": args.dataloader_num_workers > 0,
+                     "pin_memory": torch.cuda.is_available() and not args.use_cpu}
+    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
+                              shuffle=True, drop_last=True, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size
+                            or args.per_device_train_batch_size,
+                            generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"{len(train_set)} training images make no full batch of "
+            f"per_device_train_batch_size={args.per_device_train_batch_size}"
+        )
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=args.learning_rate, momentum=args.sgd_momentum,
+                                weight_decay=args.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
+    if args.lr_scheduler_type == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+    # Each process draws its own views; the stream is part of the checkpoint.
+    augmenter = ViewAugmenter(AugmentationConfig(reference_compat=data_args.reference_compat),
+                              config.context_prediction, seed=args.seed * 1000 + accelerator.process_index)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state, augmenter)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+               "training": dataclasses.asdict(args)}
+        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            path = latest_checkpoint(output_dir)
+            if path is None:
+                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
+        accelerator.load_state(str(path))
+        accelerator.project_configuration.iteration = state.checkpoint_count
+        accelerator.print(f"resumed from {path} at step {state.global_step}")
+    if args.report_to != "none":
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for part in (model_args, data_args, args) for k, v in dataclasses.asdict(part).items()}
+        accelerator.init_trackers("tensorboard", config=hparams)
+
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes
+    accelerator.print(
+        f"CAiD pre-training: {len(train_set)} train / {len(val_set)} validation images, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
+        f"{global_batch * args.gradient_accumulation_steps}, {total_steps} steps ({num_epochs} epochs)"
+    )
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="pre-training",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    last_log, images_since_log = time.perf_counter(), 0
+    while state.global_step < total_steps:
+        epoch = state.epoch
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state.batches_in_epoch:  # resuming mid-epoch: skip what was already seen
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for crops in loader:
+            with accelerator.accumulate(model):
+                views = augmenter(crops)
+                out = model(views.query, views.key, labels=views.target)
+                accelerator.backward(out.loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            images_since_log += crops.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.global_step += 1
+            progress.update(1)
+            if state.global_step % args.logging_steps == 0 or state.global_step == 1:
+                now = time.perf_counter()
+                logs = {"train/loss": out.loss.item(), "train/contrastive_loss": out.contrastive_loss.item(),
+                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
+                        "train/images_per_second": images_since_log / max(now - last_log, 1e-9)}
+                if out.reconstruction_loss is not None:
+                    logs["train/reconstruction_loss"] = out.reconstruction_loss.item()
+                accelerator.log(logs, step=state.global_step)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                state.history.append({"step": state.global_step, **logs})
+                last_log, images_since_log = now, 0
+            if args.save_steps and state.global_step % args.save_steps == 0:
+                save_training_state(accelerator, state)
+            if state.global_step >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+        metrics = evaluate(model, val_loader, args.seed, config.context_prediction, accelerator)
+        metrics["epoch"] = epoch
+        accelerator.log(metrics, step=state.global_step)
+        state.history.append({"step": state.global_step, **metrics})
+        accelerator.print(f"epoch {epoch}: step {state.global_step}, " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+        if metrics["val/loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
+            save_backbone(accelerator, model, output_dir / "best")
+        if state.batches_in_epoch == 0 or state.global_step >= total_steps:
+            save_training_state(accelerator, state)
+    progress.close()
+
+    save_backbone(accelerator, model, output_dir / "final")
+    result = PretrainResult(model=accelerator.unwrap_model(model), output_dir=output_dir,
+                            global_step=state.global_step, best_val_loss=state.best_val_loss,
+                            best_step=state.best_step, history=state.history)
+    if accelerator.is_main_process:
+        summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                   if f.name not in ("model", "output_dir")}
+        (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return result
+
+
+def save_training_state(accelerator, state: TrainState) -> None:
+    """Full training state (model with queue, optimizer, scheduler, RNGs, counters)."""
+    state.checkpoint_count = accelerator.project_configuration.iteration + 1
+    accelerator.save_state()
+
+
+def main(argv: list[str] | None = None) -> PretrainResult:
+    """Command-line entry point: ``[--config FILE.yaml] [--field value ...]``."""
+    return pretrain(*parse_pretraining_args(argv))

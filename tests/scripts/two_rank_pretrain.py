@@ -1,0 +1,34 @@
+"""Run by tests/test_training.py under `accelerate launch --num_processes 2`.
+
+Trains a few steps through the real entry point, recording the local keys each rank hands
+to the queue, then dumps every rank's final state so the test can compare them.
+"""
+
+import os
+import sys
+
+import torch
+
+from caid_hf.objectives.moco import MoCoV2
+from caid_hf.training.pretrain import main
+
+local_keys = []
+_enqueue = MoCoV2.enqueue
+
+
+def recording_enqueue(self, keys):
+    local_keys.append(keys.detach().cpu().clone())
+    _enqueue(self, keys)
+
+
+MoCoV2.enqueue = recording_enqueue
+result = main(sys.argv[1:])
+model = result.model
+rank = int(os.environ["RANK"])  # the process group is gone after end_training()
+torch.save(
+    {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]),
+     "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+     "parameters": [n for n, _ in model.named_parameters()],
+     "local_keys": local_keys},
+    result.output_dir / f"rank{rank}.pt",
+)

@@ -1,0 +1,134 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from caid_hf import CAiDModel
+from caid_hf.training.arguments import parse_pretraining_args
+from caid_hf.training.pretrain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
+    "--projection_dim", "16", "--train_source", "phantoms", "--num_train_phantoms", "32",
+    "--num_validation_phantoms", "8", "--phantom_size", "96", "--per_device_train_batch_size", "8",
+    "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1",
+]
+
+
+def test_yaml_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("encoder_name: resnet18\nlearning_rate: 0.5\nqueue_size: 128\n")
+    model_args, data_args, args = parse_pretraining_args(
+        ["--config", str(cfg), "--learning_rate", "0.1", "--context_prediction", "false"])
+    assert model_args.encoder_name == "resnet18" and model_args.queue_size == 128
+    assert args.learning_rate == 0.1 and model_args.context_prediction is False
+    assert model_args.momentum == 0.999 and args.sgd_momentum == 0.9
+    assert data_args.train_source == "phantoms"
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learnig_rate: 0.5\n")
+    with pytest.raises(ValueError, match="learnig_rate.*learning_rate"):
+        parse_pretraining_args(["--config", str(cfg)])
+
+
+def test_queue_not_divisible_by_global_batch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="queue_size=60"):
+        main(TINY + ["--queue_size", "60", "--output_dir", str(tmp_path), "--max_steps", "1"])
+
+
+def test_world_size_without_process_group_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="no process group"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1"])
+
+
+@pytest.mark.slow
+def test_pretrain_writes_best_and_final_backbones(tmp_path):
+    out = tmp_path / "run"
+    result = main(TINY + ["--output_dir", str(out), "--num_train_epochs", "2",
+                          "--report_to", "tensorboard"])
+    assert result.global_step == 8  # 32 phantoms / batch 8 = 4 steps per epoch
+    for name in ("best", "final"):
+        assert (out / name / "model.safetensors").is_file()
+        model = AutoModel.from_pretrained(out / name)
+        assert isinstance(model, CAiDModel) and model.config.encoder_name == "resnet18"
+    final = CAiDModel.from_pretrained(out / "final").state_dict()
+    trained = result.model.caid.state_dict()
+    assert all(torch.equal(final[k], trained[k]) for k in trained)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and 0 < state["best_val_loss"] < float("inf")
+    vals = [h for h in state["history"] if "val/loss" in h]
+    assert len(vals) == 2 and all("val/reconstruction_loss" in h for h in vals)
+    trains = [h for h in state["history"] if "train/loss" in h]
+    assert len(trains) == 8 and trains[0]["train/lr"] > trains[-1]["train/lr"]  # cosine decays
+    assert len(list((out / "checkpoints").iterdir())) == 2  # one training state per epoch
+    assert list(out.glob("tensorboard/events.out.tfevents.*"))
+    assert (out / "run_config.yaml").is_file()
+    assert int(result.model.objective.queue_ptr) == (8 * 8) % 64
+
+
+@pytest.mark.slow
+def test_resume_from_latest_checkpoint_continues_the_run(tmp_path):
+    out = tmp_path / "run"
+    main(TINY + ["--output_dir", str(out), "--num_train_epochs", "1"])
+    resumed = main(TINY + ["--output_dir", str(out), "--num_train_epochs", "2",
+                           "--resume_from_checkpoint", "latest"])
+    assert resumed.global_step == 8
+    # the second run did only the second epoch: its history starts at step 1 of run one
+    steps = [h["step"] for h in resumed.history if "train/loss" in h]
+    assert steps == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_instance_discrimination_baseline_trains(tmp_path):
+    out = tmp_path / "id"
+    result = main(TINY + ["--output_dir", str(out), "--max_steps", "3",
+                          "--context_prediction", "false"])
+    assert result.global_step == 3
+    history = [h for h in result.history if "val/loss" in h]
+    assert "val/reconstruction_loss" not in history[-1]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           str(ROOT / "tests" / "scripts" / "two_rank_pretrain.py"),
+           *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(out), "--max_steps", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    # Parameters (query and key branch), queue and pointer agree bit for bit. BatchNorm running
+    # statistics are broadcast by DDP at the start of each forward, so after the last step each
+    # rank holds its own; they are not compared.
+    for name in [*r0["parameters"], "objective.queue", "objective.queue_ptr"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    assert int(r0["state"]["objective.queue_ptr"]) == 3 * 8  # 3 steps × global batch 8
+    # The queue holds both ranks' keys: rank 0's then rank 1's, step after step.
+    queue = r0["state"]["objective.queue"]
+    assert len(r0["local_keys"]) == len(r1["local_keys"]) == 3
+    for step, (k0, k1) in enumerate(zip(r0["local_keys"], r1["local_keys"])):
+        assert not torch.allclose(k0, k1)
+        start = step * 8
+        torch.testing.assert_close(queue[:, start:start + 4], k0.T, rtol=0, atol=0)
+        torch.testing.assert_close(queue[:, start + 4:start + 8], k1.T, rtol=0, atol=0)
