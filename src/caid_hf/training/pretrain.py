@@ -67,24 +67,29 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
 
 
 @torch.no_grad()
-def evaluate(model, loader, augmenter_seed: int, context_prediction: bool, accelerator) -> dict:
+def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context_prediction: bool,
+             accelerator) -> dict:
     """Mean validation losses over the whole loader, with the same views every epoch."""
     model.eval()
-    augment = ViewAugmenter(AugmentationConfig(), context_prediction, seed=augmenter_seed)
-    totals = torch.zeros(4, device=accelerator.device)  # loss, contrastive, reconstruction, count
+    augment = ViewAugmenter(augmentation, context_prediction, seed=seed)
+    # sums of: loss, contrastive loss, reconstruction loss, positive-key accuracy; image count
+    totals = torch.zeros(5, device=accelerator.device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(augmenter_seed)  # the crops of num_workers=0 loaders
+        torch.manual_seed(seed)  # the crops of num_workers=0 loaders
         for crops in loader:
             views = augment(crops)
             out = model(views.query, views.key, labels=views.target)
             n = crops.shape[0]
             rec = out.reconstruction_loss if out.reconstruction_loss is not None else torch.zeros(())
+            hits = (out.logits.argmax(dim=1) == 0).sum()
             totals += torch.stack([out.loss.detach() * n, out.contrastive_loss.detach() * n,
-                                   rec.to(totals.device) * n, torch.tensor(float(n), device=totals.device)])
+                                   rec.to(totals.device) * n, hits.to(totals.dtype),
+                                   torch.tensor(float(n), device=totals.device)])
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
-    n = totals[3].clamp(min=1)
-    metrics = {"val/loss": (totals[0] / n).item(), "val/contrastive_loss": (totals[1] / n).item()}
+    n = totals[4].clamp(min=1)
+    metrics = {"val/loss": (totals[0] / n).item(), "val/contrastive_loss": (totals[1] / n).item(),
+               "val/contrastive_accuracy": (totals[3] / n).item()}
     if context_prediction:
         metrics["val/reconstruction_loss"] = (totals[2] / n).item()
     return metrics
@@ -165,8 +170,9 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
     # Each process draws its own views; the stream is part of the checkpoint.
-    augmenter = ViewAugmenter(AugmentationConfig(reference_compat=data_args.reference_compat),
-                              config.context_prediction, seed=args.seed * 1000 + accelerator.process_index)
+    augmentation = AugmentationConfig(reference_compat=data_args.reference_compat)
+    augmenter = ViewAugmenter(augmentation, config.context_prediction,
+                              seed=args.seed * 1000 + accelerator.process_index)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, augmenter)
 
@@ -222,6 +228,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
                 now = time.perf_counter()
                 logs = {"train/loss": out.loss.item(), "train/contrastive_loss": out.contrastive_loss.item(),
+                        "train/contrastive_accuracy": (out.logits.argmax(dim=1) == 0).float().mean().item(),
                         "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
                         "train/images_per_second": images_since_log / max(now - last_log, 1e-9)}
                 if out.reconstruction_loss is not None:
@@ -236,7 +243,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 break
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-        metrics = evaluate(model, val_loader, args.seed, config.context_prediction, accelerator)
+        metrics = evaluate(model, val_loader, augmentation, args.seed, config.context_prediction,
+                           accelerator)
         metrics["epoch"] = epoch
         accelerator.log(metrics, step=state.global_step)
         state.history.append({"step": state.global_step, **metrics})
