@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
@@ -132,3 +133,32 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
         start = step * 8
         torch.testing.assert_close(queue[:, start:start + 4], k0.T, rtol=0, atol=0)
         torch.testing.assert_close(queue[:, start + 4:start + 8], k1.T, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_continue_pretraining_from_a_published_backbone(tmp_path):
+    first = main(TINY + ["--output_dir", str(tmp_path / "a"), "--max_steps", "2"])
+    second = main(TINY + ["--output_dir", str(tmp_path / "b"), "--max_steps", "1",
+                          "--learning_rate", "1e-4", "--init_from", str(tmp_path / "a" / "final")])
+    assert second.global_step == 1
+    # one small SGD step away from the loaded weights, not from a random initialisation
+    start = first.model.caid.encoder.conv1.weight
+    moved = (second.model.caid.encoder.conv1.weight - start).abs().max()
+    assert 0 < moved < 0.01 * start.abs().max()
+    assert torch.isfinite(second.model.objective.queue).all()
+
+
+def test_cli_writes_phantoms_and_lists_commands(tmp_path, capsys):
+    from PIL import Image
+
+    from caid_hf.cli import main as cli
+    from caid_hf.data.phantoms import generate_phantom
+
+    cli(["phantoms", "--out", str(tmp_path), "--num", "3", "--size", "64", "--masks"])
+    images = sorted(tmp_path.glob("phantom_*.png"))
+    assert len(images) == 3 and len(list((tmp_path / "masks").glob("*.png"))) == 3
+    assert np.array_equal(np.asarray(Image.open(images[2])), generate_phantom(2, size=64)[0])
+    cli([])
+    assert "pretrain" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown command 'pretrian'"):
+        cli(["pretrian"])
