@@ -93,7 +93,29 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
 
 
-class SplitListSource:
+class _FileListSource:
+    """Image files named by paths relative to a base folder (``relative_paths``)."""
+
+    base: Path
+    relative_paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def path(self, i: int) -> Path:
+        """The file of image ``i``."""
+        return self.base / self.relative_paths[_check_index(i, len(self))]
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded to grey uint8 [H, W]."""
+        return decode_grey(self.path(i))
+
+    def image_id(self, i: int) -> str:
+        """The relative path of image ``i`` (as written in a split list, POSIX for a folder)."""
+        return self.relative_paths[_check_index(i, len(self))]
+
+
+class SplitListSource(_FileListSource):
     """Images named in a ChestX-ray14 style split list.
 
     One image per line: the first whitespace-separated token is a path
@@ -109,7 +131,7 @@ class SplitListSource:
 
     def __init__(self, split_file: str | os.PathLike, images_root: str | os.PathLike) -> None:
         self.split_file = Path(split_file)
-        self.images_root = Path(images_root)
+        self.images_root = self.base = Path(images_root)
         if not self.split_file.is_file():
             raise FileNotFoundError(f"split file not found: {self.split_file}")
         if not self.images_root.is_dir():
@@ -135,23 +157,8 @@ class SplitListSource:
         if not self.relative_paths:
             raise ValueError(f"split file {self.split_file} names no images")
 
-    def __len__(self) -> int:
-        return len(self.relative_paths)
 
-    def path(self, i: int) -> Path:
-        """The file of image ``i``."""
-        return self.images_root / self.relative_paths[_check_index(i, len(self))]
-
-    def load(self, i: int) -> np.ndarray:
-        """Image ``i`` decoded to grey uint8 [H, W]."""
-        return decode_grey(self.path(i))
-
-    def image_id(self, i: int) -> str:
-        """The path of image ``i`` as written in the split list."""
-        return self.relative_paths[_check_index(i, len(self))]
-
-
-class ImageFolderSource:
+class ImageFolderSource(_FileListSource):
     """Every PNG/JPEG below a folder, recursively, sorted by relative path.
 
     Extensions match case-insensitively; hidden files and folders (names
@@ -164,7 +171,7 @@ class ImageFolderSource:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.root = self.base = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         found = (path.relative_to(self.root) for path in self.root.rglob("*"))
@@ -179,21 +186,6 @@ class ImageFolderSource:
             raise ValueError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {self.root}"
             )
-
-    def __len__(self) -> int:
-        return len(self.relative_paths)
-
-    def path(self, i: int) -> Path:
-        """The file of image ``i``."""
-        return self.root / self.relative_paths[_check_index(i, len(self))]
-
-    def load(self, i: int) -> np.ndarray:
-        """Image ``i`` decoded to grey uint8 [H, W]."""
-        return decode_grey(self.path(i))
-
-    def image_id(self, i: int) -> str:
-        """The POSIX path of image ``i`` relative to ``root``."""
-        return self.relative_paths[_check_index(i, len(self))]
 
 
 class PhantomSource:
