@@ -164,3 +164,18 @@ def test_instance_discrimination_baseline_skips_the_decoder():
     torch.testing.assert_close(out.loss, 2.0 * out.contrastive_loss)
     out.loss.backward()
     assert all(p.grad is None for p in model.caid.decoder.parameters())
+
+
+def test_momentum_update_can_be_skipped_for_accumulation_micro_batches(tiny_config):
+    model = CAiDForPreTraining(tiny_config).train()
+    with torch.no_grad():
+        model.caid.encoder.conv1.weight.add_(1.0)  # query and key branch now differ
+    before = model.objective.momentum_encoder.conv1.weight.clone()
+    q_img, k_img, target = _inputs()
+    model(q_img, k_img, labels=target, update_momentum=False)
+    assert torch.equal(model.objective.momentum_encoder.conv1.weight, before)
+    assert int(model.objective.queue_ptr) == 4  # keys are still enqueued
+    model(q_img, k_img, labels=target)
+    m = tiny_config.momentum
+    expected = m * before + (1 - m) * model.caid.encoder.conv1.weight
+    torch.testing.assert_close(model.objective.momentum_encoder.conv1.weight, expected)

@@ -162,3 +162,12 @@ def test_cli_writes_phantoms_and_lists_commands(tmp_path, capsys):
     assert "pretrain" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown command 'pretrian'"):
         cli(["pretrian"])
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    result = main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "2",
+                          "--gradient_accumulation_steps", "2"])
+    assert result.global_step == 2
+    # every micro-batch enqueues its keys: 4 micro-batches of 8
+    assert int(result.model.objective.queue_ptr) == 32

@@ -255,6 +255,7 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         pixel_values: torch.Tensor,
         key_pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        update_momentum: bool = True,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CAiDForPreTrainingOutput | tuple:
@@ -264,13 +265,16 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
             pixel_values: query views [B, 3, H, W], float in [0, 1] (distorted in CAiD mode).
             key_pixel_values: key views [B, 3, H, W], float in [0, 1].
             labels: reconstruction target [B, 1, H, W] in [0, 1] (the query view undistorted).
+            update_momentum: in training mode, move the key branch towards the query branch
+                before encoding the keys; pass ``False`` for all but the first micro-batch of a
+                gradient-accumulation window.
         """
         c = self.config
         # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
         splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
         features = encode_in_splits(self.caid.encoder, pixel_values, splits)
         embeddings = global_pool(features[-1])
-        moco = self.objective(embeddings, key_pixel_values, self.caid.encoder)
+        moco = self.objective(embeddings, key_pixel_values, self.caid.encoder, update_momentum)
 
         reconstruction = reconstruction_loss = None
         loss = c.contrastive_weight * moco.loss

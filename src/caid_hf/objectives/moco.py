@@ -159,7 +159,11 @@ class MoCoV2(nn.Module):
         self.queue_ptr[0] = (ptr + keys.shape[0]) % size
 
     def forward(
-        self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor, encoder: nn.Module
+        self,
+        query_embedding: torch.Tensor,
+        key_pixel_values: torch.Tensor,
+        encoder: nn.Module,
+        update_momentum: bool = True,
     ) -> MoCoOutput:
         """InfoNCE of the queries against their keys and the queue.
 
@@ -167,10 +171,13 @@ class MoCoV2(nn.Module):
             query_embedding: pooled query features [B, C] (with gradient).
             key_pixel_values: key views [B, 3, H, W] in [0, 1].
             encoder: the query encoder, source of the momentum update.
+            update_momentum: move the key branch first (training mode only). With gradient
+                accumulation only the first micro-batch of an optimizer step should, or the
+                key branch would move ``accumulation`` times per query update.
         In training mode the key branch is first moved towards the query branch and the new
         keys are enqueued after the loss is computed (MoCo's order); eval mode changes nothing.
         """
-        if self.training:
+        if self.training and update_momentum:
             self.momentum_update(encoder)
         q = F.normalize(self.projection_head(query_embedding).float(), dim=1)
         k = self.encode_keys(key_pixel_values)

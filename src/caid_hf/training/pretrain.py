@@ -212,9 +212,12 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         if state.batches_in_epoch:  # resuming mid-epoch: skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for crops in loader:
+            # the key branch follows the query once per optimizer step, not per micro-batch
+            first_micro_batch = state.batches_in_epoch % args.gradient_accumulation_steps == 0
             with accelerator.accumulate(model):
                 views = augmenter(crops)
-                out = model(views.query, views.key, labels=views.target)
+                out = model(views.query, views.key, labels=views.target,
+                            update_momentum=first_micro_batch)
                 accelerator.backward(out.loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
