@@ -32,6 +32,7 @@ def test_defaults_are_the_papers_setting():
         ("projection_dim", 0),
         ("projection_head", "deep"),
         ("encoder_depth", 6),
+        ("encoder_depth", 3),
         ("decoder_channels", [16, 8]),
         ("shuffle_bn_splits", 0),
         ("reconstruction_weight", -1.0),

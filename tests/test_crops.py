@@ -78,3 +78,18 @@ def test_read_only_and_non_contiguous_images_are_accepted():
 def test_rejects_images_that_are_not_grey_uint8(bad):
     with pytest.raises(ValueError, match="odd_image"):
         TwoCropDataset(_ArraySource(bad), 16)[0]
+
+
+def test_seeded_crops_are_fixed_per_index_and_leave_the_global_rng_alone():
+    dataset = TwoCropDataset(PhantomSource(6, size=96), 32, seed=5)
+    state = torch.get_rng_state()
+    first = torch.stack([dataset[i] for i in range(6)])
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    assert torch.equal(torch.stack([dataset[i] for i in range(6)]), first)
+    # the same views whichever worker loads them, in any order
+    loaded = torch.cat(list(DataLoader(dataset, batch_size=2, num_workers=2)))
+    assert torch.equal(loaded, first)
+    assert not torch.equal(first[0, 0], first[0, 1])
+    other = TwoCropDataset(PhantomSource(6, size=96), 32, seed=6)
+    assert not torch.equal(other[0], first[0])

@@ -99,15 +99,25 @@ def test_enqueue_writes_at_pointer_and_wraps_around():
     assert torch.equal(moco.queue[:, 2:4], keys[2:].T)
 
 
-def test_training_step_enqueues_its_keys(tiny_config):
-    model = CAiDForPreTraining(tiny_config).train()
+def test_training_step_enqueues_its_keys():
+    config = CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32, projection_dim=16,
+                        shuffle_bn_splits=1, momentum=0.9)
+    model = CAiDForPreTraining(config).train()
     q_img, k_img, target = _inputs()
+    with torch.no_grad():  # the keys by hand: momentum step, then the key branch on the key views
+        copy_ = copy.deepcopy(model)
+        enc_q, head_q = copy_.caid.encoder, copy_.objective.projection_head
+        enc_k, head_k = copy_.objective.momentum_encoder, copy_.objective.momentum_projection_head
+        for pk, pq in zip([*enc_k.parameters(), *head_k.parameters()],
+                          [*enc_q.parameters(), *head_q.parameters()]):
+            pk.mul_(0.9).add_(pq, alpha=0.1)
+        keys = F.normalize(head_k(enc_k(k_img)[-1].mean((2, 3))), dim=1)
+    untouched = model.objective.queue[:, 4:].clone()
     out = model(q_img, k_img, labels=target)
     assert int(model.objective.queue_ptr) == 4
-    model.objective.momentum_encoder.eval()
-    # keys in the queue are the normalised key embeddings of this batch
-    assert torch.allclose(model.objective.queue[:, :4].norm(dim=0), torch.ones(4), atol=1e-5)
-    assert out.logits.shape == (4, 1 + tiny_config.queue_size)
+    torch.testing.assert_close(model.objective.queue[:, :4], keys.T, rtol=0, atol=1e-5)
+    assert torch.equal(model.objective.queue[:, 4:], untouched)
+    assert out.logits.shape == (4, 1 + config.queue_size)
 
 
 def test_key_branch_receives_no_gradient(tiny_config):
@@ -179,3 +189,30 @@ def test_momentum_update_can_be_skipped_for_accumulation_micro_batches(tiny_conf
     m = tiny_config.momentum
     expected = m * before + (1 - m) * model.caid.encoder.conv1.weight
     torch.testing.assert_close(model.objective.momentum_encoder.conv1.weight, expected)
+
+
+def test_bad_forward_arguments_are_refused(tiny_config):
+    import pytest
+
+    model = CAiDForPreTraining(tiny_config).train()
+    q_img, k_img, target = _inputs()
+    with pytest.raises(TypeError, match="label"):
+        model(q_img, k_img, label=target)  # typo of labels: would train contrastive-only
+    with pytest.raises(ValueError, match=r"labels must be .*\[4, 1, 64, 64\]"):
+        model(q_img, k_img, labels=target[:, 0])
+
+
+def test_queue_is_excluded_from_ddp_buffer_broadcast(tiny_config, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = CAiDForPreTraining(tiny_config)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        broadcast = list(ddp.modules_buffers)
+        assert not any(b is model.objective.queue or b is model.objective.queue_ptr
+                       for b in broadcast)
+        # BatchNorm statistics are still kept in sync as usual
+        assert any(b is model.caid.encoder.bn1.running_mean for b in broadcast)
+    finally:
+        dist.destroy_process_group()

@@ -171,3 +171,31 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert result.global_step == 2
     # every micro-batch enqueues its keys: 4 micro-batches of 8
     assert int(result.model.objective.queue_ptr) == 32
+
+
+def test_output_dir_of_another_run_is_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    (tmp_path / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    built = []
+    monkeypatch.setattr("caid_hf.training.pretrain.CAiDForPreTraining.__init__",
+                        lambda *a, **k: built.append(1))
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1"])
+    assert not built and (tmp_path / "checkpoints" / "checkpoint_0").is_dir()
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_replaces_the_previous_run(tmp_path):
+    main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1"])
+    result = main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "2",
+                          "--overwrite_output_dir", "true"])
+    assert result.global_step == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_0"]
+
+
+def test_init_from_with_another_architecture_is_refused(tmp_path):
+    from caid_hf import CAiDConfig
+
+    CAiDConfig(encoder_name="resnet34", image_size=64).save_pretrained(tmp_path / "backbone")
+    with pytest.raises(ValueError, match="encoder_name='resnet34'.*encoder_name='resnet18'"):
+        main(TINY + ["--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                     "--init_from", str(tmp_path / "backbone")])

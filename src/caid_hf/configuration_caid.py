@@ -25,7 +25,7 @@ class CAiDConfig(PretrainedConfig):
 
     Args:
         encoder_name: segmentation_models_pytorch encoder name (``resnet18``, ``resnet50`` ...).
-        encoder_depth: number of encoder stages used by the U-Net (3..5).
+        encoder_depth: number of encoder stages used by the U-Net (5, the whole encoder).
         decoder_channels: channels of the U-Net decoder blocks, one per stage.
         in_channels: input channels; grey radiographs are replicated to 3.
         image_size: side of the square training views in pixels (divisible by 32).
@@ -100,8 +100,10 @@ class CAiDConfig(PretrainedConfig):
                 f"encoder_name={self.encoder_name!r} is not a segmentation_models_pytorch encoder; "
                 f"choose one of: {', '.join(encoders[:12])}, ..."
             )
-        if not 3 <= self.encoder_depth <= 5:
-            raise ValueError(f"encoder_depth must be in 3..5, got {self.encoder_depth}")
+        if self.encoder_depth != 5:
+            # smp keeps the unused stages of a shallower encoder: they would never get a
+            # gradient (DDP refuses that) and would be exported as random weights.
+            raise ValueError(f"encoder_depth must be 5 (the full encoder), got {self.encoder_depth}")
         if len(self.decoder_channels) != self.encoder_depth:
             raise ValueError(
                 f"decoder_channels needs one entry per encoder stage ({self.encoder_depth}), "

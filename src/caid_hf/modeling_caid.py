@@ -269,6 +269,8 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
                 before encoding the keys; pass ``False`` for all but the first micro-batch of a
                 gradient-accumulation window.
         """
+        if kwargs:
+            raise TypeError(f"CAiDForPreTraining.forward() got unexpected arguments {sorted(kwargs)}")
         c = self.config
         # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
         splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
@@ -281,6 +283,11 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         if c.context_prediction:
             reconstruction = self.caid.reconstruct(features)
             if labels is not None:
+                if labels.shape != reconstruction.shape:
+                    raise ValueError(
+                        f"labels must be the reconstruction target {list(reconstruction.shape)} "
+                        f"([B, 1, H, W] in [0, 1]), got {list(labels.shape)}"
+                    )
                 reconstruction_loss = F.mse_loss(reconstruction.float(), labels.float())
                 loss = loss + c.reconstruction_weight * reconstruction_loss
         output = CAiDForPreTrainingOutput(

@@ -27,7 +27,9 @@ class TwoCropDataset(Dataset):
     augmentation, REFERENCE.md step 2). A DataLoader batches them to
     [B, 2, image_size, image_size]. The crops draw from torch's global RNG,
     so ``torch.manual_seed`` (and DataLoader worker seeding) makes them
-    reproducible.
+    reproducible. With ``seed`` set, image ``i`` always gets the same two crops
+    (drawn from a stream seeded by ``(seed, i)``, whichever worker loads it):
+    the fixed views of a validation set.
     """
 
     def __init__(
@@ -36,8 +38,10 @@ class TwoCropDataset(Dataset):
         image_size: int,
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        seed: int | None = None,
     ) -> None:
         self.source = source
+        self.seed = seed
         self.image_size = image_size
         self.crop = v2.RandomResizedCrop(
             image_size,
@@ -60,4 +64,8 @@ class TwoCropDataset(Dataset):
         if not (image.flags.writeable and image.flags.c_contiguous):
             image = np.array(image)  # torch.from_numpy warns on read-only arrays
         grey = torch.from_numpy(image).unsqueeze(0)
-        return torch.cat([self.crop(grey), self.crop(grey)])
+        if self.seed is None:
+            return torch.cat([self.crop(grey), self.crop(grey)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            return torch.cat([self.crop(grey), self.crop(grey)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from .sources import ImageFolderSource, PhantomSource, SplitListSource
 
@@ -27,13 +27,18 @@ def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: in
     )
 
 
-def hold_out(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
-    """Split a dataset into (train, validation) with a fixed, seeded permutation."""
+def hold_out(train: Dataset, validation: Dataset, fraction: float, seed: int
+             ) -> tuple[Subset, Subset]:
+    """Hold out ``fraction`` of the indices with a fixed, seeded permutation.
+
+    ``train`` and ``validation`` are two views of the same images (e.g. random and
+    fixed crops); the training subset comes from the first, the held-out one from the second.
+    """
     import torch
 
-    n = len(dataset)
+    n = len(train)
     n_val = max(1, round(n * fraction))
     if n - n_val < 1:
         raise ValueError(f"validation_fraction={fraction} leaves no training images out of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
+    return Subset(train, order[n_val:]), Subset(validation, order[:n_val])

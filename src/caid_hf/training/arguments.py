@@ -58,6 +58,10 @@ class PretrainingArguments:
     """The optimisation and bookkeeping of a pre-training run."""
 
     output_dir: str = field(default="outputs/caid", metadata={"help": "Where everything is written."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete a previous run's checkpoints/, best/ and final/ "
+                                         "in output_dir instead of refusing to start."}
+    )
     num_train_epochs: int = field(default=800, metadata={"help": "Epochs (the original's default)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides epochs if > 0."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch per process."})

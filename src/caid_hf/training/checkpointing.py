@@ -17,7 +17,6 @@ class TrainState:
     batches_in_epoch: int = 0
     best_val_loss: float = math.inf
     best_step: int = -1
-    checkpoint_count: int = 0
     history: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -26,6 +25,11 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def checkpoint_number(path: Path) -> int:
+    """N of a ``checkpoint_N`` folder."""
+    return int(re.fullmatch(r"checkpoint_(\d+)", Path(path).name).group(1))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

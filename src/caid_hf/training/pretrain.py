@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -27,27 +28,62 @@ from ..data.crops import TwoCropDataset
 from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
 from ..modeling_caid import CAiDForPreTraining
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
-from .checkpointing import TrainState, latest_checkpoint
+from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
 
 
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):
-    """(train, validation) datasets of uint8 crop pairs [2, S, S]."""
+    """(train, validation) datasets of uint8 crop pairs [2, S, S].
+
+    Training crops are random; validation crops are fixed per image (seeded), so the
+    validation loss of every epoch is measured on the same views.
+    """
     scale = (data_args.crop_scale_min, data_args.crop_scale_max)
 
-    def crops(source):
-        return TwoCropDataset(source, image_size, scale=scale)
+    def crops(source, fixed: bool = False):
+        return TwoCropDataset(source, image_size, scale=scale, seed=seed if fixed else None)
 
     def source(spec, num_phantoms, phantom_seed):
         return source_from_spec(spec, data_args.images_root, num_phantoms,
                                 data_args.phantom_size, phantom_seed)
 
-    train = crops(source(data_args.train_source, data_args.num_train_phantoms, seed))
+    train_source = source(data_args.train_source, data_args.num_train_phantoms, seed)
     if data_args.validation_source is not None:
-        return train, crops(source(data_args.validation_source, data_args.num_validation_phantoms,
-                                   seed + 1))
+        val_source = source(data_args.validation_source, data_args.num_validation_phantoms, seed + 1)
+        return crops(train_source), crops(val_source, fixed=True)
     if data_args.train_source == PHANTOMS:  # held-out phantoms come from another seed
-        return train, crops(source(PHANTOMS, data_args.num_validation_phantoms, seed + 1))
-    return hold_out(train, data_args.validation_fraction, seed)
+        val_source = source(PHANTOMS, data_args.num_validation_phantoms, seed + 1)
+        return crops(train_source), crops(val_source, fixed=True)
+    return hold_out(crops(train_source), crops(train_source, fixed=True),
+                    data_args.validation_fraction, seed)
+
+
+def prepare_output_dir(output_dir: Path, args: PretrainingArguments, accelerator) -> None:
+    """Refuse to mix two runs in one folder; clear it only when asked to."""
+    previous = [output_dir / name for name in ("checkpoints", "best", "final")
+                if (output_dir / name).exists()]
+    if not previous or args.resume_from_checkpoint:
+        return
+    if not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"output_dir {output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
+            "continue it with --resume_from_checkpoint latest, choose another --output_dir, or "
+            "pass --overwrite_output_dir true to delete it"
+        )
+    if accelerator.is_main_process:
+        for path in previous:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
+def check_init_from_architecture(init_from: str, config: CAiDConfig) -> None:
+    """The run's architecture must be the checkpoint's, or loading would half-succeed."""
+    saved = CAiDConfig.from_pretrained(init_from)
+    for name in ("encoder_name", "encoder_depth", "decoder_channels", "in_channels"):
+        if getattr(saved, name) != getattr(config, name):
+            raise ValueError(
+                f"--init_from {init_from} has {name}={getattr(saved, name)!r} but this run asks "
+                f"for {name}={getattr(config, name)!r}; drop the override or start from scratch"
+            )
 
 
 def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_processes: int) -> None:
@@ -69,22 +105,24 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
 @torch.no_grad()
 def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context_prediction: bool,
              accelerator) -> dict:
-    """Mean validation losses over the whole loader, with the same views every epoch."""
-    model.eval()
+    """Mean validation losses over the whole loader, with the same views every epoch.
+
+    Runs the unwrapped model (no DDP collectives, so processes may see uneven batches) in
+    eval mode: no momentum update, no enqueue, BatchNorm running statistics.
+    """
+    model = accelerator.unwrap_model(model).eval()
     augment = ViewAugmenter(augmentation, context_prediction, seed=seed)
     # sums of: loss, contrastive loss, reconstruction loss, positive-key accuracy; image count
     totals = torch.zeros(5, device=accelerator.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the crops of num_workers=0 loaders
-        for crops in loader:
-            views = augment(crops)
-            out = model(views.query, views.key, labels=views.target)
-            n = crops.shape[0]
-            rec = out.reconstruction_loss if out.reconstruction_loss is not None else torch.zeros(())
-            hits = (out.logits.argmax(dim=1) == 0).sum()
-            totals += torch.stack([out.loss.detach() * n, out.contrastive_loss.detach() * n,
-                                   rec.to(totals.device) * n, hits.to(totals.dtype),
-                                   torch.tensor(float(n), device=totals.device)])
+    for crops in loader:
+        views = augment(crops)
+        out = model(views.query, views.key, labels=views.target)
+        n = crops.shape[0]
+        rec = out.reconstruction_loss if out.reconstruction_loss is not None else torch.zeros(())
+        hits = (out.logits.argmax(dim=1) == 0).sum()
+        totals += torch.stack([out.loss.detach() * n, out.contrastive_loss.detach() * n,
+                               rec.to(totals.device) * n, hits.to(totals.dtype),
+                               torch.tensor(float(n), device=totals.device)])
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     n = totals[4].clamp(min=1)
@@ -130,16 +168,21 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             project_dir=str(output_dir), automatic_checkpoint_naming=True,
             total_limit=args.save_total_limit,
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # uneven last validation batches instead of padding with repeated images
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, even_batches=False),
     )
     config = CAiDConfig(**dataclasses.asdict(model_args))
     check_run_config(config, args, accelerator.num_processes)
-    set_seed(args.seed)
+    prepare_output_dir(output_dir, args, accelerator)
+    set_seed(args.seed)  # the same initial weights on every process
 
     if args.init_from:
+        check_init_from_architecture(args.init_from, config)
         model = CAiDForPreTraining.from_pretrained(args.init_from, config=config)
     else:
         model = CAiDForPreTraining(config)
+    # from here on each process draws its own crops and key shuffles
+    set_seed(args.seed, device_specific=True)
     train_set, val_set = build_datasets(data_args, config.image_size, args.seed)
     loader_kwargs = {"num_workers": args.dataloader_num_workers,
                      "persistent_workers": args.dataloader_num_workers > 0,
@@ -188,7 +231,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             if path is None:
                 raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
         accelerator.load_state(str(path))
-        accelerator.project_configuration.iteration = state.checkpoint_count
+        newest = latest_checkpoint(output_dir)  # number new saves after every existing one
+        accelerator.project_configuration.iteration = checkpoint_number(newest) + 1 if newest else 0
         accelerator.print(f"resumed from {path} at step {state.global_step}")
     if args.report_to != "none":
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -225,7 +269,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             images_since_log += crops.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no decay
+                scheduler.step()
             state.global_step += 1
             progress.update(1)
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
@@ -240,8 +285,9 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 state.history.append({"step": state.global_step, **logs})
                 last_log, images_since_log = now, 0
-            if args.save_steps and state.global_step % args.save_steps == 0:
-                save_training_state(accelerator, state)
+            end_of_epoch = state.batches_in_epoch == len(train_loader)
+            if args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch:
+                accelerator.save_state()  # (the epoch end saves after validation)
             if state.global_step >= total_steps:
                 break
         else:  # the epoch ran to its end
@@ -257,7 +303,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
             save_backbone(accelerator, model, output_dir / "best")
         if state.batches_in_epoch == 0 or state.global_step >= total_steps:
-            save_training_state(accelerator, state)
+            accelerator.save_state()
     progress.close()
 
     save_backbone(accelerator, model, output_dir / "final")
@@ -270,12 +316,6 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return result
-
-
-def save_training_state(accelerator, state: TrainState) -> None:
-    """Full training state (model with queue, optimizer, scheduler, RNGs, counters)."""
-    state.checkpoint_count = accelerator.project_configuration.iteration + 1
-    accelerator.save_state()
 
 
 def main(argv: list[str] | None = None) -> PretrainResult:
