@@ -125,6 +125,10 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     for name in [*r0["parameters"], "objective.queue", "objective.queue_ptr"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), name
     assert int(r0["state"]["objective.queue_ptr"]) == 3 * 8  # 3 steps × global batch 8
+    # The ranks train on disjoint shards of one shuffled order: 3 steps × 4 images each (plus
+    # the batch the loader prefetches).
+    seen0, seen1 = r0["train_indices"], r1["train_indices"]
+    assert len(seen0) >= 12 and len(seen1) >= 12 and not set(seen0) & set(seen1)
     # The queue holds both ranks' keys: rank 0's then rank 1's, step after step.
     queue = r0["state"]["objective.queue"]
     assert len(r0["local_keys"]) == len(r1["local_keys"]) == 3

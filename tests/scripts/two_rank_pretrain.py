@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from caid_hf.data.crops import TwoCropDataset
 from caid_hf.objectives.moco import MoCoV2
 from caid_hf.training.pretrain import main
 
@@ -22,6 +23,18 @@ def recording_enqueue(self, keys):
 
 
 MoCoV2.enqueue = recording_enqueue
+
+train_indices = []
+_getitem = TwoCropDataset.__getitem__
+
+
+def recording_getitem(self, i):
+    if self.seed is None:  # training crops (validation crops are seeded)
+        train_indices.append(i)
+    return _getitem(self, i)
+
+
+TwoCropDataset.__getitem__ = recording_getitem
 result = main(sys.argv[1:])
 model = result.model
 rank = int(os.environ["RANK"])  # the process group is gone after end_training()
@@ -29,6 +42,6 @@ torch.save(
     {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]),
      "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
      "parameters": [n for n, _ in model.named_parameters()],
-     "local_keys": local_keys},
+     "local_keys": local_keys, "train_indices": train_indices},
     result.output_dir / f"rank{rank}.pt",
 )

@@ -168,8 +168,10 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             project_dir=str(output_dir), automatic_checkpoint_naming=True,
             total_limit=args.save_total_limit,
         ),
+        # one data order for all processes (each takes its shard), whatever their RNG seeds;
         # uneven last validation batches instead of padding with repeated images
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, even_batches=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  even_batches=False),
     )
     config = CAiDConfig(**dataclasses.asdict(model_args))
     check_run_config(config, args, accelerator.num_processes)
