@@ -1,11 +1,19 @@
 """caid-hf: CAiD self-supervised pre-training for medical images, Hugging Face native."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
+)
 
 from .configuration_caid import CAiDConfig
 from .modeling_caid import (
+    CAiDForImageClassification,
     CAiDForPreTraining,
     CAiDForPreTrainingOutput,
+    CAiDForSemanticSegmentation,
     CAiDModel,
     CAiDModelOutput,
     CAiDPreTrainedModel,
@@ -16,6 +24,8 @@ __version__ = "0.1.0"
 AutoConfig.register("caid", CAiDConfig)
 AutoModel.register(CAiDConfig, CAiDModel)
 AutoModelForPreTraining.register(CAiDConfig, CAiDForPreTraining)
+AutoModelForImageClassification.register(CAiDConfig, CAiDForImageClassification)
+AutoModelForSemanticSegmentation.register(CAiDConfig, CAiDForSemanticSegmentation)
 
 __all__ = [
     "CAiDConfig",
@@ -23,5 +33,7 @@ __all__ = [
     "CAiDModelOutput",
     "CAiDForPreTraining",
     "CAiDForPreTrainingOutput",
+    "CAiDForImageClassification",
+    "CAiDForSemanticSegmentation",
     "CAiDPreTrainedModel",
 ]

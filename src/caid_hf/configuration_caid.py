@@ -47,6 +47,8 @@ class CAiDConfig(PretrainedConfig):
         reconstruction_weight: weight of the reconstruction (MSE) loss.
         reconstruction_activation: activation of the reconstruction output (``sigmoid``).
         classifier_dropout: dropout before a downstream classification head.
+        segmentation_dice_weight: weight of the soft-Dice term of the segmentation loss
+            (added to BCE for one label, to cross-entropy for several; 0 turns it off).
     """
 
     model_type = "caid"
@@ -70,6 +72,7 @@ class CAiDConfig(PretrainedConfig):
         reconstruction_weight: float = 10.0,
         reconstruction_activation: str = "sigmoid",
         classifier_dropout: float = 0.0,
+        segmentation_dice_weight: float = 1.0,
         **kwargs,
     ):
         self.encoder_name = encoder_name
@@ -89,6 +92,7 @@ class CAiDConfig(PretrainedConfig):
         self.reconstruction_weight = float(reconstruction_weight)
         self.reconstruction_activation = reconstruction_activation
         self.classifier_dropout = float(classifier_dropout)
+        self.segmentation_dice_weight = float(segmentation_dice_weight)
         super().__init__(**kwargs)
         self.validate_caid()
 
@@ -147,6 +151,10 @@ class CAiDConfig(PretrainedConfig):
             raise ValueError(
                 f"reconstruction_activation={self.reconstruction_activation!r} is unknown; "
                 f"choose one of {RECONSTRUCTION_ACTIVATIONS}"
+            )
+        if self.segmentation_dice_weight < 0:
+            raise ValueError(
+                f"segmentation_dice_weight must be >= 0, got {self.segmentation_dice_weight}"
             )
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")

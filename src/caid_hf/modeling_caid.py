@@ -18,6 +18,7 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
 from .configuration_caid import CAiDConfig
@@ -88,6 +89,9 @@ class CAiDPreTrainedModel(PreTrainedModel):
                 init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and scheme == "classifier":
+            init.normal_(module.weight, std=0.01)  # a new linear head starts near zero logits
+            init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -113,22 +117,28 @@ class CAiDModel(CAiDPreTrainedModel):
     images in [0, 1] without mean/std normalisation, H and W divisible by 32.
     """
 
-    def __init__(self, config: CAiDConfig):
+    def __init__(self, config: CAiDConfig, add_decoder: bool = True,
+                 add_reconstruction_head: bool = True):
         super().__init__(config)
         self.encoder = get_encoder(
             config.encoder_name, in_channels=config.in_channels, depth=config.encoder_depth, weights=None
         )
-        self.decoder = UnetDecoder(
-            encoder_channels=self.encoder.out_channels,
-            decoder_channels=config.decoder_channels,
-            n_blocks=config.encoder_depth,
-            add_center_block=config.encoder_name.startswith("vgg"),
-        )
-        self.segmentation_head = SegmentationHead(config.decoder_channels[-1], 1, kernel_size=3)
-        for m in self.decoder.modules():
-            m._caid_init = "decoder"
-        for m in self.segmentation_head.modules():
-            m._caid_init = "head"
+        # Downstream heads build only what they use: a classifier no decoder, a segmenter no
+        # reconstruction head (the published backbone always has both).
+        self.decoder = self.segmentation_head = None
+        if add_decoder:
+            self.decoder = UnetDecoder(
+                encoder_channels=self.encoder.out_channels,
+                decoder_channels=config.decoder_channels,
+                n_blocks=config.encoder_depth,
+                add_center_block=config.encoder_name.startswith("vgg"),
+            )
+            for m in self.decoder.modules():
+                m._caid_init = "decoder"
+            if add_reconstruction_head:
+                self.segmentation_head = SegmentationHead(config.decoder_channels[-1], 1, kernel_size=3)
+                for m in self.segmentation_head.modules():
+                    m._caid_init = "head"
         self.post_init()
 
     @property
@@ -138,18 +148,23 @@ class CAiDModel(CAiDPreTrainedModel):
 
     def reconstruct(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Decoder + head on the encoder stages → [B, 1, H, W] (sigmoid unless configured off)."""
+        if self.segmentation_head is None:
+            raise ValueError("this CAiDModel was built without its decoder or reconstruction head")
         out = self.segmentation_head(self.decoder(features))
         return torch.sigmoid(out) if self.config.reconstruction_activation == "sigmoid" else out
 
     def forward(
         self,
         pixel_values: torch.Tensor,
-        compute_reconstruction: bool = True,
+        compute_reconstruction: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CAiDModelOutput | tuple:
-        """Encode ``pixel_values`` [B, 3, H, W] (float in [0, 1]); decode unless told not to."""
+        """Encode ``pixel_values`` [B, 3, H, W] (float in [0, 1]); also reconstruct the image
+        when ``compute_reconstruction`` (default: whenever this model has its reconstruction head)."""
+        if compute_reconstruction is None:
+            compute_reconstruction = self.segmentation_head is not None
         features = self.encoder(pixel_values)
         output = CAiDModelOutput(
             last_hidden_state=features[-1],
@@ -179,6 +194,8 @@ class CAiDModel(CAiDPreTrainedModel):
         import segmentation_models_pytorch as smp
 
         c = self.config
+        if self.segmentation_head is None:
+            raise ValueError("to_smp() needs the full U-Net; this CAiDModel has no decoder/head")
         model = smp.Unet(
             c.encoder_name,
             encoder_depth=c.encoder_depth,
@@ -298,4 +315,116 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
             reconstruction=reconstruction,
             embeddings=embeddings,
         )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def _classification_loss(config: CAiDConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' convention: regression, single-label (CE) or multi-label (BCE) by problem_type,
+    inferred from ``num_labels`` and the labels' dtype when unset."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    logits = logits.float()
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if config.num_labels == 1 \
+            else F.mse_loss(logits, labels.float())
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels.view(-1).long())
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+class CAiDForImageClassification(CAiDPreTrainedModel):
+    """CAiD encoder → global average pool → dropout → linear head with ``config.num_labels``.
+
+    Only the encoder is built and loaded (a backbone's decoder and reconstruction head are
+    ignored). Losses follow transformers' image classifiers: regression (MSE),
+    ``single_label_classification`` (cross-entropy) or ``multi_label_classification``
+    (BCE with logits, e.g. the 14 ChestX-ray14 findings).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"segmentation_head\.", r"objective\."]
+
+    def __init__(self, config: CAiDConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.caid = CAiDModel(config, add_decoder=False)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(self.caid.embedding_dim, config.num_labels)
+        self.classifier._caid_init = "classifier"
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels]; ``labels``: [B] class
+        indices (single-label), [B, num_labels] floats in {0, 1} (multi-label) or targets."""
+        out = self.caid(pixel_values, compute_reconstruction=False,
+                        output_hidden_states=output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
+    """The CAiD U-Net (encoder + decoder from the checkpoint) with a new segmentation head.
+
+    The head (``classifier``, a 3×3 convolution) has ``config.num_labels`` channels; logits come at input resolution. Loss: one
+    label → BCE-with-logits + soft Dice; several labels → cross-entropy + soft Dice (smp's
+    ``DiceLoss``); ``config.segmentation_dice_weight`` scales the Dice term (0 turns it off).
+    """
+
+    # the backbone's reconstruction head is not this model's head
+    _keys_to_ignore_on_load_unexpected = [r"segmentation_head\.", r"objective\."]
+
+    def __init__(self, config: CAiDConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.caid = CAiDModel(config, add_reconstruction_head=False)
+        # named apart from the backbone's ``segmentation_head`` (its 1-channel reconstruction
+        # head) so that a checkpoint never fills the new head
+        self.classifier = SegmentationHead(config.decoder_channels[-1], config.num_labels,
+                                           kernel_size=3)
+        for m in self.classifier.modules():
+            m._caid_init = "head"
+        self.post_init()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits [B, L, H, W]; labels [B, 1, H, W] or [B, H, W] in {0, 1} for one label,
+        [B, H, W] class indices for several."""
+        from segmentation_models_pytorch.losses import DiceLoss
+
+        logits = logits.float()
+        dice_weight = getattr(self.config, "segmentation_dice_weight", 1.0)
+        if self.num_labels == 1:
+            target = labels.float().view_as(logits)
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+            dice = DiceLoss("binary", from_logits=True)
+        else:
+            target = labels.long().view(logits.shape[0], *logits.shape[2:])
+            loss = F.cross_entropy(logits, target)
+            dice = DiceLoss("multiclass", from_logits=True)
+        return loss + dice_weight * dice(logits, target) if dice_weight else loss
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels, H, W]."""
+        features = self.caid.encoder(pixel_values)
+        logits = self.classifier(self.caid.decoder(features))
+        loss = self.loss(logits, labels) if labels is not None else None
+        output = SemanticSegmenterOutput(loss=loss, logits=logits)
         return output if return_dict is not False else output.to_tuple()
