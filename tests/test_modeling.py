@@ -155,3 +155,17 @@ def test_exports_carry_the_same_weights(tiny_config):
         assert tv.fc.out_features == 3
         feats = torch.nn.Sequential(*list(tv.children())[:-2])(x)
         assert torch.equal(feats, ref.last_hidden_state)
+
+
+def test_timm_export_and_smp_folder(tiny_config, tmp_path):
+    model = CAiDModel(tiny_config).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        timm_model = model.to_timm(num_classes=4).eval()
+        assert torch.equal(timm_model.forward_features(x), ref.last_hidden_state)
+        assert timm_model.get_classifier().out_features == 4
+        model.export_smp(tmp_path / "unet")
+        unet = smp.from_pretrained(tmp_path / "unet").eval()
+        assert isinstance(unet, smp.Unet)
+        assert torch.equal(unet(x), ref.reconstruction)

@@ -203,3 +203,18 @@ def test_init_from_with_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="encoder_name='resnet34'.*encoder_name='resnet18'"):
         main(TINY + ["--output_dir", str(tmp_path / "run"), "--max_steps", "1",
                      "--init_from", str(tmp_path / "backbone")])
+
+
+def test_cli_export_writes_an_smp_folder(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    from caid_hf import CAiDConfig
+    from caid_hf.cli import main as cli
+
+    model = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64)).eval()
+    model.save_pretrained(tmp_path / "backbone")
+    cli(["export", str(tmp_path / "backbone"), "--out", str(tmp_path / "smp")])
+    unet = smp.from_pretrained(tmp_path / "smp").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(unet(x), model(x).reconstruction)

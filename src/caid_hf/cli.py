@@ -1,4 +1,4 @@
-"""The ``caid-hf`` command: ``caid-hf pretrain …``, ``caid-hf phantoms …``."""
+"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export …``."""
 
 from __future__ import annotations
 
@@ -24,9 +24,25 @@ def _phantoms(argv: list[str]) -> None:
     print(f"wrote {len(paths)} phantoms to {a.out}")
 
 
+def _export(argv: list[str]) -> None:
+    from .modeling_caid import CAiDModel
+
+    parser = argparse.ArgumentParser(
+        prog="caid-hf export",
+        description="Write a CAiD backbone as a segmentation_models_pytorch folder "
+                    "(loads with segmentation_models_pytorch.from_pretrained(folder)).",
+    )
+    parser.add_argument("model", help="CAiD backbone folder or Hub id (e.g. outputs/demo/best).")
+    parser.add_argument("--out", required=True, help="Folder to write the smp Unet into.")
+    a = parser.parse_args(argv)
+    CAiDModel.from_pretrained(a.model).export_smp(a.out)
+    print(f"wrote segmentation_models_pytorch Unet to {a.out}")
+
+
 COMMANDS = {
     "pretrain": "CAiD pre-training (same flags as scripts/pretrain.py)",
     "phantoms": "write synthetic chest phantoms to a folder",
+    "export": "write a backbone as a segmentation_models_pytorch Unet folder",
 }
 
 
@@ -45,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_main(rest)
     elif command == "phantoms":
         _phantoms(rest)
+    elif command == "export":
+        _export(rest)
 
 
 if __name__ == "__main__":

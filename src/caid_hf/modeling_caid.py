@@ -189,6 +189,23 @@ class CAiDModel(CAiDPreTrainedModel):
             raise RuntimeError(f"encoder does not match torchvision {name}: {missing} {unexpected}")
         return model.to(self.device)
 
+    def to_timm(self, num_classes: int = 1000) -> nn.Module:
+        """A timm ResNet (same name as the encoder) carrying this encoder's weights (new ``fc``)."""
+        import timm
+
+        name = self.config.encoder_name
+        if not (name.startswith("resnet") or name.startswith("resnext")) or not timm.is_model(name):
+            raise ValueError(f"to_timm() supports timm ResNets; encoder is {name!r}")
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        missing, unexpected = model.load_state_dict(self.encoder.state_dict(), strict=False)
+        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+            raise RuntimeError(f"encoder does not match timm {name}: {missing} {unexpected}")
+        return model.to(self.device)
+
+    def export_smp(self, folder) -> None:
+        """Write a folder that ``segmentation_models_pytorch.from_pretrained(folder)`` loads."""
+        self.to_smp().save_pretrained(folder)
+
     def to_smp(self) -> nn.Module:
         """A ``segmentation_models_pytorch.Unet`` with exactly these weights (sigmoid activation)."""
         import segmentation_models_pytorch as smp
