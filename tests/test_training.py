@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoImageProcessor, AutoModel
 
 from caid_hf import CAiDModel
 from caid_hf.training.arguments import parse_pretraining_args
@@ -62,6 +62,8 @@ def test_pretrain_writes_best_and_final_backbones(tmp_path):
         assert (out / name / "model.safetensors").is_file()
         model = AutoModel.from_pretrained(out / name)
         assert isinstance(model, CAiDModel) and model.config.encoder_name == "resnet18"
+        processor = AutoImageProcessor.from_pretrained(out / name)
+        assert processor.size == 64  # the run's image_size
     final = CAiDModel.from_pretrained(out / "final").state_dict()
     trained = result.model.caid.state_dict()
     assert all(torch.equal(final[k], trained[k]) for k in trained)

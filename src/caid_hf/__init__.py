@@ -2,6 +2,7 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
@@ -9,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_caid import CAiDConfig
+from .image_processing_caid import CAiDImageProcessor
 from .modeling_caid import (
     CAiDForImageClassification,
     CAiDForPreTraining,
@@ -26,6 +28,10 @@ AutoModel.register(CAiDConfig, CAiDModel)
 AutoModelForPreTraining.register(CAiDConfig, CAiDForPreTraining)
 AutoModelForImageClassification.register(CAiDConfig, CAiDForImageClassification)
 AutoModelForSemanticSegmentation.register(CAiDConfig, CAiDForSemanticSegmentation)
+# one processor serves both backends transformers knows (it needs neither)
+AutoImageProcessor.register(
+    CAiDConfig, image_processor_classes={"torchvision": CAiDImageProcessor, "pil": CAiDImageProcessor}
+)
 
 __all__ = [
     "CAiDConfig",
@@ -35,5 +41,6 @@ __all__ = [
     "CAiDForPreTrainingOutput",
     "CAiDForImageClassification",
     "CAiDForSemanticSegmentation",
+    "CAiDImageProcessor",
     "CAiDPreTrainedModel",
 ]

@@ -65,6 +65,15 @@ def _scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
     return np.rint(values * (255.0 / (2**bits - 1))).astype(np.uint8)
 
 
+def pil_to_grey(image: Image.Image) -> np.ndarray:
+    """An open PIL image as grey uint8 [H, W] in 0..255 (the rules of :func:`decode_grey`)."""
+    if image.mode == "L":
+        return np.array(image, dtype=np.uint8)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _scale_high_bit_depth(np.asarray(image))
+    return np.array(image.convert("L"), dtype=np.uint8)
+
+
 def decode_grey(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as grey uint8 [H, W] in 0..255.
 
@@ -81,11 +90,7 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode == "L":
-                return np.array(image, dtype=np.uint8)
-            if image.mode in _SIXTEEN_BIT_MODES:
-                return _scale_high_bit_depth(np.asarray(image))
-            return np.array(image.convert("L"), dtype=np.uint8)
+            return pil_to_grey(image)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError) as error:

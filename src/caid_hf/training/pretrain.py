@@ -26,6 +26,7 @@ from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.crops import TwoCropDataset
 from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
+from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForPreTraining
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
 from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
@@ -134,9 +135,12 @@ def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context
 
 
 def save_backbone(accelerator, model, folder: Path) -> None:
-    """Write the published backbone (config.json + model.safetensors) from the main process."""
+    """Write the published backbone from the main process: config.json, model.safetensors and
+    the preprocessor_config.json of the [0, 1] preprocessing it was trained with."""
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).caid.save_pretrained(folder)
+        backbone = accelerator.unwrap_model(model).caid
+        backbone.save_pretrained(folder)
+        CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(folder)
     accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,395 @@
+"""CAiDImageProcessor: any chest X-ray input → ``pixel_values`` as in pre-training.
+
+Pre-training sees grey images in [0, 1] (decoded to uint8 by
+``data.sources.decode_grey``, divided by 255), replicated to 3 channels,
+without mean/std normalisation. This processor produces exactly that from
+PIL images, numpy arrays, torch tensors, pydicom datasets and paths to image
+or DICOM files, so a published backbone is fed the way it was trained.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydicom.dataset import Dataset as DicomDataset
+from pydicom.errors import InvalidDicomError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import PILImageResampling
+from transformers.utils import logging
+
+from .data.sources import _scale_high_bit_depth, decode_grey, pil_to_grey
+
+try:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+except ImportError:  # pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+__all__ = ["CAiDImageProcessor"]
+
+logger = logging.get_logger(__name__)
+
+CAiDImageInput = Image.Image | np.ndarray | torch.Tensor | DicomDataset | str | os.PathLike
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+_CHANNELS = (1, 3, 4)
+# ITU-R 601 luma, the weights PIL's convert("L") uses (and so decode_grey).
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_TORCH_MODES = {
+    PILImageResampling.NEAREST: "nearest-exact",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+
+
+class CAiDImageProcessorKwargs(TypedDict, total=False):
+    """Settings of ``CAiDImageProcessor`` (what ``from_pretrained(..., **kwargs)`` may override)."""
+
+    size: int
+    resample: int
+    do_resize: bool
+
+
+class CAiDImageProcessor(BaseImageProcessor):
+    """Turn chest X-rays in any common form into CAiD ``pixel_values``.
+
+    Each image becomes grey in [0, 1], is resized to ``size`` × ``size``
+    (bilinear with antialiasing, as the pre-training crops) and replicated to
+    3 channels. There is no mean/std normalisation: the model was pre-trained
+    on [0, 1] inputs.
+
+    Grey conversion, by input:
+
+    - 8-bit integers (uint8 arrays/tensors, PIL ``L``): ``value / 255``.
+    - Other integers (uint16, int16, int32 …, PIL ``I;16``/``I``): scaled by
+      bit depth like ``decode_grey``: the smallest of 8/10/12/14/16 bits that
+      holds the image's maximum, so 12-bit data maps 4095 to 1.0; negative
+      values clip to 0. The result is quantised to 8 bits, as in pre-training.
+    - Floats (arrays, tensors, PIL ``F``): **assumed to be in [0, 1] already**
+      and clipped to it (a warning is logged when values lie well outside);
+      non-finite values are refused.
+    - RGB/RGBA: luminance (ITU-R 601, PIL's ``convert("L")``), alpha dropped.
+    - DICOM (``pydicom.Dataset`` or a ``.dcm`` path): the modality LUT or
+      RescaleSlope/Intercept, then the VOI LUT or WindowCenter/Width
+      (pydicom's ``apply_modality_lut`` / ``apply_voi_lut``), then min–max to
+      [0, 1] over the displayed range: the VOI output range when a VOI LUT or
+      window is present (so pixels beyond the window clip to 0 or 1), else the
+      image's own minimum and maximum. MONOCHROME1 is inverted so that air is
+      dark. Multi-frame datasets are refused.
+
+    Arrays and tensors may be [H, W], [H, W, C] or [C, H, W] with C in 1, 3, 4
+    (channels-last wins for numpy when both fit, channels-first for torch);
+    a 4-D array or tensor is a batch along its first axis.
+
+    Args:
+        size: side of the square output in pixels (the model's ``image_size``).
+        resample: ``PILImageResampling`` filter: BILINEAR (default), BICUBIC or
+            NEAREST.
+        do_resize: resize to ``size`` × ``size``; without it, images keep their
+            size (a batch then needs equal sizes to be stacked).
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = CAiDImageProcessorKwargs
+
+    def __init__(
+        self,
+        size: int = 224,
+        resample: int = PILImageResampling.BILINEAR,
+        do_resize: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("image_processor_type", None)  # written by to_dict, not a setting
+        super().__init__(**kwargs)
+        self.size = _check_size(size)
+        self.resample = int(resample)
+        if self.resample not in _TORCH_MODES:
+            raise ValueError(
+                f"resample must be one of NEAREST, BILINEAR, BICUBIC (PILImageResampling), "
+                f"got {resample!r}"
+            )
+        self.do_resize = bool(do_resize)
+
+    @classmethod
+    def from_caid_config(cls, config: Any, **kwargs: Any) -> CAiDImageProcessor:
+        """The processor matching a ``CAiDConfig``: ``size = config.image_size``."""
+        return cls(size=config.image_size, **kwargs)
+
+    def __call__(
+        self, images: CAiDImageInput | Sequence[CAiDImageInput], **kwargs: Any
+    ) -> BatchFeature:
+        """Same as ``preprocess``."""
+        return self.preprocess(images, **kwargs)
+
+    def preprocess(
+        self,
+        images: CAiDImageInput | Sequence[CAiDImageInput],
+        return_tensors: str | None = None,
+        size: int | None = None,
+        do_resize: bool | None = None,
+        resample: int | None = None,
+    ) -> BatchFeature:
+        """Convert one image or a list of images to ``pixel_values``.
+
+        Args:
+            images: a PIL image, numpy array, torch tensor, ``pydicom.Dataset``,
+                or path (str/Path) to an image or ``.dcm`` file; or a list of
+                these, types mixed freely.
+            return_tensors: ``"pt"`` (torch), ``"np"`` (numpy) or ``None`` (a
+                list of numpy arrays, one per image).
+            size, do_resize, resample: override the processor's settings for this call.
+
+        Returns:
+            ``BatchFeature`` with ``pixel_values``: float32 [B, 3, size, size]
+            in [0, 1], the 3 channels identical.
+
+        Raises:
+            FileNotFoundError: a path does not exist.
+            ValueError: an input of unsupported type, shape or content; the
+                message names the input (its position, or its path).
+        """
+        size = self.size if size is None else _check_size(size)
+        do_resize = self.do_resize if do_resize is None else do_resize
+        mode = _TORCH_MODES.get(self.resample if resample is None else int(resample))
+        if mode is None:
+            raise ValueError(f"resample must be NEAREST, BILINEAR or BICUBIC, got {resample!r}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+
+        pixel_values = []
+        for name, item in _flatten(images):
+            grey = torch.from_numpy(np.ascontiguousarray(to_grey(item, name)))[None, None]
+            if do_resize and tuple(grey.shape[-2:]) != (size, size):
+                grey = F.interpolate(
+                    grey, size=(size, size), mode=mode, antialias=mode != "nearest-exact"
+                ).clamp_(0.0, 1.0)  # bicubic overshoots
+            pixel_values.append(grey[0].expand(3, -1, -1).contiguous())
+
+        if return_tensors is None:
+            return BatchFeature({"pixel_values": [p.numpy() for p in pixel_values]})
+        if len({tuple(p.shape) for p in pixel_values}) > 1:
+            raise ValueError(
+                "images of different sizes cannot be stacked with do_resize=False; "
+                "resize them or use return_tensors=None"
+            )
+        return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type=return_tensors)
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int (the model's image_size), got {size!r}")
+    return int(size)
+
+
+def _flatten(images: Any) -> list[tuple[str, Any]]:
+    """(name, item) pairs: a list/tuple or 4-D array/tensor is a batch, anything else one image."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("no images given (empty list)")
+        items = list(images)
+    elif isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        items = list(images)
+    else:
+        return [(f"image ({_describe(images)})", images)]
+    return [(f"image {i} ({_describe(item)})", item) for i, item in enumerate(items)]
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return repr(os.fspath(item))
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return f"{type(item).__name__} {tuple(item.shape)} {item.dtype}"
+    return type(item).__name__
+
+
+def to_grey(image: CAiDImageInput, name: str = "image") -> np.ndarray:
+    """One image as grey float32 [H, W] in [0, 1] (see ``CAiDImageProcessor`` for the rules).
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: unsupported type, shape or content; the message starts with ``name``.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _path_to_grey(Path(image))
+    if isinstance(image, DicomDataset):
+        return dicom_to_grey(image, name)
+    if isinstance(image, Image.Image):
+        return _pil_to_grey(image, name)
+    if isinstance(image, torch.Tensor):
+        return _array_to_grey(_tensor_to_numpy(image), name, channels_first=True)
+    if isinstance(image, np.ndarray):
+        return _array_to_grey(image, name, channels_first=False)
+    raise ValueError(
+        f"{name}: unsupported input type {type(image).__name__}; expected a PIL image, numpy "
+        f"array, torch tensor, pydicom Dataset or a path to an image or DICOM file"
+    )
+
+
+def _path_to_grey(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_preamble(path):
+        try:
+            dataset = pydicom.dcmread(path)
+        except InvalidDicomError as error:
+            raise ValueError(f"cannot read DICOM file {os.fspath(path)!r}: {error}") from error
+        return dicom_to_grey(dataset, repr(os.fspath(path)))
+    return decode_grey(path).astype(np.float32) / 255.0
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble, whatever their name."""
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
+def _pil_to_grey(image: Image.Image, name: str) -> np.ndarray:
+    if image.mode == "F":
+        return _array_to_grey(np.asarray(image), name, channels_first=False)
+    grey = pil_to_grey(image)
+    if grey.size == 0:
+        raise ValueError(f"{name}: empty image")
+    return grey.astype(np.float32) / 255.0
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        return tensor.float().numpy()
+    if tensor.dtype in (torch.uint8, torch.bool):
+        return tensor.numpy()
+    if tensor.is_complex():
+        raise ValueError(f"complex tensor {tuple(tensor.shape)} is not an image")
+    return tensor.to(torch.int64).numpy()  # numpy lacks some torch integer types (uint16/32)
+
+
+def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.ndarray:
+    """[H, W], [H, W, C] or [C, H, W] → [H, W] float32 in [0, 1]."""
+    if array.size == 0:
+        raise ValueError(f"{name}: empty array of shape {array.shape}")
+    if array.ndim == 3:
+        last, first = array.shape[-1] in _CHANNELS, array.shape[0] in _CHANNELS
+        if first and (channels_first or not last):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            raise ValueError(
+                f"{name}: shape {array.shape} has no channel axis of size 1, 3 or 4 "
+                f"(expected [H, W], [H, W, C] or [C, H, W])"
+            )
+    elif array.ndim != 2:
+        raise ValueError(
+            f"{name}: shape {array.shape} is not an image (expected [H, W], [H, W, C] or [C, H, W])"
+        )
+
+    if array.dtype == np.bool_:
+        values = array.astype(np.float32)
+    elif array.dtype == np.uint8:
+        values = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.integer):
+        values = _scale_high_bit_depth(array).astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name}: float image holds NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low < -0.01 or high > 1.01:
+            logger.warning_once(
+                f"float images are taken to be in [0, 1]; got values in [{low:g}, {high:g}], "
+                f"clipped. Pass integer arrays to have them scaled by bit depth."
+            )
+        values = np.clip(values, 0.0, 1.0)
+    else:
+        raise ValueError(f"{name}: unsupported dtype {array.dtype}")
+
+    if values.ndim == 3:
+        channels = values.shape[-1]
+        values = values[..., 0] if channels == 1 else values[..., :3] @ _LUMA  # alpha dropped
+    return np.clip(values, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset") -> np.ndarray:
+    """One DICOM image as grey float32 [H, W] in [0, 1], displayed as a viewer would.
+
+    Modality LUT / rescale, then VOI LUT / window, then min–max over the
+    displayed range (the VOI output range, else the image's own range);
+    MONOCHROME1 inverted so that air is dark. Colour DICOMs go to luminance.
+
+    Raises:
+        ValueError: no pixel data, multi-frame, or compressed pixel data whose
+            decoder is not installed (the message names the pip extra).
+    """
+    if "PixelData" not in dataset:
+        raise ValueError(f"{name}: DICOM dataset holds no pixel data")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ValueError(
+            f"{name}: multi-frame DICOM ({frames} frames) is not supported; "
+            f"pass the frames as separate images"
+        )
+    pixels = _decode_dicom_pixels(dataset, name)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return _array_to_grey(pixels, name, channels_first=False)
+    if pixels.ndim != 2:
+        raise ValueError(
+            f"{name}: expected one grey frame, got pixel array of shape {pixels.shape}"
+        )
+
+    values = apply_modality_lut(pixels, dataset)
+    if _has_voi(dataset):
+        values = apply_voi_lut(values, dataset)
+        low, high = _voi_output_range(dataset)
+    else:
+        low, high = float(values.min()), float(values.max())
+    values = np.asarray(values, dtype=np.float64)
+    if high > low:
+        grey = np.clip((values - low) / (high - low), 0.0, 1.0)
+    else:
+        grey = np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        grey = 1.0 - grey
+    return grey.astype(np.float32)
+
+
+def _decode_dicom_pixels(dataset: DicomDataset, name: str) -> np.ndarray:
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        return dataset.pixel_array
+    except Exception as error:
+        if syntax is not None and syntax.is_compressed:
+            raise ValueError(
+                f"{name}: cannot decode {syntax.name} pixel data: {error}. Install a decoder, "
+                f"e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` or "
+                f"`pip install python-gdcm`"
+            ) from error
+        raise ValueError(f"{name}: cannot decode DICOM pixel data: {error}") from error
+
+
+def _has_voi(dataset: DicomDataset) -> bool:
+    return bool(dataset.get("VOILUTSequence")) or (
+        "WindowCenter" in dataset and "WindowWidth" in dataset
+    )
+
+
+def _voi_output_range(dataset: DicomDataset) -> tuple[float, float]:
+    """Lowest and highest value the dataset's VOI transform can display.
+
+    Found by pushing its input domain through pydicom's own ``apply_voi_lut``
+    rather than restating pydicom's rules: the LUT's whole input range for a
+    VOI LUT, ±inf for a window (LINEAR and SIGMOID both saturate there).
+    """
+    if dataset.get("VOILUTSequence"):
+        descriptor = dataset.VOILUTSequence[0].LUTDescriptor
+        entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
+        domain = np.arange(first, first + entries, dtype=np.int64)
+    else:
+        domain = np.array([-np.inf, np.inf])
+    shown = np.asarray(apply_voi_lut(domain, dataset), dtype=np.float64)
+    return float(shown.min()), float(shown.max())

@@ -1,0 +1,265 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from transformers import AutoImageProcessor
+from transformers.image_utils import PILImageResampling
+
+from caid_hf import CAiDConfig
+from caid_hf.image_processing_caid import CAiDImageProcessor
+
+SIDE = 8
+
+
+def _dicom(pixels: np.ndarray, **elements) -> Dataset:
+    """An uncompressed grey DICOM (Part 10 file meta included) holding ``pixels``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    frames = pixels.shape[0] if pixels.ndim == 3 else 1
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = elements.pop("PhotometricInterpretation", "MONOCHROME2")
+    ds.BitsAllocated = 16
+    ds.BitsStored = elements.pop("BitsStored", 16)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    return ds
+
+
+# 12-bit MONOCHROME1 radiograph: displayed value = 2 * stored - 1000, window [1000, 3000].
+STORED = np.array([0, 1000, 1250, 1500, 2100, 4095], dtype=np.uint16)
+
+
+def _twelve_bit_monochrome1() -> Dataset:
+    pixels = np.resize(STORED, (SIDE, SIDE)).astype(np.uint16)
+    return _dicom(
+        pixels,
+        PhotometricInterpretation="MONOCHROME1",
+        BitsStored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=2000,
+        WindowWidth=2000,
+    )
+
+
+def _grey(features, index: int = 0) -> np.ndarray:
+    """Channel 0 of image ``index`` after checking the 3 channels are identical."""
+    image = np.asarray(features["pixel_values"][index])
+    assert image.shape[0] == 3
+    np.testing.assert_array_equal(image[0], image[1])
+    np.testing.assert_array_equal(image[0], image[2])
+    return image[0]
+
+
+@pytest.fixture
+def native():
+    """A processor that keeps the 8 × 8 test images at their size, so pixels can be compared."""
+    return CAiDImageProcessor(size=SIDE)
+
+
+def test_twelve_bit_monochrome1_dicom_is_rescaled_windowed_and_inverted(tmp_path, native):
+    path = tmp_path / "chest.dcm"
+    _twelve_bit_monochrome1().save_as(path, enforce_file_format=True)
+
+    grey = _grey(native(path, return_tensors="np")).reshape(-1)[: len(STORED)]
+
+    displayed = 2.0 * STORED - 1000.0
+    expected = 1.0 - np.clip((displayed - 1000.0) / 2000.0, 0.0, 1.0)
+    np.testing.assert_allclose(grey, expected, atol=1e-3)
+    assert grey[-1] == 0.0  # brightest stored value (4095) is the darkest output
+    assert grey[4] == 0.0  # stored 2100 → 3200, above the window: clipped dark as well
+    assert grey[0] == 1.0  # below the window: white (MONOCHROME1 → air dark)
+    assert grey[3] == pytest.approx(0.5, abs=1e-3)  # window centre
+
+
+def test_dicom_dataset_and_file_without_extension_give_the_same(tmp_path, native):
+    ds = _twelve_bit_monochrome1()
+    path = tmp_path / "IM0001"  # PACS exports often have no extension
+    ds.save_as(path, enforce_file_format=True)
+    np.testing.assert_array_equal(
+        _grey(native(ds, return_tensors="np")), _grey(native(str(path), return_tensors="np"))
+    )
+
+
+def test_dicom_without_window_uses_the_image_range(native):
+    pixels = np.linspace(100, 900, SIDE * SIDE).reshape(SIDE, SIDE).astype(np.uint16)
+    grey = _grey(native(_dicom(pixels, BitsStored=12), return_tensors="np"))
+    assert grey.min() == 0.0 and grey.max() == 1.0
+    np.testing.assert_allclose(grey, (pixels - 100.0) / 800.0, atol=1e-6)
+
+
+def test_multi_frame_dicom_is_refused(native):
+    ds = _dicom(np.zeros((2, SIDE, SIDE), np.uint16))
+    with pytest.raises(ValueError, match="multi-frame DICOM \\(2 frames\\)"):
+        native(ds)
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) for m in ("pylibjpeg", "gdcm")),
+    reason="a JPEG 2000 decoder is installed",
+)
+def test_compressed_dicom_without_decoder_names_the_extra(native):
+    ds = _dicom(np.zeros((SIDE, SIDE), np.uint16))
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\x00" * 16])
+    ds["PixelData"].VR = "OB"
+    with pytest.raises(ValueError, match="pylibjpeg") as error:
+        native(ds)
+    assert "gdcm" in str(error.value) and "JPEG 2000" in str(error.value)
+
+
+def test_sixteen_bit_png_of_twelve_bit_data_is_scaled_by_bit_depth(tmp_path, native):
+    values = np.resize(np.array([0, 1024, 2048, 4095], np.uint16), (SIDE, SIDE))
+    path = tmp_path / "twelve_bit.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as written:
+        assert written.mode == "I;16"
+
+    grey = _grey(native(path, return_tensors="np"))
+    np.testing.assert_allclose(grey, np.rint(values * 255.0 / 4095.0) / 255.0, atol=1e-6)
+    assert grey.max() == 1.0
+
+
+def test_rgba_png_becomes_luminance_without_alpha(tmp_path, native):
+    rgba = np.zeros((SIDE, SIDE, 4), np.uint8)
+    rgba[:4] = (255, 0, 0, 128)  # red, half transparent
+    rgba[4:] = (255, 255, 255, 0)  # white, fully transparent
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+
+    grey = _grey(native(path, return_tensors="np"))
+    np.testing.assert_allclose(grey[:4], 0.299, atol=1 / 255)
+    np.testing.assert_allclose(grey[4:], 1.0)
+
+
+def test_eight_bit_grey_jpeg(tmp_path):
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    path = tmp_path / "grey.jpg"
+    Image.fromarray(ramp, mode="L").save(path, quality=95)
+
+    grey = _grey(CAiDImageProcessor(size=64)(path, return_tensors="np"))
+    np.testing.assert_allclose(grey, ramp / 255.0, atol=0.03)  # JPEG loss
+
+
+def test_numpy_uint8_and_float_arrays(native):
+    uint8 = np.full((SIDE, SIDE), 51, np.uint8)
+    np.testing.assert_allclose(_grey(native(uint8, return_tensors="np")), 0.2, atol=1e-6)
+
+    rgb = np.zeros((SIDE, SIDE, 3), np.float32)
+    rgb[..., 1] = 1.0
+    np.testing.assert_allclose(_grey(native(rgb, return_tensors="np")), 0.587, atol=1e-6)
+
+    out_of_range = np.full((SIDE, SIDE), 1.7, np.float64)
+    np.testing.assert_allclose(_grey(native(out_of_range, return_tensors="np")), 1.0)
+
+
+def test_torch_tensors_channels_first(native):
+    grey = torch.full((1, SIDE, SIDE), 0.25)
+    np.testing.assert_allclose(_grey(native(grey, return_tensors="np")), 0.25)
+
+    uint16 = torch.full((SIDE, SIDE, 1), 4095, dtype=torch.int32)  # 12-bit data, channels last
+    np.testing.assert_allclose(_grey(native(uint16, return_tensors="np")), 1.0)
+
+    batch = torch.rand(2, 3, SIDE, SIDE)
+    out = native(batch, return_tensors="pt")["pixel_values"]
+    assert out.shape == (2, 3, SIDE, SIDE)
+
+
+def test_mixed_list_gives_one_resized_float_batch(tmp_path):
+    png = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 30), 200, np.uint8)).save(png)
+    images = [
+        png,
+        str(png),
+        Image.new("RGB", (50, 20), (10, 200, 30)),
+        Image.fromarray(np.full((33, 33), 3000, np.int32), mode="I"),
+        np.random.default_rng(0).random((17, 25, 4)),
+        torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8),
+        _twelve_bit_monochrome1(),
+    ]
+    out = CAiDImageProcessor(size=32)(images, return_tensors="pt")["pixel_values"]
+
+    assert out.shape == (len(images), 3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    torch.testing.assert_close(out[0], torch.full((3, 32, 32), 200 / 255))  # constant stays
+
+
+def test_resize_is_antialiased():
+    stripes = np.zeros((64, 64), np.float32)
+    stripes[:, ::2] = 1.0  # one-pixel stripes alias to 0 or 1 without a low-pass filter
+    grey = _grey(CAiDImageProcessor(size=16)(stripes, return_tensors="np"))
+    assert grey.shape == (16, 16)
+    np.testing.assert_allclose(grey[:, 1:-1], 0.5, atol=1e-5)  # edges see the border
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (object(), "unsupported input type object"),
+        (np.zeros((0, 5), np.uint8), "empty array"),
+        (np.zeros((7, 7, 5), np.uint8), "no channel axis"),
+        (np.zeros((2, 2, 2, 2, 2), np.uint8), "is not an image"),
+        (np.full((4, 4), np.nan), "NaN"),
+        ([], "no images"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(bad, match, native):
+    with pytest.raises(ValueError, match=match):
+        native(bad)
+
+
+def test_bad_item_in_a_list_is_named(native):
+    with pytest.raises(ValueError, match=r"image 1 \(ndarray \(5, 5, 9\) uint8\)"):
+        native([np.zeros((4, 4)), np.zeros((5, 5, 9), np.uint8)])
+
+
+def test_missing_file_names_the_path(tmp_path, native):
+    missing = tmp_path / "nowhere.dcm"
+    with pytest.raises(FileNotFoundError, match="nowhere.dcm"):
+        native(missing)
+
+
+def test_save_load_round_trip_and_auto_image_processor(tmp_path, tiny_config):
+    AutoImageProcessor.register(
+        CAiDConfig,
+        image_processor_classes={"torchvision": CAiDImageProcessor, "pil": CAiDImageProcessor},
+        exist_ok=True,  # caid_hf may have registered it already
+    )
+    processor = CAiDImageProcessor.from_caid_config(
+        tiny_config, resample=PILImageResampling.BICUBIC
+    )
+    assert processor.size == tiny_config.image_size == 64
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+
+    for loaded in (
+        CAiDImageProcessor.from_pretrained(tmp_path),
+        AutoImageProcessor.from_pretrained(tmp_path),
+    ):
+        assert type(loaded) is CAiDImageProcessor
+        assert loaded.to_dict() == processor.to_dict()
+        assert loaded.to_dict()["image_processor_type"] == "CAiDImageProcessor"
+    assert CAiDImageProcessor.from_pretrained(tmp_path, size=128).size == 128
