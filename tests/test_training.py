@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModel
 
 from caid_hf import CAiDModel
@@ -64,11 +65,15 @@ def test_pretrain_writes_best_and_final_backbones(tmp_path):
         assert isinstance(model, CAiDModel) and model.config.encoder_name == "resnet18"
         processor = AutoImageProcessor.from_pretrained(out / name)
         assert processor.size == 64  # the run's image_size
+        card = ModelCard.load(out / name / "README.md")
+        assert card.data.library_name == "transformers" and "chest-x-ray" in card.data.tags
     final = CAiDModel.from_pretrained(out / "final").state_dict()
     trained = result.model.caid.state_dict()
     assert all(torch.equal(final[k], trained[k]) for k in trained)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and 0 < state["best_val_loss"] < float("inf")
+    assert state["num_train_images"] == 32 and state["num_validation_images"] == 8
+    assert f"{state['best_val_loss']:.4f}" in (out / "best" / "README.md").read_text()
     vals = [h for h in state["history"] if "val/loss" in h]
     assert len(vals) == 2 and all("val/reconstruction_loss" in h for h in vals)
     trains = [h for h in state["history"] if "train/loss" in h]
@@ -220,3 +225,22 @@ def test_cli_export_writes_an_smp_folder(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(unet(x), model(x).reconstruction)
+
+
+@pytest.mark.slow
+def test_hub_dry_run_lists_the_best_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(TINY + ["--output_dir", str(out), "--max_steps", "2", "--hub_model_id", "org/caid-tiny",
+                 "--hub_revision", "v1", "--hub_dry_run", "true"])
+    printed = capsys.readouterr().out
+    assert "org/caid-tiny" in printed and "v1" in printed
+    files = sorted(p for p in (out / "best").iterdir() if p.is_file())
+    assert {p.name for p in files} >= {"config.json", "model.safetensors",
+                                       "preprocessor_config.json", "README.md"}
+    for path in files:
+        assert f"{path.name}  {path.stat().st_size} bytes" in printed
+
+
+def test_push_needs_a_repo_id(tmp_path):
+    with pytest.raises(ValueError, match="hub_model_id"):
+        main(TINY + ["--output_dir", str(tmp_path), "--push_to_hub", "true"])

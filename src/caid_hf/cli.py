@@ -1,4 +1,4 @@
-"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export …``."""
+"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export|push …``."""
 
 from __future__ import annotations
 
@@ -39,10 +39,29 @@ def _export(argv: list[str]) -> None:
     print(f"wrote segmentation_models_pytorch Unet to {a.out}")
 
 
+def _push(argv: list[str]) -> None:
+    from .publishing import push_folder
+
+    parser = argparse.ArgumentParser(
+        prog="caid-hf push",
+        description="Upload a saved CAiD folder to a Hub model repo. The token comes from HF_TOKEN "
+                    "or `hf auth login` and is never printed.",
+    )
+    parser.add_argument("folder", help="Folder with config.json and model.safetensors.")
+    parser.add_argument("repo_id", help="'namespace/name' of the model repo.")
+    parser.add_argument("--revision", default=None, help="Branch to push to (default main).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print repo, revision and every file with its size; upload nothing.")
+    a = parser.parse_args(argv)
+    push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run)
+
+
 COMMANDS = {
     "pretrain": "CAiD pre-training (same flags as scripts/pretrain.py)",
     "phantoms": "write synthetic chest phantoms to a folder",
     "export": "write a backbone as a segmentation_models_pytorch Unet folder",
+    "push": "upload a saved folder to the Hugging Face Hub (--dry-run to list it)",
 }
 
 
@@ -63,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         _phantoms(rest)
     elif command == "export":
         _export(rest)
+    elif command == "push":
+        _push(rest)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,20 @@ class PretrainingArguments:
                                         "pre-training model) instead of random weights."}
     )
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Push the best backbone (with processor and card) to the "
+                                         "Hub at the end of the run, from the main process."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "'namespace/name' to push to."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
+    hub_push_every_best: bool = field(
+        default=False, metadata={"help": "Also push each time the validation loss reaches a new best."}
+    )
+    hub_dry_run: bool = field(
+        default=False, metadata={"help": "Print what would be pushed (repo, revision, files and "
+                                         "sizes) without contacting the Hub."}
+    )
     dataloader_num_workers: int = field(default=2, metadata={"help": "CPU decode/crop workers."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU exists."})
 
@@ -98,6 +112,8 @@ class PretrainingArguments:
             raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if (self.push_to_hub or self.hub_dry_run) and not self.hub_model_id:
+            raise ValueError("push_to_hub / hub_dry_run need hub_model_id ('namespace/name')")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -27,7 +27,9 @@ from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.crops import TwoCropDataset
 from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
 from ..image_processing_caid import CAiDImageProcessor
+from ..model_card import write_model_card
 from ..modeling_caid import CAiDForPreTraining
+from ..publishing import push_folder
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
 from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
 
@@ -134,14 +136,40 @@ def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context
     return metrics
 
 
-def save_backbone(accelerator, model, folder: Path) -> None:
-    """Write the published backbone from the main process: config.json, model.safetensors and
-    the preprocessor_config.json of the [0, 1] preprocessing it was trained with."""
+def save_backbone(accelerator, model, folder: Path, card: dict) -> None:
+    """Write the published backbone from the main process: config.json, model.safetensors, the
+    preprocessor_config.json of the [0, 1] preprocessing it was trained with, and its model card
+    (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card`)."""
     if accelerator.is_main_process:
         backbone = accelerator.unwrap_model(model).caid
         backbone.save_pretrained(folder)
         CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(folder)
+        write_model_card(folder, **card)
     accelerator.wait_for_everyone()
+
+
+def push_backbone(accelerator, folder: Path, args: PretrainingArguments) -> None:
+    """Push (or, with hub_dry_run, list) a backbone folder from the main process."""
+    if accelerator.is_main_process:
+        push_folder(folder, args.hub_model_id, revision=args.hub_revision,
+                    private=args.hub_private_repo, dry_run=args.hub_dry_run)
+    accelerator.wait_for_everyone()
+
+
+def describe_hardware(accelerator) -> str:
+    """E.g. ``2 × NVIDIA H100 80GB HBM3`` or ``1 × CPU (2 cores)``."""
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+    else:
+        name = f"CPU ({os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} × {name}"
+
+
+def write_trainer_state(output_dir: Path, state: TrainState, extra: dict) -> None:
+    """``trainer_state.json``: steps, best validation loss and step, history, run facts."""
+    summary = {"global_step": state.global_step, "best_val_loss": state.best_val_loss,
+               "best_step": state.best_step, **extra, "history": state.history}
+    (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
 
 
 @dataclasses.dataclass
@@ -255,6 +283,18 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
+    run_facts = {"num_train_images": len(train_set), "num_validation_images": len(val_set),
+                 "hardware": describe_hardware(accelerator)}
+    started = time.perf_counter()
+    base_model = args.init_from if args.init_from and not Path(args.init_from).exists() else None
+
+    def card() -> dict:
+        facts = {**run_facts, "training_time_s": round(time.perf_counter() - started, 1)}
+        if accelerator.is_main_process:
+            write_trainer_state(output_dir, state, facts)
+        return {"run_dir": output_dir, "base_model": base_model, "repo_id": args.hub_model_id,
+                **facts}
+
     while state.global_step < total_steps:
         epoch = state.epoch
         train_loader.set_epoch(epoch)
@@ -307,19 +347,22 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
         if metrics["val/loss"] < state.best_val_loss:
             state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
-            save_backbone(accelerator, model, output_dir / "best")
+            save_backbone(accelerator, model, output_dir / "best", card())
+            if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
+                push_backbone(accelerator, output_dir / "best", args)
         if state.batches_in_epoch == 0 or state.global_step >= total_steps:
             accelerator.save_state()
     progress.close()
 
-    save_backbone(accelerator, model, output_dir / "final")
+    final_card = card()
+    save_backbone(accelerator, model, output_dir / "final", final_card)
+    if accelerator.is_main_process and (output_dir / "best").is_dir():
+        write_model_card(output_dir / "best", **final_card)  # with the whole run's facts
+    if args.push_to_hub or args.hub_dry_run:
+        push_backbone(accelerator, output_dir / "best", args)
     result = PretrainResult(model=accelerator.unwrap_model(model), output_dir=output_dir,
                             global_step=state.global_step, best_val_loss=state.best_val_loss,
                             best_step=state.best_step, history=state.history)
-    if accelerator.is_main_process:
-        summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
-                   if f.name not in ("model", "output_dir")}
-        (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return result
 

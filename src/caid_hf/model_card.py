@@ -1,0 +1,356 @@
+"""Model cards (``README.md`` with Hub metadata) for published CAiD backbones.
+
+The card is rendered with huggingface_hub's :class:`~huggingface_hub.ModelCard` from a
+Jinja template and :class:`~huggingface_hub.ModelCardData`, so the YAML header is written
+by the library and the Hub (and ``ModelCard.load``) parse it back. What the card says about
+the run is read from the files a pre-training run leaves (``run_config.yaml``,
+``trainer_state.json``); whatever is missing is reported as "not recorded".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+NOT_RECORDED = "not recorded"
+
+BASE_TAGS = [
+    "medical-imaging",
+    "self-supervised-learning",
+    "chest-x-ray",
+    "caid",
+    "moco",
+    "image-feature-extraction",
+    "u-net",
+]
+
+CITATION = """\
+@inproceedings{taher2022caid,
+  title     = {{CAiD}: Context-Aware Instance Discrimination for Self-supervised Learning in Medical Imaging},
+  author    = {Hosseinzadeh Taher, Mohammad Reza and Haghighi, Fatemeh and Gotway, Michael B. and Liang, Jianming},
+  booktitle = {Proceedings of The 5th International Conference on Medical Imaging with Deep Learning},
+  series    = {Proceedings of Machine Learning Research},
+  volume    = {172},
+  pages     = {535--551},
+  year      = {2022},
+  publisher = {PMLR}
+}"""
+
+# The README's table, condensed; keep the two in step.
+DIFFERENCES = [
+    "The key view goes through a momentum copy of the encoder and projection head only "
+    "(the original runs the whole momentum U-Net and discards the decoder output).",
+    "The reconstruction target follows the view's horizontal flip (the original does not flip "
+    "it; `reference_compat` restores that).",
+    "Distortion sizes scale with the view size (identical to the original at 224 px).",
+    "The projection head takes the encoder's real width (the original hard-codes 2048, "
+    "ResNet-50 only).",
+    "Runs on CPU, one GPU (shuffle-BN emulated), multi-GPU and multi-node; the original is "
+    "multi-GPU DDP only. The MoCo queue is kept identical across ranks by construction "
+    "instead of being re-broadcast every step.",
+    "Cosine learning-rate decay per optimizer step with optional warm-up (the original decays "
+    "per epoch); validation does no momentum update or enqueue.",
+    "Weights are saved as safetensors folders for `from_pretrained` instead of pickled "
+    "`torch.save` files; state-dict keys are those of `segmentation_models_pytorch.Unet`.",
+]
+
+# Fields of run_config.yaml that never belong in a public card (credentials).
+_SECRET_MARKERS = ("token", "password", "secret")
+
+TEMPLATE = """\
+---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+
+## Model
+
+| | |
+|---|---|
+{% for key, value in model_rows %}| {{ key }} | {{ value }} |
+{% endfor %}
+{{ method_note }}
+
+## Training
+
+| | |
+|---|---|
+{% for key, value in training_rows %}| {{ key }} | {{ value }} |
+{% endfor %}
+{%- if run_config_yaml %}
+<details>
+<summary>Full run configuration (<code>run_config.yaml</code>)</summary>
+
+```yaml
+{{ run_config_yaml }}
+```
+
+</details>
+{%- else %}
+Run configuration: {{ not_recorded }}.
+{%- endif %}
+
+## How to use
+
+Inputs are `[B, 3, H, W]` float tensors in **[0, 1]** (grey radiographs replicated to 3
+channels), **no mean/std normalisation**, `H` and `W` multiples of 32 (pre-trained at
+{{ image_size }} px).{% if has_processor %} `AutoImageProcessor` (the saved
+`CAiDImageProcessor`) produces exactly that from PIL images, arrays or DICOM files.{% endif %}
+
+```python
+{{ usage }}
+```
+
+## Differences from the original implementation
+
+{% for item in differences %}- {{ item }}
+{% endfor %}
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _without_secrets(value: Any) -> Any:
+    """Copy of a nested run config without any field whose name looks like a credential."""
+    if isinstance(value, dict):
+        return {k: _without_secrets(v) for k, v in value.items()
+                if not any(marker in str(k).lower() for marker in _SECRET_MARKERS)}
+    return value
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _data_size(run: dict[str, Any], state: dict[str, Any], train: int | None,
+               val: int | None) -> str:
+    """Training / validation image counts: arguments, then trainer_state, then the config."""
+    train = train if train is not None else state.get("num_train_images")
+    val = val if val is not None else state.get("num_validation_images")
+    data = run.get("data", {})
+    if train is None and data.get("train_source") == "phantoms":
+        train = data.get("num_train_phantoms")
+        if val is None and not data.get("validation_source"):
+            val = data.get("num_validation_phantoms")
+    if train is None:
+        return NOT_RECORDED
+    text = f"{train:,} training images"
+    return text + (f", {val:,} validation images" if val is not None else "")
+
+
+def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
+                   hardware: str | None, training_time_s: float | None,
+                   num_train_images: int | None,
+                   num_validation_images: int | None) -> list[tuple[str, str]]:
+    run, state = run or {}, state or {}
+    data, training = run.get("data", {}), run.get("training", {})
+
+    def get(section: dict[str, Any], key: str) -> str:
+        value = section.get(key)
+        return NOT_RECORDED if value is None else f"`{value}`"
+
+    best_loss = state.get("best_val_loss")
+    has_best = isinstance(best_loss, int | float) and math.isfinite(best_loss)
+    best_step = state.get("best_step")
+    length = NOT_RECORDED
+    if training:
+        max_steps = training.get("max_steps", -1)
+        length = (f"{max_steps} steps" if max_steps and max_steps > 0
+                  else f"{training.get('num_train_epochs', NOT_RECORDED)} epochs")
+    return [
+        ("Training data", get(data, "train_source")),
+        ("Validation data", get(data, "validation_source") if data.get("validation_source")
+         else (NOT_RECORDED if not data
+               else f"{data.get('validation_fraction', NOT_RECORDED)} of the training source"
+               if data.get("train_source") != "phantoms" else "held-out phantoms")),
+        ("Data size", _data_size(run, state, num_train_images, num_validation_images)),
+        ("Schedule", length),
+        ("Batch size per device", get(training, "per_device_train_batch_size")),
+        ("Gradient accumulation", get(training, "gradient_accumulation_steps")),
+        ("Optimizer", "SGD, " + ", ".join(f"{k} `{training[k]}`" for k in
+                                          ("learning_rate", "sgd_momentum", "weight_decay")
+                                          if k in training) if training else NOT_RECORDED),
+        ("Learning-rate schedule", get(training, "lr_scheduler_type")
+         + (f", warm-up {training['warmup_steps']} steps" if training.get("warmup_steps") else "")),
+        ("Mixed precision", get(training, "mixed_precision")),
+        ("Seed", get(training, "seed")),
+        ("Initialised from", get(training, "init_from") if training.get("init_from")
+         else ("random initialisation" if training else NOT_RECORDED)),
+        ("Total optimizer steps", str(state["global_step"]) if "global_step" in state
+         else NOT_RECORDED),
+        ("Best validation loss", f"{best_loss:.4f}" if has_best else NOT_RECORDED),
+        ("Best validation step", str(best_step) if has_best and best_step is not None
+         else NOT_RECORDED),
+        ("Hardware", hardware or NOT_RECORDED),
+        ("Training time", _format_duration(training_time_s) if training_time_s is not None
+         else NOT_RECORDED),
+    ]
+
+
+def _usage(model_id: str, has_processor: bool) -> str:
+    processor_import = "AutoImageProcessor, " if has_processor else ""
+    lines = [
+        "import caid_hf  # registers the \"caid\" model type with the Auto classes",
+        f"from transformers import (AutoModel, {processor_import}AutoModelForImageClassification,",
+        "                          AutoModelForSemanticSegmentation)",
+        "",
+    ]
+    if has_processor:
+        lines += [
+            f'processor = AutoImageProcessor.from_pretrained("{model_id}")',
+            'pixel_values = processor(images, return_tensors="pt").pixel_values',
+        ]
+    lines += [
+        f'backbone = AutoModel.from_pretrained("{model_id}")',
+        "features = backbone(pixel_values).pooler_output          # [B, C] embedding",
+        "",
+        "# classification: encoder + global pool + a new linear head (no decoder loaded)",
+        "clf = AutoModelForImageClassification.from_pretrained(",
+        f'    "{model_id}", num_labels=14, problem_type="multi_label_classification")',
+        "",
+        "# segmentation: encoder + decoder from this checkpoint + a new head",
+        f'seg = AutoModelForSemanticSegmentation.from_pretrained("{model_id}", num_labels=1)',
+        "logits = seg(pixel_values).logits                         # [B, 1, H, W]",
+    ]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    folder: str | Path,
+    run_dir: str | Path | None = None,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    hardware: str | None = None,
+    training_time_s: float | None = None,
+    repo_id: str | None = None,
+    num_train_images: int | None = None,
+    num_validation_images: int | None = None,
+) -> ModelCard:
+    """Build the model card of the saved backbone in ``folder`` (see :func:`write_model_card`)."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    if config is None:
+        raise FileNotFoundError(f"{folder} holds no config.json: save the model there first")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    run = _read_yaml(run_dir / "run_config.yaml") if run_dir else None
+    state = _read_json(run_dir / "trainer_state.json") if run_dir else None
+    run = _without_secrets(run) if run else None
+
+    encoder = config.get("encoder_name", "unknown")
+    context = config.get("context_prediction", True)
+    method = config.get("discrimination_method", "moco_v2")
+    method_name = {"moco_v2": "MoCo-v2"}.get(method, method)
+    has_processor = (folder / "preprocessor_config.json").is_file()
+
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=BASE_TAGS + [encoder],
+        datasets=datasets or None,
+        base_model=base_model,
+    )
+    model_rows = [
+        ("Architecture", f"U-Net (segmentation_models_pytorch) with a `{encoder}` encoder"),
+        ("Pre-training", f"CAiD: {method_name} + context prediction" if context
+         else f"{method_name} instance discrimination only (baseline)"),
+        ("Image size", f"{config.get('image_size', NOT_RECORDED)} px"),
+        ("Loss weights", f"instance discrimination {config.get('contrastive_weight')}, "
+                         f"reconstruction {config.get('reconstruction_weight')}"
+         if context else f"instance discrimination {config.get('contrastive_weight')}"),
+        ("MoCo queue / momentum / temperature",
+         f"{config.get('queue_size')} / {config.get('momentum')} / "
+         f"{config.get('contrastive_temperature')}"),
+        ("Outputs", "`pooler_output` [B, C], `last_hidden_state` [B, C, H/32, W/32], "
+                    "`reconstruction` [B, 1, H, W]"),
+    ]
+    method_note = (
+        "The encoder learned global features by instance discrimination while the whole "
+        "U-Net learned local detail by restoring the original image from a locally distorted "
+        "view (cut-out, out-painting, local pixel shuffle)."
+        if context else
+        "This is the instance-discrimination-only baseline: the decoder was never trained and "
+        "carries its random initialisation; the encoder is what this checkpoint offers."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        title=f"CAiD {encoder} backbone ({config.get('image_size', '?')} px)",
+        summary=(
+            f"A `{encoder}` U-Net pre-trained without labels on chest radiographs with "
+            f"CAiD (Context-Aware instance Discrimination, Hosseinzadeh Taher et al., MIDL "
+            f"2022), packaged with caid-hf for `from_pretrained`. Use it "
+            f"as an image feature extractor or to initialise classifiers and segmentation "
+            f"U-Nets."
+        ),
+        model_rows=model_rows,
+        method_note=method_note,
+        training_rows=_training_rows(run, state, hardware, training_time_s,
+                                     num_train_images, num_validation_images),
+        run_config_yaml=yaml.safe_dump(run, sort_keys=False).strip() if run else "",
+        not_recorded=NOT_RECORDED,
+        image_size=config.get("image_size", NOT_RECORDED),
+        has_processor=has_processor,
+        usage=_usage(repo_id or "org/name", has_processor),
+        differences=DIFFERENCES,
+        citation=CITATION,
+    )
+    return card
+
+
+def write_model_card(
+    folder: str | Path,
+    run_dir: str | Path | None = None,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    hardware: str | None = None,
+    training_time_s: float | None = None,
+    repo_id: str | None = None,
+    num_train_images: int | None = None,
+    num_validation_images: int | None = None,
+) -> Path:
+    """Write ``folder/README.md``: Hub metadata and a description of the backbone in ``folder``.
+
+    Args:
+        folder: a saved CAiD backbone (``config.json`` + ``model.safetensors``).
+        run_dir: the pre-training output directory; its ``run_config.yaml`` and
+            ``trainer_state.json`` fill the training section (missing → "not recorded").
+        base_model: Hub id of the checkpoint this one continued from, if any.
+        datasets: Hub dataset ids it was trained on, for the metadata.
+        hardware: free text, e.g. ``"4x NVIDIA A100 80GB"``.
+        training_time_s: wall-clock training time in seconds.
+        repo_id: Hub id used in the usage snippet (default: the placeholder ``org/name``).
+        num_train_images, num_validation_images: data size, when the run files lack it.
+
+    Returns:
+        The path of the written ``README.md``. Credentials (fields named like tokens) in the
+        run configuration are never copied into the card.
+    """
+    card = build_model_card(folder, run_dir, base_model, datasets, hardware, training_time_s,
+                            repo_id, num_train_images, num_validation_images)
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path

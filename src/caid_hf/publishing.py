@@ -1,0 +1,121 @@
+"""Publishing a saved CAiD folder to the Hugging Face Hub.
+
+Credentials are never handled here: ``HfApi`` finds the token itself (``HF_TOKEN`` or the
+``hf auth login`` token file), so no token is accepted, printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+REQUIRED_FILES = ("config.json", "model.safetensors")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Return ``repo_id`` if it is a Hub model id of the form ``namespace/name``, else raise."""
+    error = None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        error = str(exc)
+    if error or not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise ValueError(
+            f"invalid Hub repo id {repo_id!r}: expected 'namespace/name' (your user or "
+            f"organisation, a slash, the model name; letters, digits, '-', '_', '.')"
+            + (f" ({error})" if error else ""))
+    return repo_id
+
+
+def _is_skipped(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+
+
+def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
+    """Every file below ``folder`` that would be uploaded, as ``(relative posix path, bytes)``.
+
+    Sorted by path; hidden files and folders (``.git``, ``.cache`` ...) and ``__pycache__``
+    are left out.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    plan = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if path.is_file() and not _is_skipped(relative):
+            plan.append((relative.as_posix(), path.stat().st_size))
+    return sorted(plan)
+
+
+def check_folder(folder: str | Path) -> list[tuple[str, int]]:
+    """Upload plan of ``folder``, refusing one that is not a saved CAiD model."""
+    plan = upload_plan(folder)
+    missing = [name for name in REQUIRED_FILES if name not in dict(plan)]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a saved model: missing {', '.join(missing)} "
+            f"(write it with model.save_pretrained(folder) first)")
+    return plan
+
+
+def _format_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def print_plan(repo_id: str, revision: str | None, plan: list[tuple[str, int]]) -> None:
+    """Print the target and every file with its size in bytes (and human-readable)."""
+    print(f"repo_id: {repo_id}")
+    print(f"revision: {revision or 'main'}")
+    print(f"files: {len(plan)}, {sum(size for _, size in plan)} bytes in total")
+    for path, size in plan:
+        print(f"  {path}  {size} bytes ({_format_size(size)})")
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    dry_run: bool = False,
+    commit_message: str = "Upload CAiD backbone",
+) -> list[tuple[str, int]]:
+    """Upload a saved CAiD folder (config, weights, processor, card) to a Hub model repo.
+
+    Args:
+        folder: holds at least ``config.json`` and ``model.safetensors``.
+        repo_id: ``namespace/name``; the repo is created if it does not exist.
+        revision: branch to push to (created from ``main`` when missing); default ``main``.
+        private: visibility of a newly created repo (an existing repo keeps its own).
+        dry_run: only print what would be uploaded; no network access at all.
+        commit_message: message of the Hub commit.
+
+    Returns:
+        The uploaded (or, with ``dry_run``, the planned) files as ``(path, bytes)``.
+    """
+    check_repo_id(repo_id)
+    plan = check_folder(folder)
+    print_plan(repo_id, revision, plan)
+    if dry_run:
+        return plan
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    # Upload exactly the printed plan: glob.escape keeps odd file names literal patterns.
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                      commit_message=commit_message,
+                      allow_patterns=[glob.escape(path) for path, _ in plan])
+    return plan
