@@ -1,4 +1,4 @@
-"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export|push …``."""
+"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export|push|convert-original …``."""
 
 from __future__ import annotations
 
@@ -57,11 +57,32 @@ def _push(argv: list[str]) -> None:
     push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run)
 
 
+def _convert_original(argv: list[str]) -> None:
+    from .convert_original import convert_original_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="caid-hf convert-original",
+        description="Turn the original CAiD repository's best_checkpoint.pth / checkpoint.pth "
+                    "(U-Net state dict) or current_checkpoint.pth (MoCo state with queue) into "
+                    "caid-hf folders. Files are read with torch.load(weights_only=True).",
+    )
+    parser.add_argument("file", help="The original .pth file.")
+    parser.add_argument("--out", required=True, help="Folder to write.")
+    parser.add_argument("--encoder_name", default=None,
+                        help="Encoder of the checkpoint (default: inferred from the weights).")
+    parser.add_argument("--image_size", type=int, default=224, help="Training view size.")
+    a = parser.parse_args(argv)
+    out = convert_original_checkpoint(a.file, a.out, encoder_name=a.encoder_name,
+                                      image_size=a.image_size)
+    print(f"wrote {out}")
+
+
 COMMANDS = {
     "pretrain": "CAiD pre-training (same flags as scripts/pretrain.py)",
     "phantoms": "write synthetic chest phantoms to a folder",
     "export": "write a backbone as a segmentation_models_pytorch Unet folder",
     "push": "upload a saved folder to the Hugging Face Hub (--dry-run to list it)",
+    "convert-original": "import the original repository's .pth checkpoints",
 }
 
 
@@ -84,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         _export(rest)
     elif command == "push":
         _push(rest)
+    elif command == "convert-original":
+        _convert_original(rest)
 
 
 if __name__ == "__main__":
