@@ -6,30 +6,24 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-from caid_hf import (
-    CAiDConfig,
-    CAiDForImageClassification,
-    CAiDForPreTraining,
-    CAiDForSemanticSegmentation,
-)
+from caid_hf import CAiDForImageClassification, CAiDForSemanticSegmentation
 from caid_hf.data.phantoms import generate_phantom
 
 
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory):
-    """A backbone folder as pre-training writes it (a few steps, so weights are not at init)."""
-    config = CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32, projection_dim=16)
-    model = CAiDForPreTraining(config).train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x = torch.rand(4, 3, 64, 64, generator=g)
-        model(x, x.flip(-1), labels=x[:, :1]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    folder = tmp_path_factory.mktemp("backbone")
-    model.caid.save_pretrained(folder)
-    return folder, model.caid.state_dict()
+    """The best/ folder a (tiny) pre-training run writes: weights, processor and card."""
+    from caid_hf import CAiDModel
+    from caid_hf.training.pretrain import main
+
+    out = tmp_path_factory.mktemp("run")
+    main(["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
+          "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
+          "--phantom_size", "96", "--per_device_train_batch_size", "8", "--max_steps", "2",
+          "--dataloader_num_workers", "0", "--report_to", "none", "--output_dir", str(out)])
+    folder = out / "best"
+    assert (folder / "README.md").is_file() and (folder / "preprocessor_config.json").is_file()
+    return folder, CAiDModel.from_pretrained(folder).state_dict()
 
 
 def _phantom_batch(n=8, size=64):
