@@ -38,7 +38,7 @@ import torch
 
 from .configuration_caid import CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
-from .modeling_caid import CAiDForPreTraining, CAiDModel
+from .modeling_caid import CAiDForPreTraining, CAiDModel, smp_unet
 
 logger = logging.getLogger(__name__)
 
@@ -193,17 +193,7 @@ def _load_exactly(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 
 def original_unet(config: CAiDConfig, unet_state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """The original's model: an ``smp.Unet`` (1 class, sigmoid) holding ``unet_state_dict``."""
-    import segmentation_models_pytorch as smp
-
-    unet = smp.Unet(
-        config.encoder_name,
-        encoder_depth=config.encoder_depth,
-        encoder_weights=None,
-        decoder_channels=config.decoder_channels,
-        in_channels=config.in_channels,
-        classes=1,
-        activation="sigmoid" if config.reconstruction_activation == "sigmoid" else None,
-    )
+    unet = smp_unet(config)
     unet.load_state_dict(unet_state_dict, strict=True)
     return unet
 

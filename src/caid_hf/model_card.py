@@ -249,7 +249,19 @@ def build_model_card(
     num_train_images: int | None = None,
     num_validation_images: int | None = None,
 ) -> ModelCard:
-    """Build the model card of the saved backbone in ``folder`` (see :func:`write_model_card`)."""
+    """The model card of the saved backbone in ``folder`` (a ``huggingface_hub.ModelCard``).
+
+    Args:
+        folder: a saved CAiD backbone (``config.json`` + ``model.safetensors``).
+        run_dir: the pre-training output directory; its ``run_config.yaml`` and
+            ``trainer_state.json`` fill the training section (missing → "not recorded").
+        base_model: Hub id of the checkpoint this one continued from, if any.
+        datasets: Hub dataset ids it was trained on, for the metadata.
+        hardware: free text, e.g. ``"4x NVIDIA A100 80GB"``.
+        training_time_s: wall-clock training time in seconds.
+        repo_id: Hub id used in the usage snippet (default: the placeholder ``org/name``).
+        num_train_images, num_validation_images: data size, when the run files lack it.
+    """
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     if config is None:
@@ -321,36 +333,15 @@ def build_model_card(
     return card
 
 
-def write_model_card(
-    folder: str | Path,
-    run_dir: str | Path | None = None,
-    base_model: str | None = None,
-    datasets: list[str] | None = None,
-    hardware: str | None = None,
-    training_time_s: float | None = None,
-    repo_id: str | None = None,
-    num_train_images: int | None = None,
-    num_validation_images: int | None = None,
-) -> Path:
-    """Write ``folder/README.md``: Hub metadata and a description of the backbone in ``folder``.
-
-    Args:
-        folder: a saved CAiD backbone (``config.json`` + ``model.safetensors``).
-        run_dir: the pre-training output directory; its ``run_config.yaml`` and
-            ``trainer_state.json`` fill the training section (missing → "not recorded").
-        base_model: Hub id of the checkpoint this one continued from, if any.
-        datasets: Hub dataset ids it was trained on, for the metadata.
-        hardware: free text, e.g. ``"4x NVIDIA A100 80GB"``.
-        training_time_s: wall-clock training time in seconds.
-        repo_id: Hub id used in the usage snippet (default: the placeholder ``org/name``).
-        num_train_images, num_validation_images: data size, when the run files lack it.
+def write_model_card(folder: str | Path, run_dir: str | Path | None = None, **card_args) -> Path:
+    """Write ``folder/README.md``: the card :func:`build_model_card` makes for the backbone in
+    ``folder`` (same keyword arguments: run_dir, base_model, datasets, hardware,
+    training_time_s, repo_id, num_train_images, num_validation_images).
 
     Returns:
         The path of the written ``README.md``. Credentials (fields named like tokens) in the
         run configuration are never copied into the card.
     """
-    card = build_model_card(folder, run_dir, base_model, datasets, hardware, training_time_s,
-                            repo_id, num_train_images, num_validation_images)
     path = Path(folder) / "README.md"
-    card.save(path)
+    build_model_card(folder, run_dir, **card_args).save(path)
     return path

@@ -66,6 +66,22 @@ class CAiDForPreTrainingOutput(ModelOutput):
     embeddings: torch.FloatTensor | None = None
 
 
+def smp_unet(config: CAiDConfig) -> nn.Module:
+    """A randomly initialised ``smp.Unet`` of the same architecture as ``CAiDModel(config)``:
+    one output channel, sigmoid activation unless configured off (the original's U-Net)."""
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(
+        config.encoder_name,
+        encoder_depth=config.encoder_depth,
+        encoder_weights=None,
+        decoder_channels=config.decoder_channels,
+        in_channels=config.in_channels,
+        classes=1,
+        activation="sigmoid" if config.reconstruction_activation == "sigmoid" else None,
+    )
+
+
 class CAiDPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by all CAiD models."""
 
@@ -208,20 +224,9 @@ class CAiDModel(CAiDPreTrainedModel):
 
     def to_smp(self) -> nn.Module:
         """A ``segmentation_models_pytorch.Unet`` with exactly these weights (sigmoid activation)."""
-        import segmentation_models_pytorch as smp
-
-        c = self.config
         if self.segmentation_head is None:
             raise ValueError("to_smp() needs the full U-Net; this CAiDModel has no decoder/head")
-        model = smp.Unet(
-            c.encoder_name,
-            encoder_depth=c.encoder_depth,
-            encoder_weights=None,
-            decoder_channels=c.decoder_channels,
-            in_channels=c.in_channels,
-            classes=1,
-            activation="sigmoid" if c.reconstruction_activation == "sigmoid" else None,
-        )
+        model = smp_unet(self.config)
         model.load_state_dict(self.state_dict())
         return model.to(self.device)
 
