@@ -104,6 +104,11 @@ def test_segmentation_losses(backbone_dir):
     out = multi(x, labels=classes)
     assert out.logits.shape == (2, 3, 64, 64)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, classes))
+    unlabelled = classes.clone()
+    unlabelled[:, :32] = 255  # transformers' ignore index: those pixels do not count
+    keep = unlabelled != 255
+    expected = F.cross_entropy(out.logits.permute(0, 2, 3, 1)[keep], classes[keep])
+    torch.testing.assert_close(multi(x, labels=unlabelled).loss, expected)
 
 
 def test_a_few_steps_on_phantom_labels_lower_the_losses(backbone_dir):

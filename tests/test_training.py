@@ -239,8 +239,42 @@ def test_hub_dry_run_lists_the_best_folder(tmp_path, capsys):
                                        "preprocessor_config.json", "README.md"}
     for path in files:
         assert f"{path.name}  {path.stat().st_size} bytes" in printed
+    listed = [line.split()[0] for line in printed.splitlines() if " bytes" in line
+              and line.startswith("  ")]
+    assert sorted(listed) == sorted(p.name for p in files)  # nothing else would be uploaded
 
 
 def test_push_needs_a_repo_id(tmp_path):
     with pytest.raises(ValueError, match="hub_model_id"):
         main(TINY + ["--output_dir", str(tmp_path), "--push_to_hub", "true"])
+
+
+def test_init_from_a_pretraining_folder_checks_its_head_and_queue(tmp_path):
+    from caid_hf import CAiDConfig
+
+    saved = CAiDConfig(encoder_name="resnet18", image_size=64, projection_head="linear",
+                       queue_size=64, projection_dim=16, architectures=["CAiDForPreTraining"])
+    saved.save_pretrained(tmp_path / "pt")
+    with pytest.raises(ValueError, match="projection_head='linear'"):
+        main(TINY + ["--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                     "--init_from", str(tmp_path / "pt")])
+
+
+def test_a_failed_main_process_step_is_raised_after_the_barrier():
+    from caid_hf.training.pretrain import on_main_process
+
+    events = []
+
+    class Accelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            events.append("barrier")
+
+    def failing_push():
+        events.append("push")
+        raise ConnectionError("hub unreachable")
+
+    with pytest.raises(ConnectionError, match="hub unreachable"):
+        on_main_process(Accelerator(), failing_push)
+    assert events == ["push", "barrier"]  # the other processes were released first

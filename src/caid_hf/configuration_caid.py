@@ -49,6 +49,8 @@ class CAiDConfig(PretrainedConfig):
         classifier_dropout: dropout before a downstream classification head.
         segmentation_dice_weight: weight of the soft-Dice term of the segmentation loss
             (added to BCE for one label, to cross-entropy for several; 0 turns it off).
+        semantic_loss_ignore_index: label value left out of the multi-label segmentation loss
+            (unlabelled pixels), 255 as in transformers' segmenters.
     """
 
     model_type = "caid"
@@ -73,6 +75,7 @@ class CAiDConfig(PretrainedConfig):
         reconstruction_activation: str = "sigmoid",
         classifier_dropout: float = 0.0,
         segmentation_dice_weight: float = 1.0,
+        semantic_loss_ignore_index: int = 255,
         **kwargs,
     ):
         self.encoder_name = encoder_name
@@ -93,6 +96,7 @@ class CAiDConfig(PretrainedConfig):
         self.reconstruction_activation = reconstruction_activation
         self.classifier_dropout = float(classifier_dropout)
         self.segmentation_dice_weight = float(segmentation_dice_weight)
+        self.semantic_loss_ignore_index = int(semantic_loss_ignore_index)
         super().__init__(**kwargs)
         self.validate_caid()
 

@@ -422,7 +422,7 @@ class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits [B, L, H, W]; labels [B, 1, H, W] or [B, H, W] in {0, 1} for one label,
-        [B, H, W] class indices for several."""
+        [B, H, W] class indices for several (``semantic_loss_ignore_index`` pixels left out)."""
         from segmentation_models_pytorch.losses import DiceLoss
 
         logits = logits.float()
@@ -433,8 +433,9 @@ class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
             dice = DiceLoss("binary", from_logits=True)
         else:
             target = labels.long().view(logits.shape[0], *logits.shape[2:])
-            loss = F.cross_entropy(logits, target)
-            dice = DiceLoss("multiclass", from_logits=True)
+            ignore = self.config.semantic_loss_ignore_index
+            loss = F.cross_entropy(logits, target, ignore_index=ignore)
+            dice = DiceLoss("multiclass", from_logits=True, ignore_index=ignore)
         return loss + dice_weight * dice(logits, target) if dice_weight else loss
 
     def forward(

@@ -81,7 +81,10 @@ def prepare_output_dir(output_dir: Path, args: PretrainingArguments, accelerator
 def check_init_from_architecture(init_from: str, config: CAiDConfig) -> None:
     """The run's architecture must be the checkpoint's, or loading would half-succeed."""
     saved = CAiDConfig.from_pretrained(init_from)
-    for name in ("encoder_name", "encoder_depth", "decoder_channels", "in_channels"):
+    fields = ["encoder_name", "encoder_depth", "decoder_channels", "in_channels"]
+    if "CAiDForPreTraining" in (saved.architectures or []):  # head and queue are loaded too
+        fields += ["discrimination_method", "projection_head", "projection_dim", "queue_size"]
+    for name in fields:
         if getattr(saved, name) != getattr(config, name):
             raise ValueError(
                 f"--init_from {init_from} has {name}={getattr(saved, name)!r} but this run asks "
@@ -136,24 +139,38 @@ def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context
     return metrics
 
 
+def on_main_process(accelerator, work) -> None:
+    """Run ``work()`` on the main process only, then meet the others; an error there is raised
+    after the barrier, so the other processes are never left waiting for a failed save/push."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as exc:  # re-raised below, once every process is past the barrier
+            error = exc
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+
+
 def save_backbone(accelerator, model, folder: Path, card: dict) -> None:
     """Write the published backbone from the main process: config.json, model.safetensors, the
     preprocessor_config.json of the [0, 1] preprocessing it was trained with, and its model card
     (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card`)."""
-    if accelerator.is_main_process:
+    def work():
         backbone = accelerator.unwrap_model(model).caid
         backbone.save_pretrained(folder)
         CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(folder)
         write_model_card(folder, **card)
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, work)
 
 
 def push_backbone(accelerator, folder: Path, args: PretrainingArguments) -> None:
     """Push (or, with hub_dry_run, list) a backbone folder from the main process."""
-    if accelerator.is_main_process:
-        push_folder(folder, args.hub_model_id, revision=args.hub_revision,
-                    private=args.hub_private_repo, dry_run=args.hub_dry_run)
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, lambda: push_folder(
+        folder, args.hub_model_id, revision=args.hub_revision, private=args.hub_private_repo,
+        dry_run=args.hub_dry_run))
 
 
 def describe_hardware(accelerator) -> str:
