@@ -77,36 +77,32 @@ def _convert_original(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
-COMMANDS = {
-    "pretrain": "CAiD pre-training (same flags as scripts/pretrain.py)",
-    "phantoms": "write synthetic chest phantoms to a folder",
-    "export": "write a backbone as a segmentation_models_pytorch Unet folder",
-    "push": "upload a saved folder to the Hugging Face Hub (--dry-run to list it)",
-    "convert-original": "import the original repository's .pth checkpoints",
+def _pretrain(argv: list[str]) -> None:
+    from .training.pretrain import main as pretrain_main
+
+    pretrain_main(argv)
+
+
+COMMANDS = {  # name: (what it does, handler of its arguments)
+    "pretrain": ("CAiD pre-training (same flags as scripts/pretrain.py)", _pretrain),
+    "phantoms": ("write synthetic chest phantoms to a folder", _phantoms),
+    "export": ("write a backbone as a segmentation_models_pytorch Unet folder", _export),
+    "push": ("upload a saved folder to the Hugging Face Hub (--dry-run to list it)", _push),
+    "convert-original": ("import the original repository's .pth checkpoints", _convert_original),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items())
         print(f"usage: caid-hf COMMAND [options]\n\ncommands:\n{lines}")
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"caid-hf: unknown command {argv[0]!r}")
         return
-    command, rest = argv[0], argv[1:]
-    if command == "pretrain":
-        from .training.pretrain import main as pretrain_main
-
-        pretrain_main(rest)
-    elif command == "phantoms":
-        _phantoms(rest)
-    elif command == "export":
-        _export(rest)
-    elif command == "push":
-        _push(rest)
-    elif command == "convert-original":
-        _convert_original(rest)
+    _, handler = COMMANDS[argv[0]]
+    handler(argv[1:])
 
 
 if __name__ == "__main__":
