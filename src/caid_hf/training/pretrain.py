@@ -270,10 +270,10 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, augmenter)
 
+    run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+           "training": dataclasses.asdict(args)}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-               "training": dataclasses.asdict(args)}
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
@@ -287,7 +287,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         accelerator.print(f"resumed from {path} at step {state.global_step}")
     if args.report_to != "none":
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for part in (model_args, data_args, args) for k, v in dataclasses.asdict(part).items()}
+                   for part in run.values() for k, v in part.items()}
         accelerator.init_trackers("tensorboard", config=hparams)
 
     global_batch = args.per_device_train_batch_size * accelerator.num_processes
