@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .dicom import decode_dicom, has_dicom_magic
 from .phantoms import generate_phantom
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "decode_grey",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -77,16 +78,27 @@ def pil_to_grey(image: Image.Image) -> np.ndarray:
 def decode_grey(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as grey uint8 [H, W] in 0..255.
 
-    8-bit grey is returned as stored; RGB, RGBA (alpha dropped), grey+alpha
-    and palette images are converted with PIL's luminance (ITU-R 601). 16-bit
-    (and 32-bit integer) grey is scaled by its bit depth, taken as the
-    smallest of 8/10/12/14/16 bits that holds the image's maximum:
-    ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps 4095 to 255.
+    DICOM files go to :func:`caid_hf.data.dicom.decode_dicom` (rescale, window,
+    MONOCHROME1 inversion; see there): those named ``.dcm`` or ``.dicom`` (any
+    case), and files whose suffix is not an image format PIL knows (``IM0001``,
+    ``1.2.840.113619.2.1``) but that carry ``DICM`` at byte offset 128.
+
+    Everything else is read by PIL. 8-bit grey is returned as stored; RGB, RGBA
+    (alpha dropped), grey+alpha and palette images are converted with PIL's
+    luminance (ITU-R 601). 16-bit (and 32-bit integer) grey is scaled by its
+    bit depth, taken as the smallest of 8/10/12/14/16 bits that holds the
+    image's maximum: ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps
+    4095 to 255.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a readable image; the message names ``path``.
     """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".dcm", ".dicom") or (
+        suffix not in Image.registered_extensions() and has_dicom_magic(path)
+    ):
+        return decode_dicom(path)
     try:
         with Image.open(path) as image:
             image.load()
@@ -164,7 +176,7 @@ class SplitListSource(_FileListSource):
 
 
 class ImageFolderSource(_FileListSource):
-    """Every PNG/JPEG below a folder, recursively, sorted by relative path.
+    """Every PNG, JPEG and DICOM file below a folder, recursively, sorted by relative path.
 
     Extensions match case-insensitively; hidden files and folders (names
     starting with ``.``, such as macOS ``._x.png`` resource forks) are
