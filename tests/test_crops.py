@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from caid_hf.data.crops import TwoCropDataset
+from caid_hf.data.crops import TwoCropDataset, sample_crop_box
 from caid_hf.data.sources import PhantomSource
 
 SIZE = 32
@@ -37,11 +38,57 @@ def test_crops_reproducible_under_manual_seed(dataset):
     assert not torch.equal(first, other)
 
 
-def test_full_crop_is_an_antialiased_bilinear_resize():
+def test_full_crop_is_pils_antialiased_bilinear_resize():
     source = PhantomSource(1, size=96)
     whole = TwoCropDataset(source, SIZE, scale=(1.0, 1.0), ratio=(1.0, 1.0))[0]
-    expected = TF.resize(torch.from_numpy(source.load(0))[None], [SIZE, SIZE], antialias=True)
-    assert torch.equal(whole[0], expected[0]) and torch.equal(whole[1], expected[0])
+    expected = np.asarray(Image.fromarray(source.load(0)).resize((SIZE, SIZE), Image.BILINEAR))
+    assert torch.equal(whole[0], torch.from_numpy(expected.copy())) and torch.equal(whole[1], whole[0])
+    # and within a grey level of torchvision's antialiased resize of the same image
+    tv = TF.resize(torch.from_numpy(source.load(0))[None], [SIZE, SIZE], antialias=True)[0]
+    assert (tv.int() - whole[0].int()).abs().float().mean() < 0.5
+
+
+def test_crop_boxes_follow_random_resized_crop_statistics():
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([sample_crop_box(400, 400, (0.2, 1.0), (3 / 4, 4 / 3), generator)
+                          for _ in range(4000)], dtype=torch.float64)
+    top, left, height, width = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + height <= 400).all() and (left + width <= 400).all()
+    area = height * width / (400 * 400)
+    # accepted draws are U(0.2, 1) truncated where the box does not fit: inside the range
+    assert area.min() > 0.19 and area.max() <= 1.0
+    ratio = width / height
+    assert ratio.min() > 0.74 and ratio.max() < 1.34
+    # log-uniform aspect on a square image: log ratio is symmetric around 0
+    assert abs(ratio.log().mean().item()) < 0.02
+    # the centred fallback when nothing fits (tall image, wide ratios only)
+    assert sample_crop_box(100, 10, (0.9, 1.0), (2.0, 3.0), generator) == (47, 0, 5, 10)
+
+
+def test_reducing_gap_is_close_to_the_exact_resize():
+    source = PhantomSource(2, size=512)
+    exact = TwoCropDataset(source, 112, seed=1)
+    fast = TwoCropDataset(source, 112, seed=1, reducing_gap=1.0)
+    for i in range(2):
+        difference = (exact[i].int() - fast[i].int()).abs().float()
+        assert 0 < difference.mean() < 1.0 and difference.max() < 20
+
+
+def test_per_epoch_crops_depend_on_seed_epoch_and_index_only():
+    dataset = TwoCropDataset(PhantomSource(6, size=96), 32, seed=5, per_epoch=True)
+    epoch0 = torch.stack([dataset[i] for i in range(6)])
+    dataset.set_epoch(1)
+    epoch1 = torch.stack([dataset[i] for i in range(6)])
+    assert not torch.equal(epoch0, epoch1)
+    # persistent workers see the new epoch (shared memory), in any order
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True)
+    dataset.set_epoch(0)
+    assert torch.equal(torch.cat(list(loader)), epoch0)
+    dataset.set_epoch(1)
+    assert torch.equal(torch.cat(list(loader)), epoch1)
+    with pytest.raises(ValueError, match="seed"):
+        TwoCropDataset(PhantomSource(2), 32, per_epoch=True)
 
 
 def test_dataloader_batches(dataset):
@@ -76,7 +123,7 @@ def test_read_only_and_non_contiguous_images_are_accepted():
     "bad", [np.zeros((8, 8), np.float32), np.zeros((8, 8, 3), np.uint8)], ids=["float", "rgb"]
 )
 def test_rejects_images_that_are_not_grey_uint8(bad):
-    with pytest.raises(ValueError, match="odd_image"):
+    with pytest.raises(TypeError, match="odd_image"):
         TwoCropDataset(_ArraySource(bad), 16)[0]
 
 

@@ -25,16 +25,16 @@ def recording_enqueue(self, keys):
 MoCoV2.enqueue = recording_enqueue
 
 train_indices = []
-_getitem = TwoCropDataset.__getitem__
+_crops = TwoCropDataset.crops
 
 
-def recording_getitem(self, i):
-    if self.seed is None:  # training crops (validation crops are seeded)
+def recording_crops(self, i, boxes_of=None):
+    if self.per_epoch:  # training crops (validation crops are the same every epoch)
         train_indices.append(i)
-    return _getitem(self, i)
+    return _crops(self, i, boxes_of)
 
 
-TwoCropDataset.__getitem__ = recording_getitem
+TwoCropDataset.crops = recording_crops
 result = main(sys.argv[1:])
 model = result.model
 rank = int(os.environ["RANK"])  # the process group is gone after end_training()

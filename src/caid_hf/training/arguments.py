@@ -46,6 +46,18 @@ class DataArguments:
     phantom_size: int = field(default=256, metadata={"help": "Side of the generated phantoms (px)."})
     crop_scale_min: float = field(default=0.2, metadata={"help": "RandomResizedCrop scale lower bound."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop scale upper bound."})
+    crop_reducing_gap: float | None = field(
+        default=None,
+        metadata={"help": "PIL's two-step resize for the crops: unset resizes exactly as the "
+                          "original; 1.0 roughly halves the crop cost (mean difference about half "
+                          "a grey level)."},
+    )
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={"help": "Unreadable images are skipped, counted and listed in "
+                          "<output_dir>/bad_files.tsv; the run stops when more than this fraction "
+                          "of the images is bad."},
+    )
     reference_compat: bool = field(
         default=False,
         metadata={"help": "Reproduce the original's augmentation exactly: target not flipped with "
@@ -102,7 +114,17 @@ class PretrainingArguments:
         default=False, metadata={"help": "Print what would be pushed (repo, revision, files and "
                                          "sizes) without contacting the Hub."}
     )
-    dataloader_num_workers: int = field(default=2, metadata={"help": "CPU decode/crop workers."})
+    dataloader_num_workers: int | None = field(
+        default=None, metadata={"help": "CPU decode/crop worker processes per training process. "
+                                        "Unset: the CPU cores of this machine per local process, "
+                                        "minus one for the training process itself (1 to 8)."}
+    )
+    dataloader_prefetch_factor: int = field(
+        default=4, metadata={"help": "Batches each worker prepares ahead."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Page-locked batches for faster copies to the GPU (GPU only)."}
+    )
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU exists."})
 
     def __post_init__(self):

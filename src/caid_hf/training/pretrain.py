@@ -17,14 +17,20 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig, ViewAugmenter
-from ..data.crops import TwoCropDataset
+from ..data.bad_files import BadFileLog
+from ..data.crops import SkipBadImages, TwoCropDataset, collate_crops
 from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
 from ..image_processing_caid import CAiDImageProcessor
 from ..model_card import write_model_card
@@ -35,15 +41,18 @@ from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
 
 
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):
-    """(train, validation) datasets of uint8 crop pairs [2, S, S].
+    """(train, validation) datasets of ``(crops, bad_files)`` items (:class:`SkipBadImages`).
 
-    Training crops are random; validation crops are fixed per image (seeded), so the
-    validation loss of every epoch is measured on the same views.
+    Training crops are drawn per image and epoch from ``(seed, epoch, index)`` (call
+    ``set_epoch`` on the training set), so they do not depend on workers or on resuming;
+    validation crops are fixed per image, so every epoch is measured on the same views.
     """
     scale = (data_args.crop_scale_min, data_args.crop_scale_max)
 
     def crops(source, fixed: bool = False):
-        return TwoCropDataset(source, image_size, scale=scale, seed=seed if fixed else None)
+        return SkipBadImages(TwoCropDataset(source, image_size, scale=scale, seed=seed,
+                                            per_epoch=not fixed,
+                                            reducing_gap=data_args.crop_reducing_gap))
 
     def source(spec, num_phantoms, phantom_seed):
         return source_from_spec(spec, data_args.images_root, num_phantoms,
@@ -58,6 +67,65 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
         return crops(train_source), crops(val_source, fixed=True)
     return hold_out(crops(train_source), crops(train_source, fixed=True),
                     data_args.validation_fraction, seed)
+
+
+def default_num_workers(local_processes: int) -> int:
+    """Decode/crop workers per training process: this machine's usable cores shared by the
+    local training processes, one core each left to the training process itself (1 to 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, local_processes) - 1))
+
+
+def build_loaders(train_set, val_set, args: PretrainingArguments, accelerator):
+    """DataLoaders of ``{"crops": uint8 [B, 2, S, S], "bad_files": [...]}`` batches.
+
+    Grey uint8 crops travel to the device (4x smaller than float RGB); workers persist
+    across epochs and prefetch; batches are page-locked on a GPU. Worker RNGs derive from
+    the run's seed (``seed_worker``), though the crops themselves are seeded per image.
+    """
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                         accelerator.num_processes)))
+    kwargs = {"num_workers": workers, "collate_fn": collate_crops,
+              "pin_memory": accelerator.device.type == "cuda" and args.dataloader_pin_memory}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=args.dataloader_prefetch_factor,
+                      worker_init_fn=seed_worker)
+    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
+                              shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size
+                            or args.per_device_train_batch_size,
+                            generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"{len(train_set)} training images make no full batch of "
+            f"per_device_train_batch_size={args.per_device_train_batch_size}"
+        )
+    return train_loader, val_loader, workers
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's RNGs in a DataLoader worker from torch's per-worker seed
+    (itself derived from the loader's seeded generator), for sources that use them."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def crop_datasets(dataset) -> list:
+    """The :class:`TwoCropDataset` inside a training set (through Subset / SkipBadImages)."""
+    while not isinstance(dataset, TwoCropDataset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def prepare_output_dir(output_dir: Path, args: PretrainingArguments, accelerator) -> None:
@@ -110,17 +178,21 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
 
 @torch.no_grad()
 def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context_prediction: bool,
-             accelerator) -> dict:
+             accelerator, bad_files: list | None = None) -> dict:
     """Mean validation losses over the whole loader, with the same views every epoch.
 
     Runs the unwrapped model (no DDP collectives, so processes may see uneven batches) in
-    eval mode: no momentum update, no enqueue, BatchNorm running statistics.
+    eval mode: no momentum update, no enqueue, BatchNorm running statistics. Unreadable
+    images met are appended to ``bad_files``.
     """
     model = accelerator.unwrap_model(model).eval()
     augment = ViewAugmenter(augmentation, context_prediction, seed=seed)
     # sums of: loss, contrastive loss, reconstruction loss, positive-key accuracy; image count
     totals = torch.zeros(5, device=accelerator.device)
-    for crops in loader:
+    for batch in loader:
+        crops = batch["crops"]
+        if bad_files is not None:
+            bad_files.extend(batch["bad_files"])
         views = augment(crops)
         out = model(views.query, views.key, labels=views.target)
         n = crops.shape[0]
@@ -189,6 +261,17 @@ def write_trainer_state(output_dir: Path, state: TrainState, extra: dict) -> Non
     (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
 
 
+def record_bad_files(accelerator, log: BadFileLog, new: list) -> None:
+    """Merge every process's newly met unreadable images into ``log`` (the main process
+    writes them to bad_files.tsv), clear ``new``, and stop the run on every process alike
+    when too many images are bad."""
+    merged = gather_object(list(new)) if accelerator.num_processes > 1 else list(new)
+    new.clear()
+    for image_id, reason in log.add(merged):
+        accelerator.print(f"skipped unreadable image {image_id}: {reason}")
+    log.check()
+
+
 @dataclasses.dataclass
 class PretrainResult:
     """What a run leaves: the trained model (this process's copy) and its bookkeeping.
@@ -235,19 +318,9 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     # from here on each process draws its own crops and key shuffles
     set_seed(args.seed, device_specific=True)
     train_set, val_set = build_datasets(data_args, config.image_size, args.seed)
-    loader_kwargs = {"num_workers": args.dataloader_num_workers,
-                     "persistent_workers": args.dataloader_num_workers > 0,
-                     "pin_memory": torch.cuda.is_available() and not args.use_cpu}
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
-                              shuffle=True, drop_last=True, **loader_kwargs)
-    val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size
-                            or args.per_device_train_batch_size,
-                            generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
-    if len(train_loader) == 0:
-        raise ValueError(
-            f"{len(train_set)} training images make no full batch of "
-            f"per_device_train_batch_size={args.per_device_train_batch_size}"
-        )
+    train_loader, val_loader, num_workers = build_loaders(train_set, val_set, args, accelerator)
+    bad_files = BadFileLog(output_dir / "bad_files.tsv" if accelerator.is_main_process else None,
+                           len(train_set) + len(val_set), data_args.max_bad_fraction)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=args.learning_rate, momentum=args.sgd_momentum,
@@ -268,6 +341,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     augmenter = ViewAugmenter(augmentation, config.context_prediction,
                               seed=args.seed * 1000 + accelerator.process_index)
     state = TrainState()
+    train_crops = crop_datasets(train_set)
+    new_bad: list = []  # unreadable images met since the last check, this process
     accelerator.register_for_checkpointing(scheduler, state, augmenter)
 
     run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
@@ -294,7 +369,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     accelerator.print(
         f"CAiD pre-training: {len(train_set)} train / {len(val_set)} validation images, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
-        f"{global_batch * args.gradient_accumulation_steps}, {total_steps} steps ({num_epochs} epochs)"
+        f"{global_batch * args.gradient_accumulation_steps}, {total_steps} steps ({num_epochs} epochs), "
+        f"{num_workers} loader worker(s) per process"
     )
     progress = tqdm(total=total_steps, initial=state.global_step, desc="pre-training",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -315,10 +391,13 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     while state.global_step < total_steps:
         epoch = state.epoch
         train_loader.set_epoch(epoch)
+        train_crops.set_epoch(epoch)  # the crops of this epoch, in every worker
         loader = train_loader
         if state.batches_in_epoch:  # resuming mid-epoch: skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for crops in loader:
+        for batch in loader:
+            crops = batch["crops"]
+            new_bad.extend(batch["bad_files"])
             # the key branch follows the query once per optimizer step, not per micro-batch
             first_micro_batch = state.batches_in_epoch % args.gradient_accumulation_steps == 0
             with accelerator.accumulate(model):
@@ -337,6 +416,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             state.global_step += 1
             progress.update(1)
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
+                record_bad_files(accelerator, bad_files, new_bad)
                 now = time.perf_counter()
                 logs = {"train/loss": out.loss.item(), "train/contrastive_loss": out.contrastive_loss.item(),
                         "train/contrastive_accuracy": (out.logits.argmax(dim=1) == 0).float().mean().item(),
@@ -356,12 +436,15 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = epoch + 1, 0
         metrics = evaluate(model, val_loader, augmentation, args.seed, config.context_prediction,
-                           accelerator)
+                           accelerator, new_bad)
+        record_bad_files(accelerator, bad_files, new_bad)
         metrics["epoch"] = epoch
+        metrics["data/bad_files"] = len(bad_files)
         accelerator.log(metrics, step=state.global_step)
         state.history.append({"step": state.global_step, **metrics})
         accelerator.print(f"epoch {epoch}: step {state.global_step}, " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+            + (f", {len(bad_files)} unreadable images skipped so far" if len(bad_files) else ""))
         if metrics["val/loss"] < state.best_val_loss:
             state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
             save_backbone(accelerator, model, output_dir / "best", card())
