@@ -141,6 +141,22 @@ def test_split_list_rejects_paths_outside_root(tmp_path, images_root, bad):
         SplitListSource(split, images_root)
 
 
+@pytest.mark.parametrize(
+    "line", ["00000002_000.png,0,1,0", "00000002_000.png 0 1 Effusion", "labels.csv 0 1"]
+)
+def test_split_list_malformed_lines_are_named_with_their_number(tmp_path, images_root, line):
+    split = tmp_path / "split.txt"
+    split.write_text(f"00000001_000.png 0\n\n# comment\n{line}\n")
+    with pytest.raises(ValueError, match=r"split\.txt:4: malformed line"):
+        SplitListSource(split, images_root)
+
+
+def test_split_list_accepts_dicom_names_without_suffix(tmp_path, images_root):
+    split = tmp_path / "split.txt"
+    split.write_text("00000001_000.png 0 1\nstudy1/IM0001 -1 0.5\n")
+    assert SplitListSource(split, images_root).image_id(1) == "study1/IM0001"
+
+
 def test_split_list_missing_or_empty(tmp_path, images_root):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         SplitListSource(tmp_path / "nope.txt", images_root)

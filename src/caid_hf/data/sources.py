@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from pathlib import Path, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -132,18 +132,39 @@ class _FileListSource:
         return self.relative_paths[_check_index(i, len(self))]
 
 
+def _check_split_line(split_file: Path, number: int, name: str, labels: list[str]) -> None:
+    """A split-list line is ``path [label ...]``: a file name with an image suffix (or none,
+    for DICOM files without one) and numeric labels; anything else names file and line."""
+    suffix = PurePosixPath(name.replace("\\", "/")).suffix.lower()
+    if suffix and suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(
+            f"{split_file}:{number}: malformed line: {name!r} is not an image file name "
+            f"({', '.join(IMAGE_EXTENSIONS)}); expected 'path label label ...' separated by "
+            "spaces or tabs"
+        )
+    for label in labels:
+        try:
+            float(label)
+        except ValueError:
+            raise ValueError(
+                f"{split_file}:{number}: malformed line: label {label!r} of {name!r} is not a "
+                "number; expected 'path label label ...' separated by spaces or tabs"
+            ) from None
+
+
 class SplitListSource(_FileListSource):
     """Images named in a ChestX-ray14 style split list.
 
     One image per line: the first whitespace-separated token is a path
-    relative to ``images_root``; the rest (the labels) is ignored. Blank lines
+    relative to ``images_root``; the rest (the labels, numbers) is ignored. Blank lines
     and lines starting with ``#`` are skipped. ``image_id(i)`` is the path as
     written in the list.
 
     Raises:
         FileNotFoundError: the split file or ``images_root`` does not exist.
-        ValueError: a path is absolute or leaves ``images_root`` (``..``), with
-            file and line number; or the list names no image.
+        ValueError: a line is malformed (no image file name, non-numeric labels) or its
+            path is absolute or leaves ``images_root`` (``..``), with file and line number;
+            or the list names no image.
     """
 
     def __init__(self, split_file: str | os.PathLike, images_root: str | os.PathLike) -> None:
@@ -159,7 +180,8 @@ class SplitListSource(_FileListSource):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            name = line.split()[0]
+            name, *labels = line.split()
+            _check_split_line(self.split_file, number, name, labels)
             posix_name = name.replace("\\", "/")  # lists written on Windows
             if posix_name.startswith("/") or PureWindowsPath(name).drive:
                 raise ValueError(
