@@ -1,4 +1,4 @@
-"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|export|push|convert-original …``."""
+"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|prepare-data|export|push|convert-original …``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,66 @@ def _convert_original(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def _prepare_data(argv: list[str]) -> None:
+    import time
+    from pathlib import Path
+
+    from .data.cache import CachedSource, default_cache_size, prepare_cache
+    from .data.source_spec import HFOptions, source_from_spec
+
+    parser = argparse.ArgumentParser(
+        prog="caid-hf prepare-data",
+        description="Decode every image of a source once into a memory-mapped Arrow cache "
+                    "(a datasets folder of raw grey pixels) that training reads without "
+                    "decoding. Resumable: rerun the same command after an interruption. "
+                    "Unreadable images are skipped and listed in OUT/caid_cache.json.",
+    )
+    parser.add_argument("source", metavar="SOURCE",
+                        help="'phantoms', a split-list file, a folder of PNG/JPEG/DICOM files, "
+                             "a datasets save_to_disk folder, a parquet/arrow file or glob, or "
+                             "'hf:NAME' (datasets.load_dataset).")
+    parser.add_argument("--out", required=True, help="Folder of the cache to write.")
+    parser.add_argument(
+        "--size", type=int, default=None,
+        help=f"Short side of the stored images; smaller images are kept as they are "
+             f"(default {default_cache_size()}: the smallest multiple of 32 whose smallest "
+             "RandomResizedCrop, 20%% of the area at aspect 3/4, still spans 224 pixels "
+             "across, so every 224-px view is a downscale of the cache).")
+    parser.add_argument("--num-proc", type=int, default=1, help="Processes decoding in parallel.")
+    parser.add_argument("--images-root", default=None,
+                        help="Folder the split list's paths are relative to "
+                             "(default: the list's folder).")
+    parser.add_argument("--chunk-size", type=int, default=256,
+                        help="Images per resumable chunk.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace a finished cache at --out.")
+    parser.add_argument("--split", default="train", help="Split of a Hugging Face dataset.")
+    parser.add_argument("--config-name", default=None, help="Config of an 'hf:NAME' dataset.")
+    parser.add_argument("--image-column", default=None,
+                        help="Image column of a Hugging Face dataset (default: the first).")
+    parser.add_argument("--id-column", default=None,
+                        help="Column naming each image of a Hugging Face dataset.")
+    a = parser.parse_args(argv)
+    options = HFOptions(split=a.split, config_name=a.config_name, image_column=a.image_column,
+                        id_column=a.id_column)
+    source = source_from_spec(a.source, images_root=a.images_root, hf_options=options)
+    # a path is recorded absolute, so a resumed run from another folder still matches
+    description = str(Path(a.source).resolve()) if Path(a.source).exists() else a.source
+    if a.images_root is not None:
+        description += f" (images root {Path(a.images_root).resolve()})"
+    started = time.perf_counter()
+    try:
+        out = prepare_cache(source, a.out, size=a.size, num_proc=a.num_proc,
+                            chunk_size=a.chunk_size, source_description=description,
+                            overwrite=a.overwrite)
+    except (FileExistsError, ValueError) as error:  # a used --out, a foreign partial folder
+        sys.exit(f"caid-hf prepare-data: {error}")
+    metadata = CachedSource(out).metadata
+    print(f"wrote {metadata['num_images']} images ({len(metadata['bad_files'])} bad files) "
+          f"with short side {metadata['size']} to {out} "
+          f"in {time.perf_counter() - started:.1f} s")
+
+
 def _pretrain(argv: list[str]) -> None:
     from .training.pretrain import main as pretrain_main
 
@@ -86,6 +146,7 @@ def _pretrain(argv: list[str]) -> None:
 COMMANDS = {  # name: (what it does, handler of its arguments)
     "pretrain": ("CAiD pre-training (same flags as scripts/pretrain.py)", _pretrain),
     "phantoms": ("write synthetic chest phantoms to a folder", _phantoms),
+    "prepare-data": ("decode a source once into a memory-mapped training cache", _prepare_data),
     "export": ("write a backbone as a segmentation_models_pytorch Unet folder", _export),
     "push": ("upload a saved folder to the Hugging Face Hub (--dry-run to list it)", _push),
     "convert-original": ("import the original repository's .pth checkpoints", _convert_original),
