@@ -157,8 +157,11 @@ def _data_size(run: dict[str, Any], state: dict[str, Any], train: int | None,
             val = data.get("num_validation_phantoms")
     if train is None:
         return NOT_RECORDED
-    text = f"{train:,} training images"
-    return text + (f", {val:,} validation images" if val is not None else "")
+    def count(n) -> str:  # a number, or e.g. "streamed"
+        return f"{n:,}" if isinstance(n, int) else str(n)
+
+    text = f"{count(train)} training images"
+    return text + (f", {count(val)} validation images" if val is not None else "")
 
 
 def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,

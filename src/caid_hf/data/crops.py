@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .sources import ImageSource
 
-__all__ = ["SkipBadImages", "TwoCropDataset", "collate_crops", "sample_crop_box"]
+__all__ = ["SkipBadImages", "TwoCropDataset", "collate_crops", "cut_views", "sample_crop_box"]
 
 
 def sample_crop_box(
@@ -57,6 +57,21 @@ def sample_crop_box(
     else:
         box_width, box_height = width, height
     return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
+
+
+def cut_views(image: np.ndarray, boxes, image_size: int,
+              reducing_gap: float | None = None) -> torch.Tensor:
+    """uint8 [len(boxes), S, S]: each ``(top, left, box_height, box_width)`` box of the grey
+    uint8 [H, W] ``image`` resized to S = ``image_size`` with PIL's antialiased bilinear
+    filter (``reducing_gap``: see :class:`TwoCropDataset`)."""
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    size = (image_size, image_size)
+    views = np.empty((len(boxes), *size), dtype=np.uint8)
+    for view, (top, left, box_height, box_width) in zip(views, boxes):
+        box = (left, top, left + box_width, top + box_height)
+        view[...] = np.asarray(picture.resize(size, Image.Resampling.BILINEAR, box=box,
+                                              reducing_gap=reducing_gap))
+    return torch.from_numpy(views)
 
 
 def _mix_seed(*values: int) -> int:
@@ -151,15 +166,8 @@ class TwoCropDataset(Dataset):
             raise TypeError(
                 f"source image {self.source.image_id(i)!r} must be grey uint8 [H, W], got {kind}"
             )
-        picture = Image.fromarray(np.ascontiguousarray(image))
-        size = (self.image_size, self.image_size)
-        views = np.empty((2, *size), dtype=np.uint8)
         boxes = self.crop_boxes(i if boxes_of is None else boxes_of, *image.shape)
-        for view, (top, left, box_height, box_width) in zip(views, boxes):
-            box = (left, top, left + box_width, top + box_height)
-            view[...] = np.asarray(picture.resize(size, Image.Resampling.BILINEAR, box=box,
-                                                  reducing_gap=self.reducing_gap))
-        return torch.from_numpy(views)
+        return cut_views(image, boxes, self.image_size, self.reducing_gap)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.crops(i)

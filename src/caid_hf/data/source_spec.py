@@ -1,7 +1,24 @@
-"""Turn the run configuration's source strings into image sources."""
+"""Turn the run configuration's source strings into image sources.
+
+One string names any source (``train_source``, ``validation_source``, ``caid-hf
+prepare-data SOURCE``):
+
+- ``phantoms``: the embedded synthetic chest phantoms;
+- a folder made by ``caid-hf prepare-data`` (it holds ``caid_cache.json``): the
+  decode-once cache;
+- a folder written by ``datasets``' ``save_to_disk``: that dataset (``split`` picks one
+  of a DatasetDict);
+- any other folder: every PNG, JPEG and DICOM file below it;
+- a ``.parquet`` / ``.arrow`` file or glob (``shards/*.parquet``): that Hugging Face dataset;
+- any other file: a ChestX-ray14 style split list, paths relative to ``images_root``
+  (default: the list's folder);
+- ``hf:NAME``: ``datasets.load_dataset(NAME)`` (a Hub id or a local path;
+  ``hf:imagefolder`` reads ``images_root`` with datasets' imagefolder builder).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
@@ -9,21 +26,68 @@ from torch.utils.data import Dataset, Subset
 from .sources import ImageFolderSource, PhantomSource, SplitListSource
 
 PHANTOMS = "phantoms"
+HF_PREFIX = "hf:"
+_HF_FILES = (".parquet", ".arrow")
+
+
+@dataclass
+class HFOptions:
+    """How to read a Hugging Face dataset source."""
+
+    split: str = "train"
+    config_name: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+
+
+def is_hf_spec(spec: str) -> bool:
+    """Whether ``spec`` names a Hugging Face dataset (``hf:…``, a saved dataset folder, or a
+    parquet/arrow file) rather than files or phantoms."""
+    from .hf_sources import _is_saved_dataset
+
+    if spec.startswith(HF_PREFIX):
+        return True
+    path = Path(spec)
+    is_glob = any(char in spec for char in "*?[")
+    return (path.is_dir() and _is_saved_dataset(str(path))) or (
+        path.suffix.lower() in _HF_FILES and (path.is_file() or is_glob))
+
+
+def open_hf_spec(spec: str, images_root: str | None, options: HFOptions, streaming: bool = False):
+    """The ``datasets`` Dataset (or IterableDataset when ``streaming``) a spec names."""
+    from .hf_sources import open_hf_dataset
+
+    name = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    data_dir = images_root if name == "imagefolder" else None
+    return open_hf_dataset(name, split=options.split, config_name=options.config_name,
+                           streaming=streaming, data_dir=data_dir)
 
 
 def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: int = 1000,
-                     phantom_size: int = 256, phantom_seed: int = 0):
-    """``"phantoms"`` → :class:`PhantomSource`; a file → :class:`SplitListSource` (relative to
-    ``images_root``, default: the list's folder); a folder → :class:`ImageFolderSource`."""
+                     phantom_size: int = 256, phantom_seed: int = 0,
+                     hf_options: HFOptions | None = None):
+    """The map-style image source a spec names (see the module docstring)."""
+    from .cache import CachedSource, is_cache
+
     if spec == PHANTOMS:
         return PhantomSource(num_phantoms, size=phantom_size, seed=phantom_seed)
+    options = hf_options or HFOptions()
     path = Path(spec)
+    if path.is_dir() and is_cache(path):
+        return CachedSource(path)
+    if is_hf_spec(spec):
+        from .hf_sources import HFImageSource
+
+        dataset = open_hf_spec(spec, images_root, options)
+        return HFImageSource(dataset, image_column=options.image_column,
+                             id_column=options.id_column, name=spec)
     if path.is_dir():
         return ImageFolderSource(path)
     if path.is_file():
         return SplitListSource(path, images_root if images_root is not None else path.parent)
     raise FileNotFoundError(
-        f"data source {spec!r} is neither 'phantoms', an existing split-list file nor a folder"
+        f"data source {spec!r} is neither 'phantoms', 'hf:NAME', an existing split-list file, "
+        "a parquet/arrow file nor a folder"
     )
 
 

@@ -26,8 +26,12 @@ class DataArguments:
 
     train_source: str = field(
         default="phantoms",
-        metadata={"help": "'phantoms' (embedded synthetic chest phantoms), a split-list file "
-                          "(ChestX-ray14 style, needs --images_root) or an image folder."},
+        metadata={"help": "'phantoms' (embedded synthetic chest phantoms); a split-list file "
+                          "(ChestX-ray14 style, paths relative to --images_root); a folder of "
+                          "PNG/JPEG/DICOM files; a `caid-hf prepare-data` cache folder; a "
+                          "datasets save_to_disk folder or parquet/arrow file; or 'hf:NAME' "
+                          "(datasets.load_dataset, Hub id or path; 'hf:imagefolder' reads "
+                          "--images_root)."},
     )
     validation_source: str | None = field(
         default=None,
@@ -36,6 +40,28 @@ class DataArguments:
     )
     images_root: str | None = field(
         default=None, metadata={"help": "Folder the split lists' relative paths start from."}
+    )
+    hf_split: str = field(default="train", metadata={"help": "Split of a Hugging Face dataset source."})
+    hf_config_name: str | None = field(default=None, metadata={"help": "Config of an 'hf:NAME' dataset."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "Image column of a Hugging Face dataset (default: the "
+                                        "first datasets.Image column)."}
+    )
+    id_column: str | None = field(
+        default=None, metadata={"help": "Column naming each image of a Hugging Face dataset "
+                                        "(default: the stored path, or the row)."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream a Hugging Face train_source instead of "
+                                         "downloading it: each process reads its own part; needs "
+                                         "--max_steps; an epoch ends when a process runs out."}
+    )
+    streaming_shuffle_buffer: int = field(
+        default=0, metadata={"help": "Images in the streaming shuffle buffer (0: stored order)."}
+    )
+    streaming_validation_images: int = field(
+        default=256, metadata={"help": "Without a validation_source, the first N images of a "
+                                       "stream are held out (kept in memory) for validation."}
     )
     validation_fraction: float = field(
         default=0.05, metadata={"help": "Share of the training images held out when there is no "

@@ -23,7 +23,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -31,7 +31,16 @@ from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.bad_files import BadFileLog
 from ..data.crops import SkipBadImages, TwoCropDataset, collate_crops
-from ..data.source_spec import PHANTOMS, hold_out, source_from_spec
+from ..data.hf_sources import HFStreamingSource
+from ..data.source_spec import (
+    PHANTOMS,
+    HFOptions,
+    hold_out,
+    is_hf_spec,
+    open_hf_spec,
+    source_from_spec,
+)
+from ..data.streaming import StreamingTwoCrops, take_head
 from ..image_processing_caid import CAiDImageProcessor
 from ..model_card import write_model_card
 from ..modeling_caid import CAiDForPreTraining
@@ -40,14 +49,18 @@ from .arguments import DataArguments, PretrainingArguments, parse_pretraining_ar
 from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
 
 
-def build_datasets(data_args: DataArguments, image_size: int, seed: int):
+def build_datasets(data_args: DataArguments, image_size: int, seed: int, accelerator=None):
     """(train, validation) datasets of ``(crops, bad_files)`` items (:class:`SkipBadImages`).
 
     Training crops are drawn per image and epoch from ``(seed, epoch, index)`` (call
     ``set_epoch`` on the training set), so they do not depend on workers or on resuming;
     validation crops are fixed per image, so every epoch is measured on the same views.
+    With ``data_args.streaming`` the training set is a :class:`StreamingTwoCrops` reading
+    this process's part of the stream.
     """
     scale = (data_args.crop_scale_min, data_args.crop_scale_max)
+    hf_options = HFOptions(split=data_args.hf_split, config_name=data_args.hf_config_name,
+                           image_column=data_args.image_column, id_column=data_args.id_column)
 
     def crops(source, fixed: bool = False):
         return SkipBadImages(TwoCropDataset(source, image_size, scale=scale, seed=seed,
@@ -56,8 +69,11 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
 
     def source(spec, num_phantoms, phantom_seed):
         return source_from_spec(spec, data_args.images_root, num_phantoms,
-                                data_args.phantom_size, phantom_seed)
+                                data_args.phantom_size, phantom_seed, hf_options)
 
+    if data_args.streaming:
+        return build_streaming_datasets(data_args, image_size, seed, hf_options, crops, source,
+                                        accelerator)
     train_source = source(data_args.train_source, data_args.num_train_phantoms, seed)
     if data_args.validation_source is not None:
         val_source = source(data_args.validation_source, data_args.num_validation_phantoms, seed + 1)
@@ -67,6 +83,37 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
         return crops(train_source), crops(val_source, fixed=True)
     return hold_out(crops(train_source), crops(train_source, fixed=True),
                     data_args.validation_fraction, seed)
+
+
+def build_streaming_datasets(data_args, image_size, seed, hf_options, crops, source, accelerator):
+    """A streaming training set (this process's part) and a map-style validation set: the
+    validation_source, or the stream's first ``streaming_validation_images`` images."""
+    if not is_hf_spec(data_args.train_source):
+        raise ValueError(f"streaming=true needs a Hugging Face train_source ('hf:NAME', a "
+                         f"parquet/arrow file or a saved dataset), got {data_args.train_source!r}")
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+
+    def stream(rank: int, world: int) -> HFStreamingSource:
+        dataset = open_hf_spec(data_args.train_source, data_args.images_root, hf_options,
+                               streaming=True)
+        return HFStreamingSource(dataset, image_column=hf_options.image_column,
+                                 id_column=hf_options.id_column, rank=rank, world_size=world,
+                                 shuffle_buffer=data_args.streaming_shuffle_buffer, seed=seed,
+                                 name=data_args.train_source)
+
+    exclude: frozenset[str] = frozenset()
+    if data_args.validation_source is not None:
+        val_set = crops(source(data_args.validation_source, data_args.num_validation_phantoms,
+                               seed + 1), fixed=True)
+    else:  # the same head on every process: read unsplit, in stored order
+        head = take_head(stream(0, 1), data_args.streaming_validation_images)
+        exclude = frozenset(head.ids)
+        val_set = crops(head, fixed=True)
+    train_set = StreamingTwoCrops(
+        stream(rank, world), image_size, (data_args.crop_scale_min, data_args.crop_scale_max),
+        seed=seed, reducing_gap=data_args.crop_reducing_gap, exclude=exclude)
+    return train_set, val_set
 
 
 def default_num_workers(local_processes: int) -> int:
@@ -95,13 +142,17 @@ def build_loaders(train_set, val_set, args: PretrainingArguments, accelerator):
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=args.dataloader_prefetch_factor,
                       worker_init_fn=seed_worker)
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
-                              shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    if isinstance(train_set, IterableDataset):  # a stream, already split per process
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
+                                  drop_last=True, **kwargs)
+    else:
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size,
+                                  shuffle=True, drop_last=True,
+                                  generator=torch.Generator().manual_seed(args.seed), **kwargs)
     val_loader = DataLoader(val_set, batch_size=args.per_device_eval_batch_size
                             or args.per_device_train_batch_size,
                             generator=torch.Generator().manual_seed(args.seed), **kwargs)
-    if len(train_loader) == 0:
+    if not isinstance(train_set, IterableDataset) and len(train_loader) == 0:
         raise ValueError(
             f"{len(train_set)} training images make no full batch of "
             f"per_device_train_batch_size={args.per_device_train_batch_size}"
@@ -121,11 +172,27 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def crop_datasets(dataset) -> list:
-    """The :class:`TwoCropDataset` inside a training set (through Subset / SkipBadImages)."""
-    while not isinstance(dataset, TwoCropDataset):
+def crop_datasets(dataset):
+    """The dataset whose ``set_epoch`` picks the crops: the :class:`TwoCropDataset` inside a
+    training set (through Subset / SkipBadImages), or the :class:`StreamingTwoCrops`."""
+    while not isinstance(dataset, (TwoCropDataset, StreamingTwoCrops)):
         dataset = dataset.dataset
     return dataset
+
+
+def synced_batches(loader, accelerator, streaming: bool):
+    """The loader's batches; for a stream, the epoch ends for every process as soon as one
+    process runs out (one tiny all-reduce per step), so all take the same number of steps."""
+    if not streaming or accelerator.num_processes == 1:
+        yield from loader
+        return
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        finished = torch.tensor(float(batch is None), device=accelerator.device)
+        if accelerator.reduce(finished, reduction="sum").item() > 0:
+            return
+        yield batch
 
 
 def prepare_output_dir(output_dir: Path, args: PretrainingArguments, accelerator) -> None:
@@ -160,8 +227,12 @@ def check_init_from_architecture(init_from: str, config: CAiDConfig) -> None:
             )
 
 
-def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_processes: int) -> None:
+def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_processes: int,
+                     data_args: DataArguments | None = None) -> None:
     """Refuse configurations that would fail or silently misbehave, before any compute."""
+    if data_args is not None and data_args.streaming and args.max_steps <= 0:
+        raise ValueError("streaming=true: a stream has no known length, so set max_steps "
+                         "(the number of optimizer steps to train)")
     global_batch = args.per_device_train_batch_size * num_processes
     if config.queue_size % global_batch:
         raise ValueError(
@@ -261,14 +332,20 @@ def write_trainer_state(output_dir: Path, state: TrainState, extra: dict) -> Non
     (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
 
 
-def record_bad_files(accelerator, log: BadFileLog, new: list) -> None:
+def record_bad_files(accelerator, log: BadFileLog, new: list, images_seen: int | None = None,
+                     ) -> None:
     """Merge every process's newly met unreadable images into ``log`` (the main process
     writes them to bad_files.tsv), clear ``new``, and stop the run on every process alike
-    when too many images are bad."""
+    when too many images are bad. For a stream of unknown length, ``images_seen`` (all
+    processes) is the denominator, checked once at least 1,000 images were seen."""
     merged = gather_object(list(new)) if accelerator.num_processes > 1 else list(new)
     new.clear()
     for image_id, reason in log.add(merged):
         accelerator.print(f"skipped unreadable image {image_id}: {reason}")
+    if images_seen is not None:
+        log.total_images = max(1, images_seen + len(log))
+        if log.total_images < 1000:
+            return
     log.check()
 
 
@@ -306,7 +383,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                                                   even_batches=False),
     )
     config = CAiDConfig(**dataclasses.asdict(model_args))
-    check_run_config(config, args, accelerator.num_processes)
+    check_run_config(config, args, accelerator.num_processes, data_args)
     prepare_output_dir(output_dir, args, accelerator)
     set_seed(args.seed)  # the same initial weights on every process
 
@@ -317,20 +394,27 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         model = CAiDForPreTraining(config)
     # from here on each process draws its own crops and key shuffles
     set_seed(args.seed, device_specific=True)
-    train_set, val_set = build_datasets(data_args, config.image_size, args.seed)
+    train_set, val_set = build_datasets(data_args, config.image_size, args.seed, accelerator)
+    streaming = isinstance(train_set, IterableDataset)
+    num_train = "streamed" if streaming else len(train_set)
     train_loader, val_loader, num_workers = build_loaders(train_set, val_set, args, accelerator)
     bad_files = BadFileLog(output_dir / "bad_files.tsv" if accelerator.is_main_process else None,
-                           len(train_set) + len(val_set), data_args.max_bad_fraction)
+                           len(val_set) + (0 if streaming else len(train_set)),
+                           data_args.max_bad_fraction)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=args.learning_rate, momentum=args.sgd_momentum,
                                 weight_decay=args.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader)
-
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    if streaming:  # split per process already: Accelerate must not shard it again
+        model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+        total_steps, num_epochs = args.max_steps, "?"
+    else:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader)
+        steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+        total_steps = (args.max_steps if args.max_steps > 0
+                       else args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
     if args.lr_scheduler_type == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
@@ -343,6 +427,12 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     state = TrainState()
     train_crops = crop_datasets(train_set)
     new_bad: list = []  # unreadable images met since the last check, this process
+
+    def images_seen() -> int | None:  # the bad-fraction denominator of a stream
+        if not streaming:
+            return None
+        return state.global_step * args.per_device_train_batch_size * accelerator.num_processes \
+            * args.gradient_accumulation_steps + len(val_set)
     accelerator.register_for_checkpointing(scheduler, state, augmenter)
 
     run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
@@ -367,7 +457,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
 
     global_batch = args.per_device_train_batch_size * accelerator.num_processes
     accelerator.print(
-        f"CAiD pre-training: {len(train_set)} train / {len(val_set)} validation images, "
+        f"CAiD pre-training: {num_train} train / {len(val_set)} validation images, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
         f"{global_batch * args.gradient_accumulation_steps}, {total_steps} steps ({num_epochs} epochs), "
         f"{num_workers} loader worker(s) per process"
@@ -376,7 +466,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
-    run_facts = {"num_train_images": len(train_set), "num_validation_images": len(val_set),
+    run_facts = {"num_train_images": num_train, "num_validation_images": len(val_set),
                  "hardware": describe_hardware(accelerator)}
     started = time.perf_counter()
     base_model = args.init_from if args.init_from and not Path(args.init_from).exists() else None
@@ -390,13 +480,14 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
 
     while state.global_step < total_steps:
         epoch = state.epoch
-        train_loader.set_epoch(epoch)
+        if not streaming:
+            train_loader.set_epoch(epoch)  # the seedable sampler's order
         train_crops.set_epoch(epoch)  # the crops of this epoch, in every worker
         loader = train_loader
         if state.batches_in_epoch:  # resuming mid-epoch: skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for batch in loader:
-            crops = batch["crops"]
+        for batch in synced_batches(loader, accelerator, streaming):
+            crops = batch["crops"].to(accelerator.device, non_blocking=True)
             new_bad.extend(batch["bad_files"])
             # the key branch follows the query once per optimizer step, not per micro-batch
             first_micro_batch = state.batches_in_epoch % args.gradient_accumulation_steps == 0
@@ -416,7 +507,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             state.global_step += 1
             progress.update(1)
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
-                record_bad_files(accelerator, bad_files, new_bad)
+                record_bad_files(accelerator, bad_files, new_bad, images_seen())
                 now = time.perf_counter()
                 logs = {"train/loss": out.loss.item(), "train/contrastive_loss": out.contrastive_loss.item(),
                         "train/contrastive_accuracy": (out.logits.argmax(dim=1) == 0).float().mean().item(),
@@ -428,7 +519,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 state.history.append({"step": state.global_step, **logs})
                 last_log, images_since_log = now, 0
-            end_of_epoch = state.batches_in_epoch == len(train_loader)
+            end_of_epoch = not streaming and state.batches_in_epoch == len(train_loader)
             if args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch:
                 accelerator.save_state()  # (the epoch end saves after validation)
             if state.global_step >= total_steps:
@@ -437,7 +528,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             state.epoch, state.batches_in_epoch = epoch + 1, 0
         metrics = evaluate(model, val_loader, augmentation, args.seed, config.context_prediction,
                            accelerator, new_bad)
-        record_bad_files(accelerator, bad_files, new_bad)
+        record_bad_files(accelerator, bad_files, new_bad, images_seen())
         metrics["epoch"] = epoch
         metrics["data/bad_files"] = len(bad_files)
         accelerator.log(metrics, step=state.global_step)

@@ -1,0 +1,40 @@
+"""Run by tests/test_streaming.py under `accelerate launch --num_processes 2`.
+
+Trains a few steps on a streaming parquet dataset through the real entry point and dumps
+the image ids this rank's training stream yielded.
+"""
+
+import json
+import os
+import sys
+
+import datasets
+
+from caid_hf.data.hf_sources import HFStreamingSource
+from caid_hf.data.streaming import StreamingTwoCrops
+from caid_hf.training.pretrain import main
+
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
+seen = []  # (epoch, image id) of every image this rank's training stream read
+epoch = [0]
+_iter = HFStreamingSource.__iter__
+_set_epoch = StreamingTwoCrops.set_epoch
+
+
+def recording_iter(self):
+    for image_id, image in _iter(self):
+        if self.world_size > 1:  # the training stream (the validation head is read unsplit)
+            seen.append((epoch[0], image_id))
+        yield image_id, image
+
+
+def recording_set_epoch(self, value):
+    epoch[0] = value
+    _set_epoch(self, value)
+
+
+HFStreamingSource.__iter__ = recording_iter
+StreamingTwoCrops.set_epoch = recording_set_epoch
+result = main(sys.argv[1:])
+rank = int(os.environ["RANK"])
+(result.output_dir / f"seen{rank}.json").write_text(json.dumps(seen))

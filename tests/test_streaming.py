@@ -1,0 +1,96 @@
+"""Pre-training on a streaming Hugging Face dataset: one process and two."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from PIL import Image
+from test_training import ROOT, TINY, _free_port
+
+from caid_hf.data.hf_sources import HFStreamingSource
+from caid_hf.data.phantoms import generate_phantom
+from caid_hf.data.streaming import StreamingTwoCrops, take_head
+from caid_hf.training.pretrain import main
+
+
+@pytest.fixture(autouse=True)
+def _no_shutdown_pause(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def _parquet_shards(folder, num_images=48, num_files=4, size=80):
+    """Phantom PNGs in ``num_files`` parquet files, with an ``id`` column."""
+    def png(i):
+        buffer = io.BytesIO()
+        Image.fromarray(generate_phantom(i, size, 0, True)[0]).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    data = datasets.Dataset.from_dict(
+        {"image": [png(i) for i in range(num_images)], "id": [f"img{i:03d}" for i in range(num_images)]}
+    ).cast_column("image", datasets.Image())
+    folder.mkdir(parents=True)
+    for index in range(num_files):
+        data.shard(num_files, index, contiguous=True).to_parquet(folder / f"part-{index}.parquet")
+    return str(folder / "*.parquet")
+
+
+def test_streaming_crops_skip_the_held_out_head_and_follow_the_epoch(tmp_path):
+    pattern = _parquet_shards(tmp_path / "shards", num_images=12, num_files=2)
+    from caid_hf.data.hf_sources import open_hf_dataset
+
+    def stream():
+        return HFStreamingSource(open_hf_dataset(pattern, streaming=True), id_column="id")
+
+    head = take_head(stream(), 3)
+    assert head.ids == ["img000", "img001", "img002"] and head.load(0).shape == (80, 80)
+    crops = StreamingTwoCrops(stream(), 32, seed=1, exclude=frozenset(head.ids))
+    first = list(crops)
+    assert len(first) == 9 and all(item[0].shape == (2, 32, 32) and item[1] == [] for item in first)
+    again = list(crops)
+    assert all((a[0] == b[0]).all() for a, b in zip(first, again))  # same epoch, same crops
+    crops.set_epoch(1)
+    assert not all((a[0] == b[0]).all() for a, b in zip(first, list(crops)))
+
+
+@pytest.mark.slow
+def test_streaming_run_trains_and_validates_on_the_held_out_head(tmp_path):
+    pattern = _parquet_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    result = main(TINY + ["--train_source", pattern, "--streaming", "true", "--id_column", "id",
+                          "--streaming_validation_images", "8", "--max_steps", "4",
+                          "--output_dir", str(out)])
+    assert result.global_step == 4 and (out / "final" / "model.safetensors").is_file()
+    assert [h["val/loss"] for h in result.history if "val/loss" in h]
+    with pytest.raises(ValueError, match="max_steps"):
+        main(TINY + ["--train_source", pattern, "--streaming", "true",
+                     "--output_dir", str(tmp_path / "no_steps")])
+
+
+@pytest.mark.slow
+def test_two_process_streaming_ranks_read_disjoint_samples(tmp_path):
+    pattern = _parquet_shards(tmp_path / "shards", num_images=48, num_files=4)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "two_rank_stream.py"),
+           *TINY, "--per_device_train_batch_size", "4", "--train_source", pattern,
+           "--streaming", "true", "--id_column", "id", "--streaming_validation_images", "8",
+           "--output_dir", str(out), "--max_steps", "12"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen0, seen1 = (json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1))
+    # Within each pass over the stream the ranks read disjoint parts (datasets may hand the
+    # shards out differently from one epoch to the next).
+    epochs = {e for e, _ in seen0} | {e for e, _ in seen1}
+    assert len(epochs) >= 2
+    for e in epochs:
+        ids0 = {i for k, i in seen0 if k == e}
+        ids1 = {i for k, i in seen1 if k == e}
+        assert ids0 and ids1 and not ids0 & ids1, e
+    assert min(len(seen0), len(seen1)) >= 12 * 4  # every step had a full batch on each rank
