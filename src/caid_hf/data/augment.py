@@ -282,6 +282,7 @@ def color_jitter(
     brightness: float = 0.4,
     contrast: float = 0.4,
     p: float = 0.8,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """torchvision's ``ColorJitter`` on grey images, per sample, with probability ``p``.
 
@@ -296,6 +297,7 @@ def color_jitter(
 
     Args:
         x: float [B, C, H, W] in [0, 1].
+        inplace: write the result into ``x`` (saves a copy of the batch).
         generator: the random stream, on ``x``'s device.
 
     Returns:
@@ -317,7 +319,12 @@ def color_jitter(
         alpha = torch.where(applied, torch.where(step_is_brightness, b, c), one)
         use_mean = applied & ~step_is_brightness
         anchor = torch.where(use_mean, x.mean(dim=(1, 2, 3)), torch.zeros_like(b))
-        x = torch.addcmul(_per_sample((1.0 - alpha) * anchor), _per_sample(alpha), x)
+        beta = _per_sample((1.0 - alpha) * anchor)
+        if inplace:
+            x = torch.addcmul(beta, _per_sample(alpha), x, out=x)
+        else:
+            x = torch.addcmul(beta, _per_sample(alpha), x)
+            inplace = True  # the second step may reuse the first step's new tensor
         x.clamp_(0.0, 1.0)
     return x, applied
 
@@ -359,19 +366,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = Non
     return out
 
 
-def _on_rows(x: torch.Tensor, rows: torch.Tensor, work) -> torch.Tensor:
+def _on_rows(x: torch.Tensor, rows: torch.Tensor, work, inplace: bool = False) -> torch.Tensor:
     """``x`` with samples ``rows`` (bool [B]) replaced by ``work(x[rows], rows)``.
 
-    On a CPU only the selected samples are computed (index, compute, copy back); on an
-    accelerator everything is computed and selected with ``torch.where``, which avoids
-    a host synchronisation. Both give the same values.
+    On a CPU only the selected samples are computed (index, compute, copy back), into ``x``
+    itself when ``inplace``; on an accelerator everything is computed and selected with
+    ``torch.where``, which avoids a host synchronisation. Both give the same values.
     """
     if x.device.type != "cpu":
         return torch.where(_per_sample(rows), work(x, None), x)
     index = rows.nonzero().squeeze(1)
     if index.numel() == 0:
-        return x.clone()
-    return x.index_copy(0, index, work(x.index_select(0, index), index))
+        return x if inplace else x.clone()
+    part = work(x.index_select(0, index), index)
+    return x.index_copy_(0, index, part) if inplace else x.index_copy(0, index, part)
 
 
 def random_gaussian_blur(
@@ -379,11 +387,13 @@ def random_gaussian_blur(
     generator: torch.Generator,
     p: float = 0.5,
     sigma_range: tuple[float, float] = (0.1, 2.0),
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blur each sample with probability ``p``, sigma ~ U(sigma_range) pixels.
 
     Args:
         x: float [B, C, H, W] in [0, 1].
+        inplace: write the result into ``x`` (saves a copy of the batch).
 
     Returns:
         ``(out, applied)``: out float [B, C, H, W] in [0, 1], ``x`` exactly where
@@ -399,22 +409,23 @@ def random_gaussian_blur(
         part_sigma = sigma if index is None else sigma.index_select(0, index)
         return gaussian_blur(part, part_sigma, radius).clamp_(0.0, 1.0)
 
-    return _on_rows(x, applied, blur), applied
+    return _on_rows(x, applied, blur, inplace), applied
 
 
 def random_horizontal_flip(
-    x: torch.Tensor, generator: torch.Generator, p: float = 0.5
+    x: torch.Tensor, generator: torch.Generator, p: float = 0.5, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror each sample left-right with probability ``p``.
 
     Args:
         x: [B, C, H, W], any dtype.
+        inplace: write the result into ``x`` (saves a copy of the batch).
 
     Returns:
         ``(out, flipped)``: out like ``x``; flipped bool [B].
     """
     flipped = _rand(generator, x.shape[0]) < p
-    return _on_rows(x, flipped, lambda part, _: part.flip(-1)), flipped
+    return _on_rows(x, flipped, lambda part, _: part.flip(-1), inplace), flipped
 
 
 @dataclass
@@ -647,7 +658,8 @@ def sample_distortion_codes(
 
 
 def distort(
-    x: torch.Tensor, generator: torch.Generator, config: AugmentationConfig
+    x: torch.Tensor, generator: torch.Generator, config: AugmentationConfig,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply CAiD's context-prediction distortion to each sample.
 
@@ -658,6 +670,7 @@ def distort(
 
     Args:
         x: float [B, C, S, S] in [0, 1].
+        inplace: write the result into ``x`` (saves a copy of the batch).
 
     Returns:
         ``(out, codes)``: out like ``x``; codes int64 [B] (:class:`Distortion`).
@@ -694,7 +707,7 @@ def distort(
     out = x
     for code, work in ((Distortion.CUTOUT, cutout), (Distortion.OUTPAINT, outpaint),
                        (Distortion.SHUFFLE, shuffle)):
-        out = _on_rows(out, codes == code, work)
+        out = _on_rows(out, codes == code, work, inplace or out is not x)
     return out, codes
 
 
@@ -808,11 +821,12 @@ class ViewAugmenter:
         generator = self._generator_for(crops.device)
 
         # Both views of every image form one batch of 2B: sample 2i is image i's query.
+        # Each step writes into this batch (no copies of it).
         x = crops.reshape(2 * batch, 1, size, size).float().div_(255.0)
-        original = x[0::2]
-        x, _ = color_jitter(x, generator, config.brightness, config.contrast, config.jitter_p)
-        x, _ = random_gaussian_blur(x, generator, config.blur_p, geo.blur_sigma)
-        x, flipped = random_horizontal_flip(x, generator, config.flip_p)
+        x, _ = color_jitter(x, generator, config.brightness, config.contrast, config.jitter_p,
+                            inplace=True)
+        x, _ = random_gaussian_blur(x, generator, config.blur_p, geo.blur_sigma, inplace=True)
+        x, flipped = random_horizontal_flip(x, generator, config.flip_p, inplace=True)
         x = x.view(batch, 2, size, size)
         query, key = x[:, :1], x[:, 1:]
 
@@ -820,15 +834,16 @@ class ViewAugmenter:
         codes = torch.zeros(batch, dtype=torch.long, device=crops.device)
         if self.context_prediction:
             if config.distort_key_view:
-                both, all_codes = distort(x.reshape(2 * batch, 1, size, size), generator, config)
+                both, all_codes = distort(x.reshape(2 * batch, 1, size, size), generator, config,
+                                          inplace=True)
                 both = both.view(batch, 2, size, size)
                 query, key, codes = both[:, :1], both[:, 1:], all_codes[0::2]
             else:
-                query, codes = distort(query.contiguous(), generator, config)
-            target = original
+                query, codes = distort(query.contiguous(), generator, config, inplace=True)
+            target = crops[:, :1].float().div_(255.0)  # the query's crop before everything
             if not config.reference_compat:  # the reference forgets to flip the target
-                target = torch.where(_per_sample(flipped[0::2]), original.flip(-1), original)
-            target = target.contiguous()
+                target = _on_rows(target, flipped[0::2], lambda part, _: part.flip(-1),
+                                  inplace=True)
 
         def rgb(view: torch.Tensor) -> torch.Tensor:
             return view.contiguous().expand(batch, 3, size, size)

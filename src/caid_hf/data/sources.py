@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .dicom import decode_dicom, has_dicom_magic
@@ -75,6 +76,29 @@ def pil_to_grey(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("L"), dtype=np.uint8)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_grey8_png(path: str | os.PathLike) -> np.ndarray | None:
+    """An 8-bit grey PNG (ChestX-ray14's format) decoded by torchvision's libpng, about 10 %
+    faster than PIL and bit-identical; None for any other PNG or any problem (PIL then reads
+    the file and reports errors)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    # IHDR is the first chunk: bit depth at byte 24, colour type at byte 25 (0: grey)
+    if data.size < 33 or data[:8].tobytes() != _PNG_SIGNATURE or data[24] != 8 or data[25] != 0:
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_png
+
+        decoded = decode_png(torch.from_numpy(data), ImageReadMode.UNCHANGED)
+    except Exception:  # noqa: BLE001 - any decoder complaint: let PIL read and report it
+        return None
+    return decoded[0].numpy() if decoded.shape[0] == 1 else None
+
+
 def decode_grey(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as grey uint8 [H, W] in 0..255.
 
@@ -83,7 +107,8 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     case), and files whose suffix is not an image format PIL knows (``IM0001``,
     ``1.2.840.113619.2.1``) but that carry ``DICM`` at byte offset 128.
 
-    Everything else is read by PIL. 8-bit grey is returned as stored; RGB, RGBA
+    Everything else is read by PIL (8-bit grey PNGs by torchvision's libpng, which
+    is faster and gives the same pixels). 8-bit grey is returned as stored; RGB, RGBA
     (alpha dropped), grey+alpha and palette images are converted with PIL's
     luminance (ITU-R 601). 16-bit (and 32-bit integer) grey is scaled by its
     bit depth, taken as the smallest of 8/10/12/14/16 bits that holds the
@@ -99,6 +124,10 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
         suffix not in Image.registered_extensions() and has_dicom_magic(path)
     ):
         return decode_dicom(path)
+    if suffix == ".png":
+        grey = _decode_grey8_png(path)
+        if grey is not None:
+            return grey
     try:
         with Image.open(path) as image:
             image.load()
