@@ -38,11 +38,51 @@ def test_defaults_are_the_papers_setting():
         ("reconstruction_weight", -1.0),
         ("reconstruction_activation", "tanh"),
         ("classifier_dropout", 1.0),
+        ("reconstruct_views", "second"),
+        ("reconstruct_views", "both"),  # MoCo (the default) cannot reconstruct its key view
+        ("barlow_projector_dims", []),
+        ("barlow_projector_dims", [64, 0]),
+        ("barlow_off_diagonal_weight", -0.1),
+        ("simsiam_projector_dims", []),
+        ("simsiam_projector_dims", [-1, 64]),
+        ("simsiam_predictor_hidden_dim", 0),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         CAiDConfig(**{field: value})
+
+
+def test_method_fields_defaults_and_choices():
+    c = CAiDConfig()
+    assert c.reconstruct_views == "first"
+    assert c.barlow_projector_dims == [8192, 8192, 8192] and c.barlow_off_diagonal_weight == 0.0051
+    assert c.simsiam_projector_dims == [2048, 2048, 2048] and c.simsiam_predictor_hidden_dim == 512
+    for method in ("moco_v2", "barlow_twins", "simsiam"):
+        assert CAiDConfig(discrimination_method=method).discrimination_method == method
+    with pytest.raises(ValueError, match="discrimination_method='byol'.*barlow_twins.*simsiam"):
+        CAiDConfig(discrimination_method="byol")
+    for method in ("barlow_twins", "simsiam"):
+        assert CAiDConfig(discrimination_method=method, reconstruct_views="both").reconstruct_views == "both"
+    assert CAiDConfig().objective_fields() == (
+        "discrimination_method", "projection_head", "projection_dim", "queue_size")
+    assert CAiDConfig(discrimination_method="barlow_twins").objective_fields() == (
+        "discrimination_method", "barlow_projector_dims")
+    assert CAiDConfig(discrimination_method="simsiam").objective_fields() == (
+        "discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
+
+
+def test_method_fields_survive_save_and_load(tmp_path):
+    c = CAiDConfig(discrimination_method="simsiam", reconstruct_views="both",
+                   simsiam_projector_dims=(512, 256), simsiam_predictor_hidden_dim=64,
+                   barlow_projector_dims=[1024, 1024, 1024], barlow_off_diagonal_weight=0.005)
+    c.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    for key in ("discrimination_method", "reconstruct_views", "simsiam_projector_dims",
+                "simsiam_predictor_hidden_dim", "barlow_projector_dims",
+                "barlow_off_diagonal_weight"):
+        assert getattr(loaded, key) == getattr(c, key), key
+    assert loaded.simsiam_projector_dims == [512, 256]
 
 
 def test_save_and_auto_config_round_trip(tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torchvision
@@ -169,3 +170,115 @@ def test_timm_export_and_smp_folder(tiny_config, tmp_path):
         unet = smp.from_pretrained(tmp_path / "unet").eval()
         assert isinstance(unet, smp.Unet)
         assert torch.equal(unet(x), ref.reconstruction)
+
+
+# --- every discrimination method shares the backbone, its files and the downstream loading ---
+
+METHOD_CONFIGS = {
+    "barlow_twins": {"barlow_projector_dims": [32, 32, 16]},
+    "simsiam": {"simsiam_projector_dims": [32, 32, 16], "simsiam_predictor_hidden_dim": 8},
+}
+
+
+def _method_config(method, **kwargs):
+    return CAiDConfig(encoder_name="resnet18", image_size=64, discrimination_method=method,
+                      **METHOD_CONFIGS[method], **kwargs)
+
+
+def test_embedding_std_hand_computed():
+    from caid_hf.objectives import embedding_std
+
+    # rows normalise to (1, 0), (0, 1), (0.6, 0.8): per-dimension sample std, then the mean
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0], [3.0, 4.0]])
+    col0, col1 = [1.0, 0.0, 0.6], [0.0, 1.0, 0.8]
+
+    def std(values):
+        mean = sum(values) / 3
+        return (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+
+    assert embedding_std(x).item() == pytest.approx((std(col0) + std(col1)) / 2, rel=1e-6)
+    assert embedding_std(torch.ones(5, 4) * 7).item() == 0.0  # collapsed
+    healthy = embedding_std(torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)))
+    assert healthy.item() == pytest.approx(1 / 64**0.5, rel=0.02)
+    assert embedding_std(x[:1]).item() == 0.0  # one image: no spread
+
+
+def test_moco_output_names_its_loss_and_collapse_indicator(tiny_config):
+    model = CAiDForPreTraining(tiny_config).train()
+    captured = {}
+    model.objective.register_forward_hook(lambda m, a, out: captured.update(q=out.projections))
+    out = model(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64))
+    assert out.discrimination_loss is out.contrastive_loss and out.logits.shape == (4, 33)
+    torch.testing.assert_close(out.embedding_std, captured["q"].std(dim=0).mean())
+    groups = model.optimizer_param_groups()
+    assert [(g["name"], g["fix_lr"]) for g in groups] == [("model", False)]
+    assert not any(p is q for p in groups[0]["params"] for q in model.objective.momentum_parameters())
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "simsiam"])
+def test_pretraining_round_trip_of_every_method(method, tmp_path):
+    pre = CAiDForPreTraining(_method_config(method))
+    _train_a_little(pre)
+    pre.save_pretrained(tmp_path)
+    loaded = AutoModelForPreTraining.from_pretrained(tmp_path)
+    assert isinstance(loaded, CAiDForPreTraining)
+    assert loaded.config.discrimination_method == method
+    ref, sd = pre.state_dict(), loaded.state_dict()
+    assert sd.keys() == ref.keys()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "simsiam"])
+def test_published_backbone_of_every_method_loads_downstream(method, tmp_path):
+    from caid_hf import CAiDForImageClassification, CAiDForSemanticSegmentation
+
+    pre = CAiDForPreTraining(_method_config(method))
+    _train_a_little(pre)
+    pre.caid.save_pretrained(tmp_path / "backbone")
+    pre.save_pretrained(tmp_path / "pretraining")
+    reference = pre.caid.state_dict()
+    theirs = smp.Unet("resnet18", encoder_weights=None).state_dict()
+    backbone = CAiDModel.from_pretrained(tmp_path / "backbone").state_dict()
+    assert list(backbone) == list(theirs) and all(torch.equal(backbone[k], reference[k]) for k in backbone)
+    for folder in ("backbone", "pretraining"):
+        clf, info = CAiDForImageClassification.from_pretrained(
+            tmp_path / folder, num_labels=3, output_loading_info=True)
+        assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}, folder
+        assert not info["unexpected_keys"] and not info["mismatched_keys"]
+        encoder = clf.caid.encoder.state_dict()
+        assert all(torch.equal(encoder[k], reference[f"encoder.{k}"]) for k in encoder)
+        seg, info = CAiDForSemanticSegmentation.from_pretrained(
+            tmp_path / folder, num_labels=1, output_loading_info=True)
+        assert info["missing_keys"] == {"classifier.0.weight", "classifier.0.bias"}, folder
+        assert not info["unexpected_keys"] and not info["mismatched_keys"]
+        unet = seg.caid.state_dict()
+        assert all(torch.equal(unet[k], reference[k]) for k in unet)
+    # continuing pre-training from the backbone: U-Net loaded, heads sensibly initialised
+    cont = CAiDForPreTraining.from_pretrained(tmp_path / "backbone")
+    assert all(torch.equal(cont.caid.state_dict()[k], reference[k]) for k in reference)
+    for name, tensor in cont.objective.state_dict().items():
+        assert torch.isfinite(tensor.float()).all(), name
+        if name.endswith("running_var"):
+            assert torch.equal(tensor, torch.ones_like(tensor)), name
+        if name.endswith("running_mean"):
+            assert torch.equal(tensor, torch.zeros_like(tensor)), name
+    linear = cont.objective.projector[0].weight
+    assert 0 < linear.abs().max() <= 1 / linear.shape[1] ** 0.5  # torch's default Linear bound
+    assert all(p.requires_grad for p in cont.parameters())
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "simsiam"])
+def test_instance_discrimination_baseline_of_every_method_skips_the_decoder(method):
+    model = CAiDForPreTraining(_method_config(method, context_prediction=False)).train()
+    assert not any(p.requires_grad for p in model.caid.decoder.parameters())
+    grouped = {id(p) for g in model.optimizer_param_groups() for p in g["params"]}
+    assert not any(id(p) in grouped for p in model.caid.decoder.parameters())
+    calls = []
+    model.caid.decoder.register_forward_hook(lambda *a: calls.append(1))
+    out = model(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64))
+    assert out.reconstruction is None and out.reconstruction_loss is None and not calls
+    torch.testing.assert_close(out.loss, out.discrimination_loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.caid.decoder.parameters())
+    assert model.caid.encoder.conv1.weight.grad.abs().sum() > 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-DISCRIMINATION_METHODS = ("moco_v2",)
+DISCRIMINATION_METHODS = ("moco_v2", "barlow_twins", "simsiam")
 PROJECTION_HEADS = ("mlp", "linear")
 RECONSTRUCTION_ACTIVATIONS = ("sigmoid", "identity")
+RECONSTRUCT_VIEWS = ("first", "both")
 
 
 def available_encoders() -> list[str]:
@@ -29,21 +30,39 @@ class CAiDConfig(PretrainedConfig):
         decoder_channels: channels of the U-Net decoder blocks, one per stage.
         in_channels: input channels; grey radiographs are replicated to 3.
         image_size: side of the square training views in pixels (divisible by 32).
-        discrimination_method: instance-discrimination objective; ``moco_v2`` (the one the
-            original code ships).
+        discrimination_method: instance-discrimination objective: ``moco_v2`` (the one the
+            original code ships), ``barlow_twins`` or ``simsiam`` (in the paper, not in the
+            original code). Barlow Twins and SimSiam have no momentum encoder and no queue: both
+            views go through the one encoder with gradients, and every BatchNorm layer of the
+            pre-training model (encoder, decoder, heads) normalises over the global batch when
+            several processes run, as both methods' originals do with synchronised BatchNorm.
         context_prediction: ``True`` is CAiD (instance discrimination + reconstruction);
             ``False`` is the plain instance-discrimination baseline (the decoder is not used).
+        reconstruct_views: which views the U-Net restores in CAiD mode. ``first`` (default): the
+            first (query) view, against ``labels``, as the original does. ``both``: also the
+            second view, against ``key_labels``; the reconstruction loss is then the mean of the
+            two views' MSE. Only for the symmetric methods (``barlow_twins``, ``simsiam``): MoCo's
+            second view goes through the momentum encoder, which has no decoder and no gradient.
         queue_size: MoCo queue length K; must be divisible by the global batch size.
         momentum: MoCo momentum m of the key encoder.
         contrastive_temperature: MoCo softmax temperature T (not ``temperature``: transformers
             reserves that name for generation).
-        projection_dim: output dimension of the projection head.
+        projection_dim: output dimension of the MoCo projection head.
         projection_head: ``mlp`` (Linear-ReLU-Linear, MoCo-v2) or ``linear`` (MoCo-v1).
         shuffle_bn_splits: on a single process, BatchNorm statistics are computed over this
             many sub-batches and the key batch is shuffled across them, emulating the
             cross-process shuffle-BN of MoCo (1 disables the emulation). Ignored when several
-            processes run: the real cross-process shuffle is used.
-        contrastive_weight: weight of the instance-discrimination loss.
+            processes run: the real cross-process shuffle is used. MoCo only.
+        barlow_projector_dims: output widths of the Barlow Twins projector's linear layers
+            (BatchNorm + ReLU after all but the last); 8192 × 3 as Barlow Twins on ResNet-50.
+        barlow_off_diagonal_weight: λ of the Barlow Twins loss, the weight of the squared
+            off-diagonal cross-correlations (redundancy reduction) against the on-diagonal
+            invariance term; 0.0051 as Barlow Twins.
+        simsiam_projector_dims: output widths of the SimSiam projector's linear layers
+            (BatchNorm after every one, ReLU after all but the last); 2048 × 3 as SimSiam.
+        simsiam_predictor_hidden_dim: bottleneck width of the SimSiam predictor
+            (d → hidden → d with d the projector's output); 512 as SimSiam.
+        contrastive_weight: weight of the instance-discrimination loss, whatever the method.
         reconstruction_weight: weight of the reconstruction (MSE) loss.
         reconstruction_activation: activation of the reconstruction output (``sigmoid``).
         classifier_dropout: dropout before a downstream classification head.
@@ -64,12 +83,17 @@ class CAiDConfig(PretrainedConfig):
         image_size: int = 224,
         discrimination_method: str = "moco_v2",
         context_prediction: bool = True,
+        reconstruct_views: str = "first",
         queue_size: int = 65536,
         momentum: float = 0.999,
         contrastive_temperature: float = 0.2,
         projection_dim: int = 128,
         projection_head: str = "mlp",
         shuffle_bn_splits: int = 2,
+        barlow_projector_dims: list[int] | tuple[int, ...] = (8192, 8192, 8192),
+        barlow_off_diagonal_weight: float = 0.0051,
+        simsiam_projector_dims: list[int] | tuple[int, ...] = (2048, 2048, 2048),
+        simsiam_predictor_hidden_dim: int = 512,
         contrastive_weight: float = 1.0,
         reconstruction_weight: float = 10.0,
         reconstruction_activation: str = "sigmoid",
@@ -85,12 +109,17 @@ class CAiDConfig(PretrainedConfig):
         self.image_size = int(image_size)
         self.discrimination_method = discrimination_method
         self.context_prediction = bool(context_prediction)
+        self.reconstruct_views = reconstruct_views
         self.queue_size = int(queue_size)
         self.momentum = float(momentum)
         self.contrastive_temperature = float(contrastive_temperature)
         self.projection_dim = int(projection_dim)
         self.projection_head = projection_head
         self.shuffle_bn_splits = int(shuffle_bn_splits)
+        self.barlow_projector_dims = [int(d) for d in barlow_projector_dims]
+        self.barlow_off_diagonal_weight = float(barlow_off_diagonal_weight)
+        self.simsiam_projector_dims = [int(d) for d in simsiam_projector_dims]
+        self.simsiam_predictor_hidden_dim = int(simsiam_predictor_hidden_dim)
         self.contrastive_weight = float(contrastive_weight)
         self.reconstruction_weight = float(reconstruction_weight)
         self.reconstruction_activation = reconstruction_activation
@@ -131,6 +160,16 @@ class CAiDConfig(PretrainedConfig):
                 f"discrimination_method={self.discrimination_method!r} is unknown; "
                 f"choose one of {DISCRIMINATION_METHODS}"
             )
+        if self.reconstruct_views not in RECONSTRUCT_VIEWS:
+            raise ValueError(
+                f"reconstruct_views={self.reconstruct_views!r} is unknown; "
+                f"choose one of {RECONSTRUCT_VIEWS}"
+            )
+        if self.reconstruct_views == "both" and self.discrimination_method == "moco_v2":
+            raise ValueError(
+                "reconstruct_views='both' needs a symmetric method (barlow_twins, simsiam): "
+                "MoCo's second view is encoded by the momentum encoder, without decoder or gradient"
+            )
         if self.queue_size <= 0:
             raise ValueError(f"queue_size must be positive, got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
@@ -147,6 +186,18 @@ class CAiDConfig(PretrainedConfig):
             )
         if self.shuffle_bn_splits < 1:
             raise ValueError(f"shuffle_bn_splits must be >= 1, got {self.shuffle_bn_splits}")
+        for name in ("barlow_projector_dims", "simsiam_projector_dims"):
+            dims = getattr(self, name)
+            if not dims or any(d <= 0 for d in dims):
+                raise ValueError(f"{name} needs at least one positive width, got {dims}")
+        if self.barlow_off_diagonal_weight < 0:
+            raise ValueError(
+                f"barlow_off_diagonal_weight must be >= 0, got {self.barlow_off_diagonal_weight}"
+            )
+        if self.simsiam_predictor_hidden_dim <= 0:
+            raise ValueError(
+                f"simsiam_predictor_hidden_dim must be positive, got {self.simsiam_predictor_hidden_dim}"
+            )
         if self.contrastive_weight < 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.reconstruction_weight < 0:
@@ -162,3 +213,12 @@ class CAiDConfig(PretrainedConfig):
             )
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+
+    def objective_fields(self) -> tuple[str, ...]:
+        """The fields that shape the pre-training objective's weights and buffers (beyond the
+        U-Net): a pre-training checkpoint only loads into a model that agrees on all of them."""
+        if self.discrimination_method == "moco_v2":
+            return ("discrimination_method", "projection_head", "projection_dim", "queue_size")
+        if self.discrimination_method == "barlow_twins":
+            return ("discrimination_method", "barlow_projector_dims")
+        return ("discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")

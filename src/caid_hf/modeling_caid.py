@@ -22,8 +22,11 @@ from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegment
 from transformers.utils import ModelOutput
 
 from .configuration_caid import CAiDConfig
-from .distributed import world_size
+from .distributed import use_global_batch_norm, world_size
+from .objectives import embedding_std
+from .objectives.barlow_twins import BarlowTwins
 from .objectives.moco import MoCoV2, encode_in_splits, global_pool
+from .objectives.simsiam import SimSiam
 
 
 @dataclass
@@ -49,13 +52,25 @@ class CAiDForPreTrainingOutput(ModelOutput):
     """Output of :class:`CAiDForPreTraining`.
 
     Args:
-        loss: ``contrastive_weight * contrastive_loss + reconstruction_weight * reconstruction_loss``
-            (fp32 scalar; the reconstruction term only when ``labels`` are given).
-        contrastive_loss: InfoNCE of the instance-discrimination objective (fp32 scalar).
-        reconstruction_loss: mean squared error of ``reconstruction`` against ``labels``.
-        logits: [B, 1 + K] MoCo logits divided by the temperature (column 0 = positive key).
-        reconstruction: [B, 1, H, W] in [0, 1], ``None`` for the instance-discrimination baseline.
-        embeddings: pooled query features [B, C].
+        loss: ``contrastive_weight * discrimination_loss + reconstruction_weight *
+            reconstruction_loss`` (fp32 scalar; the reconstruction term only when ``labels``
+            are given).
+        contrastive_loss: the instance-discrimination loss; the same tensor as
+            ``discrimination_loss`` (the name predates Barlow Twins and SimSiam, which are not
+            contrastive), kept so MoCo code keeps working.
+        reconstruction_loss: mean squared error of ``reconstruction`` against ``labels``; with
+            ``reconstruct_views="both"`` the mean of both views' errors.
+        logits: [B, 1 + K] MoCo logits divided by the temperature (column 0 = positive key);
+            ``None`` for Barlow Twins and SimSiam.
+        reconstruction: [B, 1, H, W] in [0, 1] of the first view, ``None`` for the
+            instance-discrimination baseline.
+        embeddings: pooled first-view features [B, C].
+        discrimination_loss: the method's loss (fp32 scalar): MoCo InfoNCE, Barlow Twins
+            redundancy reduction, SimSiam negative cosine.
+        embedding_std: collapse indicator (detached fp32 scalar,
+            :func:`~caid_hf.objectives.embedding_std`) of the first view's projections:
+            ≈ 1/sqrt(D) when healthy, → 0 when collapsed.
+        key_reconstruction: [B, 1, H, W] of the second view with ``reconstruct_views="both"``.
     """
 
     loss: torch.FloatTensor | None = None
@@ -64,6 +79,9 @@ class CAiDForPreTrainingOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
+    discrimination_loss: torch.FloatTensor | None = None
+    embedding_std: torch.FloatTensor | None = None
+    key_reconstruction: torch.FloatTensor | None = None
 
 
 def smp_unet(config: CAiDConfig) -> nn.Module:
@@ -234,66 +252,123 @@ class CAiDModel(CAiDPreTrainedModel):
 class CAiDForPreTraining(CAiDPreTrainedModel):
     """CAiD pre-training: instance discrimination on the encoder + reconstruction by the U-Net.
 
-    ``self.caid`` is the published backbone; the projection head, momentum key branch and
-    queue live in ``self.objective`` and never enter the backbone's files. With
+    ``self.caid`` is the published backbone; the method's heads (and MoCo's momentum key
+    branch and queue) live in ``self.objective`` and never enter the backbone's files. With
     ``config.context_prediction=False`` it is the plain instance-discrimination baseline:
     the decoder is frozen and never run (its weights stay at their initialisation).
+
+    ``config.discrimination_method`` picks the objective. MoCo-v2 encodes the second (key)
+    view with its momentum encoder and shuffle-BN; Barlow Twins and SimSiam encode both views
+    with ``self.caid.encoder`` (each view its own BatchNorm statistics, as in their originals)
+    and, when several processes train, every BatchNorm of this model uses the global batch.
     """
 
     def __init__(self, config: CAiDConfig):
         super().__init__(config)
         self.caid = CAiDModel(config)
-        self.objective = MoCoV2(
-            self.caid.encoder,
-            feature_dim=self.caid.embedding_dim,
-            projection_dim=config.projection_dim,
-            queue_size=config.queue_size,
-            momentum=config.momentum,
-            temperature=config.contrastive_temperature,
-            head=config.projection_head,
-            shuffle_bn_splits=config.shuffle_bn_splits,
-        )
-        # The queue is identical on every rank by construction: keep DDP from re-broadcasting it.
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self, ["objective.queue", "objective.queue_ptr"]
-        )
+        feature_dim = self.caid.embedding_dim
+        if config.discrimination_method == "moco_v2":
+            self.objective = MoCoV2(
+                self.caid.encoder,
+                feature_dim=feature_dim,
+                projection_dim=config.projection_dim,
+                queue_size=config.queue_size,
+                momentum=config.momentum,
+                temperature=config.contrastive_temperature,
+                head=config.projection_head,
+                shuffle_bn_splits=config.shuffle_bn_splits,
+            )
+            # The queue is identical on every rank by construction: keep DDP from re-broadcasting it.
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self, ["objective.queue", "objective.queue_ptr"]
+            )
+        else:
+            # SyncBatchNorm semantics everywhere (the originals convert their whole model):
+            # then a multi-process step equals a one-process step on the global batch.
+            use_global_batch_norm(self.caid)
+            if config.discrimination_method == "barlow_twins":
+                self.objective = BarlowTwins(feature_dim, config.barlow_projector_dims,
+                                             config.barlow_off_diagonal_weight)
+            else:
+                self.objective = SimSiam(feature_dim, config.simsiam_projector_dims,
+                                         config.simsiam_predictor_hidden_dim)
         self.post_init()
-        self.objective.reset_momentum_branch(self.caid.encoder)
+        if self.is_moco:
+            self.objective.reset_momentum_branch(self.caid.encoder)
         self.freeze_unused()
 
+    @property
+    def is_moco(self) -> bool:
+        return self.config.discrimination_method == "moco_v2"
+
     def freeze_unused(self) -> None:
-        """Parameters that must not be trained: the key branch always, the decoder in ID-only mode.
+        """Parameters that must not be trained: MoCo's key branch always, the decoder in
+        ID-only mode.
 
         DDP raises on trainable parameters without gradients, and ``from_pretrained`` turns
         ``requires_grad`` back on, so this runs after construction and after loading.
         """
-        self.objective.freeze_momentum_branch()
+        if self.is_moco:
+            self.objective.freeze_momentum_branch()
         train_decoder = self.config.context_prediction
         for p in [*self.caid.decoder.parameters(), *self.caid.segmentation_head.parameters()]:
             p.requires_grad_(train_decoder)
+
+    def optimizer_param_groups(self, fix_predictor_lr: bool = True) -> list[dict]:
+        """The trainable parameters as optimizer parameter groups.
+
+        Returns ``[{"name": "model", "params": [...], "fix_lr": False}]`` and, for SimSiam, a
+        second group ``{"name": "predictor", "params": [the predictor's], "fix_lr":
+        fix_predictor_lr}``. A group with ``fix_lr=True`` is meant to keep its initial learning
+        rate (no warm-up, no decay), as SimSiam trains its predictor; the schedule must honour
+        the flag (torch optimizers keep extra keys in their groups). Frozen parameters (MoCo's
+        key branch, the decoder of the ID-only baseline) are left out.
+        """
+        predictor = set()
+        if self.config.discrimination_method == "simsiam":
+            predictor = {id(p) for p in self.objective.predictor.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"name": "model", "params": [p for p in trainable if id(p) not in predictor],
+                   "fix_lr": False}]
+        if predictor:
+            groups.append({"name": "predictor", "fix_lr": fix_predictor_lr,
+                           "params": [p for p in trainable if id(p) in predictor]})
+        return groups
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load a pre-training checkpoint, or start pre-training from a published backbone.
 
-        A backbone folder (``CAiDModel``) has no key branch and no queue: the key branch is
-        then set to a copy of the loaded query branch and the queue to fresh random keys.
+        A backbone folder (``CAiDModel``) has no objective: MoCo's key branch is then set to a
+        copy of the loaded query branch and its queue to fresh random keys; the heads of every
+        method are initialised by ``_init_weights``.
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = set(info["missing_keys"])
-        if any(k.startswith("objective.momentum_") for k in missing):
+        if model.is_moco and any(k.startswith("objective.momentum_") for k in missing):
             model.objective.reset_momentum_branch(model.caid.encoder)
-        if {"objective.queue", "objective.queue_ptr"} & missing:
+        if model.is_moco and {"objective.queue", "objective.queue_ptr"} & missing:
             model.objective.reset_queue()
         model.freeze_unused()
         return (model, info) if want_info else model
+
+    def _reconstruction_loss(self, reconstruction: torch.Tensor, labels: torch.Tensor,
+                             name: str) -> torch.Tensor:
+        if labels.shape != reconstruction.shape:
+            raise ValueError(
+                f"{name} must be the reconstruction target {list(reconstruction.shape)} "
+                f"([B, 1, H, W] in [0, 1]), got {list(labels.shape)}"
+            )
+        dtype = torch.promote_types(reconstruction.dtype, torch.float32)
+        return F.mse_loss(reconstruction.to(dtype), labels.to(dtype))
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         key_pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
         update_momentum: bool = True,
         return_dict: bool | None = None,
         **kwargs,
@@ -301,41 +376,57 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         """One CAiD step.
 
         Args:
-            pixel_values: query views [B, 3, H, W], float in [0, 1] (distorted in CAiD mode).
-            key_pixel_values: key views [B, 3, H, W], float in [0, 1].
-            labels: reconstruction target [B, 1, H, W] in [0, 1] (the query view undistorted).
-            update_momentum: in training mode, move the key branch towards the query branch
-                before encoding the keys; pass ``False`` for all but the first micro-batch of a
-                gradient-accumulation window.
+            pixel_values: first (query) views [B, 3, H, W], float in [0, 1] (distorted in CAiD mode).
+            key_pixel_values: second (key) views [B, 3, H, W], float in [0, 1].
+            labels: reconstruction target of the first view [B, 1, H, W] in [0, 1] (the view
+                undistorted).
+            key_labels: the same for the second view; needed with ``reconstruct_views="both"``
+                whenever ``labels`` are given.
+            update_momentum: MoCo only: in training mode, move the key branch towards the query
+                branch before encoding the keys; pass ``False`` for all but the first
+                micro-batch of a gradient-accumulation window.
         """
         if kwargs:
             raise TypeError(f"CAiDForPreTraining.forward() got unexpected arguments {sorted(kwargs)}")
         c = self.config
-        # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
-        splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
-        features = encode_in_splits(self.caid.encoder, pixel_values, splits)
-        embeddings = global_pool(features[-1])
-        moco = self.objective(embeddings, key_pixel_values, self.caid.encoder, update_momentum)
+        key_features = None
+        if self.is_moco:
+            # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
+            splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
+            features = encode_in_splits(self.caid.encoder, pixel_values, splits)
+            embeddings = global_pool(features[-1])
+            result = self.objective(embeddings, key_pixel_values, self.caid.encoder, update_momentum)
+        else:
+            features = self.caid.encoder(pixel_values)
+            key_features = self.caid.encoder(key_pixel_values)
+            embeddings = global_pool(features[-1])
+            result = self.objective(embeddings, global_pool(key_features[-1]))
 
-        reconstruction = reconstruction_loss = None
-        loss = c.contrastive_weight * moco.loss
+        reconstruction = key_reconstruction = reconstruction_loss = None
+        loss = c.contrastive_weight * result.loss
         if c.context_prediction:
             reconstruction = self.caid.reconstruct(features)
+            if c.reconstruct_views == "both":
+                key_reconstruction = self.caid.reconstruct(key_features)
             if labels is not None:
-                if labels.shape != reconstruction.shape:
-                    raise ValueError(
-                        f"labels must be the reconstruction target {list(reconstruction.shape)} "
-                        f"([B, 1, H, W] in [0, 1]), got {list(labels.shape)}"
-                    )
-                reconstruction_loss = F.mse_loss(reconstruction.float(), labels.float())
+                reconstruction_loss = self._reconstruction_loss(reconstruction, labels, "labels")
+                if key_reconstruction is not None:
+                    if key_labels is None:
+                        raise ValueError("reconstruct_views='both' needs key_labels, the second "
+                                         "view's reconstruction target, along with labels")
+                    key_loss = self._reconstruction_loss(key_reconstruction, key_labels, "key_labels")
+                    reconstruction_loss = (reconstruction_loss + key_loss) / 2
                 loss = loss + c.reconstruction_weight * reconstruction_loss
         output = CAiDForPreTrainingOutput(
             loss=loss,
-            contrastive_loss=moco.loss,
+            contrastive_loss=result.loss,
             reconstruction_loss=reconstruction_loss,
-            logits=moco.logits,
+            logits=getattr(result, "logits", None),
             reconstruction=reconstruction,
             embeddings=embeddings,
+            discrimination_loss=result.loss,
+            embedding_std=embedding_std(result.projections),
+            key_reconstruction=key_reconstruction,
         )
         return output if return_dict is not False else output.to_tuple()
 

@@ -58,11 +58,13 @@ def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
 @dataclass
 class MoCoOutput:
     """loss: scalar fp32; logits: [B, 1 + K] fp32 already divided by T (column 0 = positive);
-    keys: [B, D] L2-normalised keys of this rank's batch."""
+    keys: [B, D] L2-normalised keys of this rank's batch; projections: [B, D] L2-normalised
+    queries (the first view's projections, as every objective reports them)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     keys: torch.Tensor
+    projections: torch.Tensor
 
 
 class MoCoV2(nn.Module):
@@ -187,4 +189,4 @@ class MoCoV2(nn.Module):
         loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
         if self.training:
             self.enqueue(k)
-        return MoCoOutput(loss=loss, logits=logits, keys=k)
+        return MoCoOutput(loss=loss, logits=logits, keys=k, projections=q)
