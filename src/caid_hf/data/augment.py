@@ -236,12 +236,15 @@ class AugmentedViews:
         target: float32 [B, 1, S, S] in [0, 1], the query view's crop before appearance
             changes and distortion (flipped with it), or None without context prediction.
         distortion: int64 [B], the query view's :class:`Distortion` code.
+        key_target: float32 [B, 1, S, S], the same for the key view, made only when the
+            augmenter was asked for it (``key_target=True``, for ``reconstruct_views="both"``).
     """
 
     query: torch.Tensor
     key: torch.Tensor
     target: torch.Tensor | None
     distortion: torch.Tensor
+    key_target: torch.Tensor | None = None
 
 
 def _distributed() -> bool:
@@ -720,6 +723,9 @@ class ViewAugmenter:
             instance-discrimination baseline (no distortion, target None).
         seed: seed of the generator, created on the first batch's device. In
             multi-process training give each process its own seed.
+        key_target: also return the key view's reconstruction target (CAiD mode with
+            ``reconstruct_views="both"``); the key view is then always distorted, whatever
+            ``config.distort_key_view`` says. Draws nothing extra from the generator.
 
     Call with ``crops`` uint8 [B, 2, S, S] (view 0 query, view 1 key); returns
     :class:`AugmentedViews`. ``state_dict`` / ``load_state_dict`` save and
@@ -732,9 +738,11 @@ class ViewAugmenter:
         config: AugmentationConfig | None = None,
         context_prediction: bool = True,
         seed: int = 0,
+        key_target: bool = False,
     ):
         self.config = config if config is not None else AugmentationConfig()
         self.context_prediction = context_prediction
+        self.key_target = key_target
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._pending: tuple[str, torch.Tensor] | None = None
@@ -830,10 +838,10 @@ class ViewAugmenter:
         x = x.view(batch, 2, size, size)
         query, key = x[:, :1], x[:, 1:]
 
-        target = None
+        target = key_target = None
         codes = torch.zeros(batch, dtype=torch.long, device=crops.device)
         if self.context_prediction:
-            if config.distort_key_view:
+            if config.distort_key_view or self.key_target:
                 both, all_codes = distort(x.reshape(2 * batch, 1, size, size), generator, config,
                                           inplace=True)
                 both = both.view(batch, 2, size, size)
@@ -844,11 +852,17 @@ class ViewAugmenter:
             if not config.reference_compat:  # the reference forgets to flip the target
                 target = _on_rows(target, flipped[0::2], lambda part, _: part.flip(-1),
                                   inplace=True)
+            if self.key_target:
+                key_target = crops[:, 1:].float().div_(255.0)
+                if not config.reference_compat:
+                    key_target = _on_rows(key_target, flipped[1::2],
+                                          lambda part, _: part.flip(-1), inplace=True)
 
         def rgb(view: torch.Tensor) -> torch.Tensor:
             return view.contiguous().expand(batch, 3, size, size)
 
-        return AugmentedViews(query=rgb(query), key=rgb(key), target=target, distortion=codes)
+        return AugmentedViews(query=rgb(query), key=rgb(key), target=target, distortion=codes,
+                              key_target=key_target)
 
     def __repr__(self) -> str:
         changed = {

@@ -112,6 +112,10 @@ class PretrainingArguments:
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "'cosine' or 'constant' (per step)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    fix_predictor_lr: bool = field(
+        default=True, metadata={"help": "SimSiam: keep the predictor's learning rate at "
+                                        "learning_rate (no warm-up, no decay), as SimSiam does."}
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
     seed: int = field(default=42, metadata={"help": "Seed of everything random."})

@@ -217,8 +217,10 @@ def check_init_from_architecture(init_from: str, config: CAiDConfig) -> None:
     """The run's architecture must be the checkpoint's, or loading would half-succeed."""
     saved = CAiDConfig.from_pretrained(init_from)
     fields = ["encoder_name", "encoder_depth", "decoder_channels", "in_channels"]
-    if "CAiDForPreTraining" in (saved.architectures or []):  # head and queue are loaded too
-        fields += ["discrimination_method", "projection_head", "projection_dim", "queue_size"]
+    if "CAiDForPreTraining" in (saved.architectures or []):  # the objective is loaded too
+        fields += [name for name in config.objective_fields() if name not in fields]
+        if saved.discrimination_method != config.discrimination_method:
+            fields = ["discrimination_method"]
     for name in fields:
         if getattr(saved, name) != getattr(config, name):
             raise ValueError(
@@ -234,7 +236,7 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
         raise ValueError("streaming=true: a stream has no known length, so set max_steps "
                          "(the number of optimizer steps to train)")
     global_batch = args.per_device_train_batch_size * num_processes
-    if config.queue_size % global_batch:
+    if config.discrimination_method == "moco_v2" and config.queue_size % global_batch:
         raise ValueError(
             f"queue_size={config.queue_size} must be divisible by the global batch size "
             f"per_device_train_batch_size × processes = {global_batch}"
@@ -248,38 +250,71 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
 
 
 @torch.no_grad()
-def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, context_prediction: bool,
+def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, config: CAiDConfig,
              accelerator, bad_files: list | None = None) -> dict:
     """Mean validation losses over the whole loader, with the same views every epoch.
 
     Runs the unwrapped model (no DDP collectives, so processes may see uneven batches) in
-    eval mode: no momentum update, no enqueue, BatchNorm running statistics. Unreadable
-    images met are appended to ``bad_files``.
+    eval mode: no momentum update, no enqueue, BatchNorm running statistics. Batches of one
+    image are left out (Barlow Twins standardises over the batch). ``val/embedding_std`` is
+    the image-weighted mean of the batches' collapse indicators. Unreadable images met are
+    appended to ``bad_files``.
     """
     model = accelerator.unwrap_model(model).eval()
-    augment = ViewAugmenter(augmentation, context_prediction, seed=seed)
-    # sums of: loss, contrastive loss, reconstruction loss, positive-key accuracy; image count
-    totals = torch.zeros(5, device=accelerator.device)
+    both = config.context_prediction and config.reconstruct_views == "both"
+    augment = ViewAugmenter(augmentation, config.context_prediction, seed=seed, key_target=both)
+    # sums of: loss, discrimination loss, reconstruction loss, positive-key hits (MoCo),
+    # embedding std; image count
+    totals = torch.zeros(6, device=accelerator.device)
     for batch in loader:
         crops = batch["crops"]
         if bad_files is not None:
             bad_files.extend(batch["bad_files"])
-        views = augment(crops)
-        out = model(views.query, views.key, labels=views.target)
         n = crops.shape[0]
-        rec = out.reconstruction_loss if out.reconstruction_loss is not None else torch.zeros(())
-        hits = (out.logits.argmax(dim=1) == 0).sum()
-        totals += torch.stack([out.loss.detach() * n, out.contrastive_loss.detach() * n,
+        if n < 2:
+            continue
+        views = augment(crops)
+        out = model(views.query, views.key, labels=views.target, key_labels=views.key_target)
+        zero = torch.zeros((), device=totals.device)
+        rec = out.reconstruction_loss if out.reconstruction_loss is not None else zero
+        hits = (out.logits.argmax(dim=1) == 0).sum() if out.logits is not None else zero
+        totals += torch.stack([out.loss.detach() * n, out.discrimination_loss.detach() * n,
                                rec.to(totals.device) * n, hits.to(totals.dtype),
+                               out.embedding_std.to(totals.device) * n,
                                torch.tensor(float(n), device=totals.device)])
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
-    n = totals[4].clamp(min=1)
-    metrics = {"val/loss": (totals[0] / n).item(), "val/contrastive_loss": (totals[1] / n).item(),
-               "val/contrastive_accuracy": (totals[3] / n).item()}
-    if context_prediction:
+    n = totals[5].clamp(min=1)
+    metrics = {"val/loss": (totals[0] / n).item(),
+               "val/discrimination_loss": (totals[1] / n).item(),
+               "val/embedding_std": (totals[4] / n).item()}
+    if config.discrimination_method == "moco_v2":
+        metrics["val/contrastive_loss"] = metrics["val/discrimination_loss"]
+        metrics["val/contrastive_accuracy"] = (totals[3] / n).item()
+    if config.context_prediction:
         metrics["val/reconstruction_loss"] = (totals[2] / n).item()
     return metrics
+
+
+def _constant_one(step: int) -> float:
+    return 1.0
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule of every parameter group: linear warm-up then cosine decay to 0
+    (``kind="cosine"``) or constant; groups marked ``fix_lr`` (SimSiam's predictor, see
+    :meth:`~caid_hf.CAiDForPreTraining.optimizer_param_groups`) keep their initial rate."""
+    if kind == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("fix_lr"):
+            scheduler.lr_lambdas[i] = _constant_one
+            group["lr"] = group["initial_lr"]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler
 
 
 def on_main_process(accelerator, work) -> None:
@@ -402,7 +437,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                            len(val_set) + (0 if streaming else len(train_set)),
                            data_args.max_bad_fraction)
 
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+    optimizer = torch.optim.SGD(model.optimizer_param_groups(args.fix_predictor_lr),
                                 lr=args.learning_rate, momentum=args.sgd_momentum,
                                 weight_decay=args.weight_decay)
     if streaming:  # split per process already: Accelerate must not shard it again
@@ -416,14 +451,12 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                        else args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(total_steps / steps_per_epoch)
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
-    if args.lr_scheduler_type == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+    scheduler = build_lr_scheduler(optimizer, args.lr_scheduler_type, args.warmup_steps, total_steps)
     # Each process draws its own views; the stream is part of the checkpoint.
     augmentation = AugmentationConfig(reference_compat=data_args.reference_compat)
     augmenter = ViewAugmenter(augmentation, config.context_prediction,
-                              seed=args.seed * 1000 + accelerator.process_index)
+                              seed=args.seed * 1000 + accelerator.process_index,
+                              key_target=config.reconstruct_views == "both")
     state = TrainState()
     train_crops = crop_datasets(train_set)
     new_bad: list = []  # unreadable images met since the last check, this process
@@ -494,7 +527,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             with accelerator.accumulate(model):
                 views = augmenter(crops)
                 out = model(views.query, views.key, labels=views.target,
-                            update_momentum=first_micro_batch)
+                            key_labels=views.key_target, update_momentum=first_micro_batch)
                 accelerator.backward(out.loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -509,10 +542,15 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
                 record_bad_files(accelerator, bad_files, new_bad, images_seen())
                 now = time.perf_counter()
-                logs = {"train/loss": out.loss.item(), "train/contrastive_loss": out.contrastive_loss.item(),
-                        "train/contrastive_accuracy": (out.logits.argmax(dim=1) == 0).float().mean().item(),
+                logs = {"train/loss": out.loss.item(),
+                        "train/discrimination_loss": out.discrimination_loss.item(),
+                        "train/embedding_std": out.embedding_std.item(),
                         "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
                         "train/images_per_second": images_since_log / max(now - last_log, 1e-9)}
+                if out.logits is not None:  # MoCo: its InfoNCE and positive-key top-1
+                    logs["train/contrastive_loss"] = out.contrastive_loss.item()
+                    logs["train/contrastive_accuracy"] = \
+                        (out.logits.argmax(dim=1) == 0).float().mean().item()
                 if out.reconstruction_loss is not None:
                     logs["train/reconstruction_loss"] = out.reconstruction_loss.item()
                 accelerator.log(logs, step=state.global_step)
@@ -526,8 +564,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 break
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-        metrics = evaluate(model, val_loader, augmentation, args.seed, config.context_prediction,
-                           accelerator, new_bad)
+        metrics = evaluate(model, val_loader, augmentation, args.seed, config, accelerator, new_bad)
         record_bad_files(accelerator, bad_files, new_bad, images_seen())
         metrics["epoch"] = epoch
         metrics["data/bad_files"] = len(bad_files)
