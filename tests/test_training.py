@@ -200,7 +200,7 @@ def test_overwrite_output_dir_replaces_the_previous_run(tmp_path):
     result = main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "2",
                           "--overwrite_output_dir", "true"])
     assert result.global_step == 2
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_0"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_2"]
 
 
 def test_init_from_with_another_architecture_is_refused(tmp_path):

@@ -78,6 +78,12 @@ class DataArguments:
                           "original; 1.0 roughly halves the crop cost (mean difference about half "
                           "a grey level)."},
     )
+    color_jitter_p: float = field(
+        default=0.8, metadata={"help": "Probability of the brightness/contrast jitter of each view "
+                                       "(0.8 as the original). Lower it when images differ mainly "
+                                       "in global brightness, as the synthetic phantoms do."}
+    )
+    blur_p: float = field(default=0.5, metadata={"help": "Probability of the Gaussian blur of each view."})
     max_bad_fraction: float = field(
         default=0.01,
         metadata={"help": "Unreadable images are skipped, counted and listed in "
@@ -120,10 +126,24 @@ class PretrainingArguments:
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
     seed: int = field(default=42, metadata={"help": "Seed of everything random."})
     logging_steps: int = field(default=10, metadata={"help": "Log scalars every N optimizer steps."})
-    save_steps: int = field(default=0, metadata={"help": "Also save the training state every N steps."})
-    save_total_limit: int = field(default=3, metadata={"help": "Training states kept."})
+    save_steps: int = field(default=0, metadata={"help": "Also save the training state every N steps "
+                                                       "(it is always saved at each epoch end)."})
+    save_total_limit: int = field(
+        default=3, metadata={"help": "Newest training states kept (plus the one of the best "
+                                     "validation loss); 0 keeps all."}
+    )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, or 'latest' in output_dir."}
+        default=None, metadata={"help": "A checkpoint folder, or 'latest': the newest complete one "
+                                        "in output_dir (none yet: start from step 0, so one command "
+                                        "both starts and continues a run)."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=10, metadata={"help": "Steps with a non-finite loss or gradient are skipped; this "
+                                      "many in a row stop the run."}
+    )
+    full_determinism: bool = field(
+        default=False, metadata={"help": "torch.use_deterministic_algorithms and deterministic "
+                                         "cuDNN: bit-identical reruns and resumes, slower."}
     )
     init_from: str | None = field(
         default=None, metadata={"help": "Start from a CAiD folder or Hub id (backbone or full "

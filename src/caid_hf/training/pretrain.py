@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ from ..model_card import write_model_card
 from ..modeling_caid import CAiDForPreTraining
 from ..publishing import push_folder
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
-from .checkpointing import TrainState, checkpoint_number, latest_checkpoint
+from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
 
 
 def build_datasets(data_args: DataArguments, image_size: int, seed: int, accelerator=None):
@@ -235,7 +237,19 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
     if data_args is not None and data_args.streaming and args.max_steps <= 0:
         raise ValueError("streaming=true: a stream has no known length, so set max_steps "
                          "(the number of optimizer steps to train)")
-    global_batch = args.per_device_train_batch_size * num_processes
+    batch = args.per_device_train_batch_size
+    if batch < 2:
+        raise ValueError(
+            f"per_device_train_batch_size={batch} is too small: BatchNorm needs at least 2 "
+            "images per process (and instance discrimination more than one image)"
+        )
+    splits = config.shuffle_bn_splits
+    if config.discrimination_method == "moco_v2" and num_processes == 1 and batch % splits:
+        raise ValueError(
+            f"shuffle_bn_splits={splits} must divide per_device_train_batch_size={batch}: "
+            "one process emulates shuffle-BN by encoding the batch in that many equal parts"
+        )
+    global_batch = batch * num_processes
     if config.discrimination_method == "moco_v2" and config.queue_size % global_batch:
         raise ValueError(
             f"queue_size={config.queue_size} must be divisible by the global batch size "
@@ -315,6 +329,28 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps
             group["lr"] = group["initial_lr"]
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return scheduler
+
+
+def step_flags(model, loss: torch.Tensor, accelerator, stop_requested: bool) -> tuple[bool, bool]:
+    """(update is finite, stop was requested) for the optimizer step about to be taken,
+    agreed by every process through one all-reduce of two numbers.
+
+    Finite means: this step's loss and every gradient are finite. Under fp16 the gradient
+    scaler already skips steps with overflowing gradients (and must see them to lower its
+    scale), so only the loss is checked then.
+    """
+    bad = (~torch.isfinite(loss.detach())).float().reshape(())
+    if accelerator.scaler is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads))
+            bad = bad + (~torch.isfinite(norms)).any().float()
+    flags = torch.stack([bad.to(accelerator.device),
+                         torch.tensor(float(stop_requested), device=accelerator.device)])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    flags = flags.tolist()
+    return flags[0] == 0, flags[1] > 0
 
 
 def on_main_process(accelerator, work) -> None:
@@ -408,10 +444,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), automatic_checkpoint_naming=True,
-            total_limit=args.save_total_limit,
-        ),
+        # checkpoints are named, written atomically and pruned by .checkpointing
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
         # one data order for all processes (each takes its shard), whatever their RNG seeds;
         # uneven last validation batches instead of padding with repeated images
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
@@ -420,7 +454,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     config = CAiDConfig(**dataclasses.asdict(model_args))
     check_run_config(config, args, accelerator.num_processes, data_args)
     prepare_output_dir(output_dir, args, accelerator)
-    set_seed(args.seed)  # the same initial weights on every process
+    set_seed(args.seed, deterministic=args.full_determinism)  # the same initial weights everywhere
 
     if args.init_from:
         check_init_from_architecture(args.init_from, config)
@@ -428,7 +462,7 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     else:
         model = CAiDForPreTraining(config)
     # from here on each process draws its own crops and key shuffles
-    set_seed(args.seed, device_specific=True)
+    set_seed(args.seed, device_specific=True, deterministic=args.full_determinism)
     train_set, val_set = build_datasets(data_args, config.image_size, args.seed, accelerator)
     streaming = isinstance(train_set, IterableDataset)
     num_train = "streamed" if streaming else len(train_set)
@@ -453,7 +487,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
     scheduler = build_lr_scheduler(optimizer, args.lr_scheduler_type, args.warmup_steps, total_steps)
     # Each process draws its own views; the stream is part of the checkpoint.
-    augmentation = AugmentationConfig(reference_compat=data_args.reference_compat)
+    augmentation = AugmentationConfig(reference_compat=data_args.reference_compat,
+                                      jitter_p=data_args.color_jitter_p, blur_p=data_args.blur_p)
     augmenter = ViewAugmenter(augmentation, config.context_prediction,
                               seed=args.seed * 1000 + accelerator.process_index,
                               key_target=config.reconstruct_views == "both")
@@ -466,7 +501,6 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
             return None
         return state.global_step * args.per_device_train_batch_size * accelerator.num_processes \
             * args.gradient_accumulation_steps + len(val_set)
-    accelerator.register_for_checkpointing(scheduler, state, augmenter)
 
     run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
            "training": dataclasses.asdict(args)}
@@ -477,12 +511,19 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         path = args.resume_from_checkpoint
         if path == "latest":
             path = latest_checkpoint(output_dir)
-            if path is None:
-                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
-        accelerator.load_state(str(path))
-        newest = latest_checkpoint(output_dir)  # number new saves after every existing one
-        accelerator.project_configuration.iteration = checkpoint_number(newest) + 1 if newest else 0
-        accelerator.print(f"resumed from {path} at step {state.global_step}")
+        if path is None:  # the same command starts a run and continues it after a kill
+            accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                              f"{output_dir}/checkpoints yet, starting from step 0")
+        else:
+            load_checkpoint(accelerator, path, state, scheduler, augmenter)
+            accelerator.print(f"resumed from {path} at step {state.global_step}")
+
+    def save(best: bool = False) -> None:
+        if best:
+            state.best_checkpoint = f"checkpoint_{state.global_step}"
+        save_checkpoint(accelerator, output_dir, state, scheduler, augmenter,
+                        keep=args.save_total_limit)
+
     if args.report_to != "none":
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for part in run.values() for k, v in part.items()}
@@ -499,6 +540,16 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
+    preemption = PreemptionHandler()
+    stopping = False
+
+    def leave_preempted() -> None:
+        progress.close()
+        accelerator.print(f"stopped by {preemption.signal_name} after step {state.global_step}; "
+                          f"the same command resumes the run (exit status {PREEMPTED_EXIT_CODE})")
+        preemption.restore()
+        accelerator.end_training()
+        raise TrainingPreempted(state.global_step)
     run_facts = {"num_train_images": num_train, "num_validation_images": len(val_set),
                  "hardware": describe_hardware(accelerator)}
     started = time.perf_counter()
@@ -529,16 +580,38 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 out = model(views.query, views.key, labels=views.target,
                             key_labels=views.key_target, update_momentum=first_micro_batch)
                 accelerator.backward(out.loss)
-                optimizer.step()
+                finite, stop = True, False
+                if accelerator.sync_gradients:  # one small all-reduce decides for every process
+                    finite, stop = step_flags(model, out.loss, accelerator, preemption.requested)
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             images_since_log += crops.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no decay
-                scheduler.step()
+                with warnings.catch_warnings():  # a skipped non-finite update still counts
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()
             state.global_step += 1
             progress.update(1)
+            if finite:
+                state.consecutive_nonfinite = 0
+            else:
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+                accelerator.print(f"step {state.global_step}: non-finite loss or gradient, update "
+                                  f"skipped ({state.nonfinite_steps} skipped so far)")
+                if state.consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
+                    last = latest_checkpoint(output_dir, warn=False)
+                    raise FloatingPointError(
+                        f"stopped at step {state.global_step}: the loss or the gradients were "
+                        f"non-finite at {state.consecutive_nonfinite} consecutive steps (steps "
+                        f"{state.global_step - state.consecutive_nonfinite + 1}-"
+                        f"{state.global_step}); the last good checkpoint is "
+                        f"{last or 'none (nothing saved yet)'}. Lower the learning rate or check "
+                        "the data, then resume from it")
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
                 record_bad_files(accelerator, bad_files, new_bad, images_seen())
                 now = time.perf_counter()
@@ -553,13 +626,18 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                         (out.logits.argmax(dim=1) == 0).float().mean().item()
                 if out.reconstruction_loss is not None:
                     logs["train/reconstruction_loss"] = out.reconstruction_loss.item()
+                logs["train/nonfinite_steps"] = state.nonfinite_steps
                 accelerator.log(logs, step=state.global_step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 state.history.append({"step": state.global_step, **logs})
                 last_log, images_since_log = now, 0
             end_of_epoch = not streaming and state.batches_in_epoch == len(train_loader)
+            stopping = stopping or stop
+            if stop and not end_of_epoch and state.global_step < total_steps:
+                save()  # SIGTERM / SIGINT: this step is done; keep it and leave
+                leave_preempted()
             if args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch:
-                accelerator.save_state()  # (the epoch end saves after validation)
+                save()  # (the epoch end saves after validation)
             if state.global_step >= total_steps:
                 break
         else:  # the epoch ran to its end
@@ -573,14 +651,18 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
         accelerator.print(f"epoch {epoch}: step {state.global_step}, " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
             + (f", {len(bad_files)} unreadable images skipped so far" if len(bad_files) else ""))
-        if metrics["val/loss"] < state.best_val_loss:
+        is_best = metrics["val/loss"] < state.best_val_loss
+        if is_best:
             state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
             save_backbone(accelerator, model, output_dir / "best", card())
             if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
                 push_backbone(accelerator, output_dir / "best", args)
         if state.batches_in_epoch == 0 or state.global_step >= total_steps:
-            accelerator.save_state()
+            save(best=is_best)
+        if stopping and state.global_step < total_steps:  # signalled at the epoch's last step
+            leave_preempted()
     progress.close()
+    preemption.restore()
 
     final_card = card()
     save_backbone(accelerator, model, output_dir / "final", final_card)

@@ -1,0 +1,223 @@
+"""Training that survives: exact resume after kills, atomic checkpoints, preemption, non-finite
+steps, configuration errors before compute, and loading that never unpickles objects."""
+
+import errno
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caid_hf import CAiDConfig, CAiDForPreTraining, CAiDModel
+from caid_hf.training import checkpointing
+from caid_hf.training.checkpointing import (
+    MARKER,
+    CheckpointSaveError,
+    latest_checkpoint,
+    safe_torch_load,
+)
+from caid_hf.training.preemption import PREEMPTED_EXIT_CODE
+from caid_hf.training.pretrain import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "interruptible_pretrain.py"
+TINY = [
+    "--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
+    "--projection_dim", "16", "--train_source", "phantoms", "--num_train_phantoms", "32",
+    "--num_validation_phantoms", "8", "--phantom_size", "96", "--per_device_train_batch_size", "8",
+    "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1",
+]
+# 4 steps per epoch: 10 steps cross two epoch ends (validation, best/, epoch checkpoints)
+RUN = TINY + ["--max_steps", "10", "--save_steps", "2", "--save_total_limit", "2",
+              "--full_determinism", "true", "--resume_from_checkpoint", "latest"]
+
+
+def _run(out: Path, **kill) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+           **{f"CAID_{k.upper()}": str(v) for k, v in kill.items()}}
+    return subprocess.run([sys.executable, str(SCRIPT), *RUN, "--output_dir", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def _final_state(out: Path) -> tuple[dict, dict]:
+    folder = out / "checkpoints" / "checkpoint_10"
+    assert (folder / MARKER).is_file()
+    return load_file(folder / "model.safetensors"), safe_torch_load(folder / "optimizer.bin")
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    (weights_a, optim_a), (weights_b, optim_b) = _final_state(a), _final_state(b)
+    assert weights_a.keys() == weights_b.keys() and "objective.queue" in weights_a
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    assert optim_a["state"].keys() == optim_b["state"].keys()
+    for index, slots in optim_a["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][name]))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_then_same_command_gives_identical_weights(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    done = _run(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rng = random.Random(2026)
+    kill_steps = sorted(rng.sample(range(2, 10), 2))  # mid-step kills
+    save_kill = rng.choice([4, 6, 8])  # a kill while checkpoint_N is written
+    plan = [{"sigkill_at_step": kill_steps[0]}, {"sigkill_in_save": save_kill},
+            {"sigkill_at_step": kill_steps[1]}]
+    plan.sort(key=lambda k: next(iter(k.values())))
+    out = tmp_path / "killed"
+    for kill in plan:
+        proc = _run(out, **kill)
+        assert proc.returncode == -9, (kill, proc.stderr[-3000:])
+    # the save that was killed left a marker-less temporary folder, never a checkpoint_N
+    assert all((p / MARKER).is_file() for p in (out / "checkpoints").glob("checkpoint_*"))
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    _assert_identical(reference, out)
+    # retention: the newest 2 plus the best validation checkpoint
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*"))
+    assert "checkpoint_10" in kept and len(kept) <= 3
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_exits_75_and_resumes_identically(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    assert _run(reference).returncode == 0
+    out = tmp_path / "preempted"
+    proc = _run(out, sigterm_at_step=7)  # mid-epoch: step 3 of the second epoch
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert "stopped by SIGTERM after step 7" in proc.stdout
+    assert (out / "checkpoints" / "checkpoint_7" / MARKER).is_file()
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 7" in proc.stdout
+    _assert_identical(reference, out)
+
+
+def test_latest_skips_a_checkpoint_without_marker(tmp_path):
+    good = tmp_path / "checkpoints" / "checkpoint_4"
+    good.mkdir(parents=True)
+    (good / MARKER).write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint_6").mkdir()  # interrupted: no marker
+    (tmp_path / "checkpoints" / ".tmp-checkpoint_8").mkdir()
+    with pytest.warns(UserWarning, match="checkpoint_6: it has no COMPLETE marker"):
+        assert latest_checkpoint(tmp_path) == good
+
+
+def test_resuming_an_unfinished_checkpoint_is_refused(tmp_path):
+    folder = tmp_path / "checkpoints" / "checkpoint_2"
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError, match="no COMPLETE marker"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "3",
+                     "--resume_from_checkpoint", str(folder)])
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *args, **kwargs):
+        if Path(path).parent.name == ".tmp-checkpoint_2":
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
+    with pytest.raises(CheckpointSaveError,
+                       match=r"checkpoint_2 failed \(no space left on the device\); the last "
+                             r"good checkpoint .*checkpoint_1 is kept"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "3", "--save_steps", "1"])
+    assert calls["n"] >= 1
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint_1"] and (tmp_path / "checkpoints" / "checkpoint_1" / MARKER).is_file()
+    assert latest_checkpoint(tmp_path).name == "checkpoint_1"
+
+
+def _nan_at(monkeypatch, steps):
+    """Make the loss NaN at the given optimizer steps (1-based; every step when None)."""
+    real_forward = CAiDForPreTraining.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            count["n"] += 1
+            if steps is None or count["n"] in steps:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(CAiDForPreTraining, "forward", forward)
+
+
+def test_a_nan_loss_skips_that_update_only(tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, {2})
+    result = main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "3"])
+    assert result.global_step == 3
+    assert "step 2: non-finite loss or gradient, update skipped (1 skipped so far)" in \
+        capsys.readouterr().out
+    logged = [h["train/nonfinite_steps"] for h in result.history if "train/loss" in h]
+    assert logged == [0, 1, 1]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_nan_at_every_step_stops_after_the_limit(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, None)
+    with pytest.raises(FloatingPointError, match=r"stopped at step 3: .* 3 consecutive steps "
+                                                 r"\(steps 1-3\); the last good checkpoint is none"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "8",
+                     "--max_consecutive_nonfinite_steps", "3"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--queue_size", "60"], "queue_size=60 must be divisible by the global batch"),
+    (["--image_size", "100"], "image_size must be a positive multiple of 32"),
+    (["--per_device_train_batch_size", "1"], "per_device_train_batch_size=1"),
+    (["--shuffle_bn_splits", "3"], "shuffle_bn_splits=3"),
+])
+def test_config_errors_stop_before_any_model_is_built(tmp_path, monkeypatch, flags, message):
+    built = []
+    monkeypatch.setattr("caid_hf.training.pretrain.CAiDForPreTraining.__init__",
+                        lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=message):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1", *flags])
+    assert not built
+
+
+def test_unknown_yaml_key_stops_with_a_suggestion(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("encoder_name: resnet18\nqueue_sise: 64\n")
+    with pytest.raises(ValueError, match="unknown key 'queue_sise'; did you mean 'queue_size'"):
+        main(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+
+
+class _Payload:
+    """Unpickling this would run code: torch.load(weights_only=True) must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_resume_refuses_pickled_objects(tmp_path):
+    out = tmp_path / "run"
+    main(TINY + ["--output_dir", str(out), "--max_steps", "1"])
+    checkpoint = latest_checkpoint(out)
+    torch.save({"payload": _Payload()}, checkpoint / "scheduler.pt")
+    with pytest.raises(ValueError, match="scheduler.pt holds pickled Python objects"):
+        main(TINY + ["--output_dir", str(out), "--max_steps", "2",
+                     "--resume_from_checkpoint", "latest"])
+
+
+def test_from_pretrained_never_unpickles_objects(tmp_path):
+    model = CAiDModel(CAiDConfig(encoder_name="resnet18", encoder_weights=None, image_size=64))
+    model.config.save_pretrained(tmp_path)
+    torch.save({"payload": _Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|pickle|global"):
+        CAiDModel.from_pretrained(tmp_path)
