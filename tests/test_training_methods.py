@@ -139,3 +139,23 @@ def test_two_process_simsiam_run_keeps_ranks_identical(tmp_path):
     # global-batch BatchNorm: the running statistics agree too (each rank saw the same mean)
     stats = [k for k in r0["state"] if k.endswith("running_mean")]
     assert stats and all(torch.allclose(r0["state"][k], r1["state"][k], atol=1e-6) for k in stats)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_into_a_valid_run(path):
+    from caid_hf.training.arguments import parse_pretraining_args
+
+    model_args, data_args, args = parse_pretraining_args(["--config", str(path)])
+    config = CAiDConfig(**{k: v for k, v in vars(model_args).items()})
+    name = path.stem
+    if "barlow" in name:
+        assert config.discrimination_method == "barlow_twins"
+    elif "simsiam" in name:
+        assert config.discrimination_method == "simsiam"
+    else:
+        assert config.discrimination_method == "moco_v2"
+    assert config.context_prediction == (not name.startswith("id_") and not name.endswith("_id"))
+    if name.startswith("demo"):
+        assert config.encoder_name == "resnet18" and data_args.train_source == "phantoms"
+    else:
+        assert config.encoder_name == "resnet50" and config.image_size == 224
