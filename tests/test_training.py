@@ -278,3 +278,23 @@ def test_a_failed_main_process_step_is_raised_after_the_barrier():
     with pytest.raises(ConnectionError, match="hub unreachable"):
         on_main_process(Accelerator(), failing_push)
     assert events == ["push", "barrier"]  # the other processes were released first
+
+
+def test_validation_writes_reconstruction_pictures(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    main(TINY + ["--output_dir", str(out), "--max_steps", "4", "--report_to", "tensorboard"])
+    pngs = sorted((out / "pictures").glob("*.png"))
+    assert [p.name for p in pngs] == ["reconstructions_step0000004.png"]
+    with Image.open(pngs[0]) as picture:
+        # 8 validation images as rows of (input | reconstruction | target), 64 px, 2 px gaps
+        assert picture.size == (3 * 64 + 4 * 2, 8 * 64 + 9 * 2)
+        grid = np.asarray(picture.convert("L"), dtype=np.float64)
+    inputs, reconstructions = grid[2:66, 2:66], grid[2:66, 68:132]
+    assert inputs.std() > 5 and reconstructions.std() > 0  # real images, not blank tiles
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("val/reconstructions")] == [4]

@@ -265,14 +265,16 @@ def check_run_config(config: CAiDConfig, args: PretrainingArguments, num_process
 
 @torch.no_grad()
 def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, config: CAiDConfig,
-             accelerator, bad_files: list | None = None) -> dict:
+             accelerator, bad_files: list | None = None, pictures: list | None = None) -> dict:
     """Mean validation losses over the whole loader, with the same views every epoch.
 
     Runs the unwrapped model (no DDP collectives, so processes may see uneven batches) in
     eval mode: no momentum update, no enqueue, BatchNorm running statistics. Batches of one
     image are left out (Barlow Twins standardises over the batch). ``val/embedding_std`` is
     the image-weighted mean of the batches' collapse indicators. Unreadable images met are
-    appended to ``bad_files``.
+    appended to ``bad_files``. In CAiD mode, ``pictures`` (when given) receives the first
+    batch's (distorted input, reconstruction, target) triple, each [b, 1, S, S] on the CPU:
+    the same images and views at every evaluation.
     """
     model = accelerator.unwrap_model(model).eval()
     both = config.context_prediction and config.reconstruct_views == "both"
@@ -289,6 +291,9 @@ def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, config:
             continue
         views = augment(crops)
         out = model(views.query, views.key, labels=views.target, key_labels=views.key_target)
+        if pictures is not None and not pictures and out.reconstruction is not None:
+            pictures.append(tuple(t[:8, :1].float().cpu() for t in
+                                  (views.query, out.reconstruction, views.target)))
         zero = torch.zeros((), device=totals.device)
         rec = out.reconstruction_loss if out.reconstruction_loss is not None else zero
         hits = (out.logits.argmax(dim=1) == 0).sum() if out.logits is not None else zero
@@ -351,6 +356,25 @@ def step_flags(model, loss: torch.Tensor, accelerator, stop_requested: bool) -> 
         flags = accelerator.reduce(flags, reduction="sum")
     flags = flags.tolist()
     return flags[0] == 0, flags[1] > 0
+
+
+def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Tensor], path: Path,
+                             accelerator=None, step: int | None = None) -> torch.Tensor:
+    """One row per image: distorted input | reconstruction | target (each [b, 1, S, S] in
+    [0, 1]), written as a PNG and, when a TensorBoard tracker runs, as the image
+    ``val/reconstructions``. Returns the grid, float [3, H, W] in [0, 1]."""
+    from torchvision.utils import make_grid, save_image
+
+    inputs, reconstructions, targets = (t.clamp(0, 1) for t in triple)
+    rows = torch.stack([inputs, reconstructions, targets], dim=1).flatten(0, 1)
+    grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    if accelerator is not None:
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"val/reconstructions": grid[None]}, step=step)
+    return grid
 
 
 def on_main_process(accelerator, work) -> None:
@@ -642,7 +666,13 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                 break
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-        metrics = evaluate(model, val_loader, augmentation, args.seed, config, accelerator, new_bad)
+        pictures: list = []
+        metrics = evaluate(model, val_loader, augmentation, args.seed, config, accelerator, new_bad,
+                           pictures)
+        if pictures and accelerator.is_main_process:
+            save_reconstruction_grid(pictures[0], output_dir / "pictures" /
+                                     f"reconstructions_step{state.global_step:07d}.png",
+                                     accelerator, state.global_step)
         record_bad_files(accelerator, bad_files, new_bad, images_seen())
         metrics["epoch"] = epoch
         metrics["data/bad_files"] = len(bad_files)
