@@ -221,3 +221,30 @@ def test_from_pretrained_never_unpickles_objects(tmp_path):
     torch.save({"payload": _Payload()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|pickle|global"):
         CAiDModel.from_pretrained(tmp_path)
+
+
+def test_signal_handlers_are_restored_even_when_the_run_fails(tmp_path, monkeypatch):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    _nan_at(monkeypatch, None)
+    with pytest.raises(FloatingPointError):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "4",
+                     "--max_consecutive_nonfinite_steps", "1"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_forked_children_die_on_sigterm_while_the_handler_is_installed():
+    import multiprocessing
+    import signal
+    import time
+
+    from caid_hf.training.preemption import PreemptionHandler
+
+    with PreemptionHandler() as handler:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        child.terminate()  # SIGTERM: a pool's terminate() must not hang on the worker
+        child.join(timeout=20)
+        assert child.exitcode == -signal.SIGTERM
+        assert not handler.requested

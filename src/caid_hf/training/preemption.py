@@ -8,6 +8,7 @@ resumes (``--resume_from_checkpoint latest``). A second SIGINT interrupts at onc
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -23,11 +24,25 @@ class TrainingPreempted(SystemExit):
         self.global_step = global_step
 
 
+_INSTALLED: list[PreemptionHandler] = []
+
+
+def _restore_in_child() -> None:
+    """A forked child (DataLoader or prepare-data worker) must die on SIGTERM as usual: a
+    pool that terminates its workers would otherwise wait for them forever."""
+    for handler in list(_INSTALLED):
+        handler.restore()
+
+
+os.register_at_fork(after_in_child=_restore_in_child)
+
+
 class PreemptionHandler:
     """Records SIGTERM / SIGINT instead of dying, while it is installed.
 
     Installed on creation when running in the main thread (signal handlers can only be set
-    there); ``restore()`` puts the previous handlers back.
+    there); ``restore()`` (or leaving the ``with`` block) puts the previous handlers back.
+    Forked children start with the previous handlers.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -38,6 +53,13 @@ class PreemptionHandler:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _INSTALLED.append(self)
+
+    def __enter__(self) -> PreemptionHandler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     @property
     def requested(self) -> bool:
@@ -50,6 +72,11 @@ class PreemptionHandler:
         self.signal_name = signal.Signals(signum).name
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        try:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+        except ValueError:  # not the main thread: nothing was installed from it either
+            pass
         self._previous = {}
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)

@@ -461,7 +461,17 @@ class PretrainResult:
 
 
 def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -> PretrainResult:
-    """Run CAiD pre-training with the given arguments (see :mod:`.arguments`)."""
+    """Run CAiD pre-training with the given arguments (see :mod:`.arguments`).
+
+    While it runs, SIGTERM / SIGINT ask for a clean stop (:mod:`.preemption`); the previous
+    signal handlers are back when it returns or raises.
+    """
+    with PreemptionHandler() as preemption:
+        return _pretrain(model_args, data_args, args, preemption)
+
+
+def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
+              preemption: PreemptionHandler) -> PretrainResult:
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=args.use_cpu or not torch.cuda.is_available(),
@@ -564,7 +574,6 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
-    preemption = PreemptionHandler()
     stopping = False
 
     def leave_preempted() -> None:
