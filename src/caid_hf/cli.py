@@ -1,4 +1,5 @@
-"""The ``caid-hf`` command: ``caid-hf pretrain|phantoms|prepare-data|export|push|convert-original …``."""
+"""The ``caid-hf`` command: ``caid-hf pretrain|finetune|evaluate-features|phantoms|prepare-data|export|push|
+convert-original …``."""
 
 from __future__ import annotations
 
@@ -137,6 +138,94 @@ def _prepare_data(argv: list[str]) -> None:
           f"in {time.perf_counter() - started:.1f} s")
 
 
+def _finetune(argv: list[str]) -> None:
+    from .finetuning.finetune import main as finetune_main
+
+    finetune_main(argv)
+
+
+def _evaluate_features(argv: list[str]) -> None:
+    from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
+    from .finetuning.features import evaluate_features
+
+    parser = argparse.ArgumentParser(
+        prog="caid-hf evaluate-features",
+        description="Embed a labelled set with a frozen backbone (pooler_output), score k-NN "
+                    "and linear-probe (logistic regression) classifiers, and save a t-SNE map "
+                    "of the embeddings coloured by label. Writes OUT/scores.json, "
+                    "OUT/embeddings.npz and OUT/tsne.png.",
+    )
+    parser.add_argument("model", help="CAiD folder or Hub id (e.g. outputs/demo/best), or "
+                                      "'random' for a randomly initialised backbone (the floor).")
+    parser.add_argument("--source", default="phantoms",
+                        help="Labelled set: 'phantoms' (label 'nodule'), a CSV file, a "
+                             "ChestX-ray14 split list with labels, or a Hugging Face dataset.")
+    parser.add_argument("--test-source", default=None,
+                        help="Held-out set the probes are scored on (default: k-fold "
+                             "cross-validation on --source).")
+    parser.add_argument("--out", required=True, help="Folder to write into.")
+    parser.add_argument("--images-root", default=None, help="Folder of the list's/CSV's paths.")
+    parser.add_argument("--image-column", default=None, help="CSV / dataset image column.")
+    parser.add_argument("--label-columns", nargs="+", default=None,
+                        help="CSV / dataset label column(s).")
+    parser.add_argument("--label-names", nargs="+", default=None, help="Names of the labels.")
+    parser.add_argument("--hf-split", default="train", help="Split of a Hugging Face --source.")
+    parser.add_argument("--hf-test-split", default="test",
+                        help="Split of a Hugging Face --test-source.")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="Input side in px (default: the model's image_size).")
+    parser.add_argument("--encoder-name", default="resnet50", help="Encoder of 'random'.")
+    parser.add_argument("--num-phantoms", type=int, default=400, help="Phantoms of --source.")
+    parser.add_argument("--num-test-phantoms", type=int, default=400,
+                        help="Phantoms of a 'phantoms' --test-source.")
+    parser.add_argument("--phantom-size", type=int, default=128, help="Side of the phantoms.")
+    parser.add_argument("--phantom-seed", type=int, default=1000,
+                        help="Seed of the phantoms (a phantom test set uses seed + 2).")
+    parser.add_argument("--k", type=int, default=20, help="Neighbours of the k-NN classifier.")
+    parser.add_argument("--folds", type=int, default=5, help="Cross-validation folds.")
+    parser.add_argument("--color-label", default=None,
+                        help="Colour the map by this label (present / absent).")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: cuda if present).")
+    a = parser.parse_args(argv)
+
+    import torch
+
+    from .configuration_caid import CAiDConfig
+    from .data.source_spec import HFOptions
+    from .modeling_caid import CAiDModel
+
+    if a.model == "random":
+        torch.manual_seed(a.seed)
+        backbone = CAiDModel(CAiDConfig(encoder_name=a.encoder_name,
+                                        image_size=a.image_size or 224), add_decoder=False)
+        name = f"randomly initialised {a.encoder_name}"
+    else:
+        backbone = CAiDModel.from_pretrained(a.model)
+        name = a.model
+    image_size = a.image_size or backbone.config.image_size
+    options = LabelledSourceOptions(
+        images_root=a.images_root, image_column=a.image_column, label_columns=a.label_columns,
+        label_names=a.label_names, hf=HFOptions(split=a.hf_split),
+        num_phantoms=a.num_phantoms, phantom_size=a.phantom_size, phantom_seed=a.phantom_seed)
+    source = labelled_source_from_spec(a.source, options)
+    test = None
+    if a.test_source is not None:
+        options.num_phantoms = a.num_test_phantoms
+        test = labelled_source_from_spec(a.test_source, options, split=a.hf_test_split,
+                                         phantom_seed_offset=2)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate_features(backbone, source, a.out, image_size, test_source=test,
+                               model_name=name, k=a.k, folds=a.folds, seed=a.seed,
+                               batch_size=a.batch_size, color_label=a.color_label,
+                               device=device)
+    for method, values in result.scores.items():
+        print(f"{method:>12}: mean AUC {values['mean_auc']:.4f}, "
+              f"mean accuracy {values['mean_accuracy']:.4f}")
+    print(f"wrote {result.json}, {result.png}")
+
+
 def _pretrain(argv: list[str]) -> None:
     from .training.pretrain import main as pretrain_main
 
@@ -145,6 +234,10 @@ def _pretrain(argv: list[str]) -> None:
 
 COMMANDS = {  # name: (what it does, handler of its arguments)
     "pretrain": ("CAiD pre-training (same flags as scripts/pretrain.py)", _pretrain),
+    "finetune": ("fine-tune a classifier or U-Net (same flags as scripts/finetune.py)",
+                 _finetune),
+    "evaluate-features": ("k-NN / linear-probe scores and a t-SNE map of frozen embeddings",
+                          _evaluate_features),
     "phantoms": ("write synthetic chest phantoms to a folder", _phantoms),
     "prepare-data": ("decode a source once into a memory-mapped training cache", _prepare_data),
     "export": ("write a backbone as a segmentation_models_pytorch Unet folder", _export),

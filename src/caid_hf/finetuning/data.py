@@ -1,0 +1,659 @@
+"""Labelled data for fine-tuning and feature evaluation: images with class labels or masks.
+
+A labelled source is an image source (``len``, ``load(i)`` → grey uint8 [H, W],
+``image_id(i)``) that also knows its ``label_names`` and either
+
+- ``targets``: float32 [N, L] in {0, 1}, one row per image (classification; multi-hot for
+  multi-label data, one-hot for single-label data), or
+- ``load_mask(i)``: int64 [H, W] per image (segmentation; {0, 1} for binary masks, class
+  indices for multi-class ones, ``ignore_index`` for unlabelled pixels).
+
+One string names a source, as in pre-training (:func:`labelled_source_from_spec`):
+
+- ``phantoms``: the embedded synthetic chest phantoms; label ``nodule`` (present or not) and
+  the nodule masks;
+- a ``.csv`` file: an image-path column and label columns (0/1 numbers, or one column of
+  ``|``-separated finding names as in ChestX-ray14's ``Data_Entry_2017.csv``), or an image
+  and a mask column for segmentation; paths relative to ``images_root`` (default: the CSV's
+  folder);
+- a Hugging Face dataset (``hf:NAME``, a ``save_to_disk`` folder, parquet/arrow files): an
+  image column and a label column (``ClassLabel``, a sequence of ``ClassLabel`` or of
+  numbers, or several numeric columns), or a mask image column;
+- a folder (segmentation): images with masks of the same relative path (any image suffix)
+  in ``masks_root`` (default: ``FOLDER/masks``), which ``caid-hf phantoms --masks`` writes;
+- any other file: a ChestX-ray14 split list, ``path label label …`` per line (the official
+  lists carry the 14 findings in :data:`CHESTXRAY14_LABELS` order).
+
+The torch datasets (:class:`ClassificationDataset`, :class:`SegmentationDataset`) turn a
+source into ``pixel_values`` float32 [3, S, S] in [0, 1] (the :class:`CAiDImageProcessor`
+preprocessing, no mean/std normalisation) plus ``labels``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ..data.source_spec import PHANTOMS, HFOptions, is_hf_spec, open_hf_spec
+from ..data.sources import IMAGE_EXTENSIONS, SplitListSource, _check_index, decode_grey
+
+__all__ = [
+    "CHESTXRAY14_LABELS",
+    "ClassificationDataset",
+    "CSVLabelledSource",
+    "HFLabelledSource",
+    "LabelledSourceOptions",
+    "MaskFolderSource",
+    "PhantomLabelledSource",
+    "SegmentationDataset",
+    "SplitListLabelledSource",
+    "decode_mask",
+    "labelled_source_from_spec",
+]
+
+# The 14 findings of ChestX-ray14, in the column order of the official split lists.
+CHESTXRAY14_LABELS = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Hernia",
+]
+# Columns tried, in order, as the image column of a CSV file.
+_IMAGE_COLUMN_NAMES = ("image", "path", "image_path", "file", "filename", "Image Index")
+_NO_FINDING = "No Finding"
+
+
+@dataclass
+class LabelledSourceOptions:
+    """How to read labels and masks; every field has a flag of the same name in fine-tuning."""
+
+    task: str = "classification"
+    images_root: str | None = None
+    masks_root: str | None = None
+    image_column: str | None = None
+    label_columns: list[str] | None = None
+    mask_column: str | None = None
+    label_names: list[str] | None = None
+    hf: HFOptions = field(default_factory=HFOptions)
+    num_phantoms: int = 200
+    phantom_size: int = 128
+    phantom_seed: int = 0
+    binary_masks: bool = True
+
+
+def decode_mask(path: str | os.PathLike | io.BytesIO | None = None,
+                image: Image.Image | None = None, binary: bool = True,
+                name: str | None = None) -> np.ndarray:
+    """Read a mask file (a path or stored bytes, or an open PIL image) as int64 [H, W].
+
+    Pixel values are kept as stored: a palette PNG gives its palette indices, an 8- or
+    16-bit grey PNG its values. With ``binary`` every non-zero pixel becomes 1 (masks saved
+    as {0, 255} or {0, 1} alike); RGB masks are only accepted as binary masks.
+
+    Raises:
+        ValueError: the file is not a readable image, or an RGB mask for several classes;
+            the message names the file (or ``name``).
+    """
+    name = name or (os.fspath(path) if path is not None else "mask image")
+    if image is None:
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return decode_mask(image=opened, binary=binary, name=name)
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise FileNotFoundError(f"mask not found: {name}") from error
+            raise ValueError(f"cannot decode mask {name}: {error}") from error
+    if image.mode in ("RGB", "RGBA", "LA"):
+        if not binary:
+            raise ValueError(f"{name}: an {image.mode} mask cannot hold class indices; save "
+                             "multi-class masks as grey or palette PNGs")
+        image = image.convert("L")
+    values = np.asarray(image).astype(np.int64)
+    return (values > 0).astype(np.int64) if binary else values
+
+
+def _checked_relative_path(name: str, root: Path, where: str) -> str:
+    """``name`` if it is a relative path that stays inside ``root``; else ``ValueError``."""
+    posix_name = name.replace("\\", "/")
+    if posix_name.startswith("/") or PureWindowsPath(name).drive:
+        raise ValueError(f"{where}: absolute path {name!r}; paths must be relative to {root}")
+    if posixpath.normpath(posix_name).split("/")[0] == "..":
+        raise ValueError(f"{where}: path {name!r} leaves {root}")
+    return name
+
+
+def _default_names(count: int) -> list[str]:
+    return CHESTXRAY14_LABELS if count == len(CHESTXRAY14_LABELS) else \
+        [f"label_{k}" for k in range(count)]
+
+
+def _check_names(names: list[str] | None, count: int, where: str) -> list[str] | None:
+    if names is not None and len(names) != count:
+        raise ValueError(f"{where}: label_names has {len(names)} names but the data has "
+                         f"{count} labels")
+    return names
+
+
+class SplitListLabelledSource(SplitListSource):
+    """A ChestX-ray14 split list whose lines carry the labels: ``path l1 l2 … lL``.
+
+    Paths are checked as in pre-training (:class:`~caid_hf.data.sources.SplitListSource`).
+    Labels are numbers in {0, 1}; every line must carry the same number of them. Names:
+    ``label_names``, else the 14 ChestX-ray14 findings when there are 14, else
+    ``label_0 …``.
+
+    Raises:
+        ValueError: a line without labels, with another number of labels than the first, or
+            with a label other than 0 or 1; the message gives file and line number.
+    """
+
+    def __init__(self, split_file: str | os.PathLike, images_root: str | os.PathLike,
+                 label_names: list[str] | None = None) -> None:
+        super().__init__(split_file, images_root)
+        rows, count = [], None
+        lines = self.split_file.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, *labels = line.split()
+            if not labels:
+                raise ValueError(f"{self.split_file}:{number}: {name!r} has no labels; a "
+                                 "fine-tuning split list needs 'path label label ...'")
+            if count is None:
+                count = len(labels)
+            elif len(labels) != count:
+                raise ValueError(f"{self.split_file}:{number}: {len(labels)} labels, but the "
+                                 f"first line has {count}")
+            values = [float(label) for label in labels]
+            if any(v not in (0.0, 1.0) for v in values):
+                raise ValueError(f"{self.split_file}:{number}: labels must be 0 or 1, got "
+                                 f"{labels}")
+            rows.append(values)
+        self.targets = np.asarray(rows, dtype=np.float32)
+        self.label_names = _check_names(label_names, count, str(self.split_file)) \
+            or _default_names(count)
+
+
+def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"CSV file not found: {csv_file}")
+    with open(csv_file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    if not columns or not rows:
+        raise ValueError(f"{csv_file}: no header or no rows")
+    return columns, rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _names_to_targets(values: list[str], where: str, separator: str = "|"
+                      ) -> tuple[np.ndarray, list[str]]:
+    """``"Effusion|Mass"`` style cells → multi-hot [N, L] over the sorted names seen
+    (``No Finding`` and empty cells are all-zero rows)."""
+    cells = [[n.strip() for n in v.split(separator) if n.strip() and n.strip() != _NO_FINDING]
+             for v in values]
+    names = sorted({n for cell in cells for n in cell})
+    if not names:
+        raise ValueError(f"{where}: the label column names no finding")
+    index = {n: k for k, n in enumerate(names)}
+    targets = np.zeros((len(cells), len(names)), dtype=np.float32)
+    for row, cell in enumerate(cells):
+        targets[row, [index[n] for n in cell]] = 1.0
+    return targets, names
+
+
+class CSVLabelledSource:
+    """Images listed in a CSV file, with labels (classification) or mask paths (segmentation).
+
+    Args:
+        csv_file: the CSV file (header row required).
+        images_root: folder the image (and mask) paths are relative to; default the CSV's.
+        image_column: column of image paths; default the first of ``image``, ``path``,
+            ``image_path``, ``file``, ``filename``, ``Image Index`` present, else the first.
+        label_columns: classification: the label columns; default every other column whose
+            cells are all numbers. One non-numeric column holds ``|``-separated finding
+            names (ChestX-ray14's ``Finding Labels``; ``No Finding`` is no label).
+        mask_column: segmentation: column of mask paths.
+        binary_masks: read masks as {0, 1} (non-zero = foreground).
+
+    Raises:
+        FileNotFoundError: the CSV file or ``images_root`` does not exist.
+        ValueError: a named column is missing (the columns are listed), a label cell that is
+            not 0 or 1, or an absolute / escaping path; messages name file, row and column.
+    """
+
+    def __init__(self, csv_file: str | os.PathLike, images_root: str | os.PathLike | None = None,
+                 image_column: str | None = None, label_columns: list[str] | None = None,
+                 mask_column: str | None = None, label_names: list[str] | None = None,
+                 binary_masks: bool = True) -> None:
+        self.csv_file = Path(csv_file)
+        columns, rows = _read_csv(self.csv_file)
+        self.base = Path(images_root) if images_root is not None else self.csv_file.parent
+        if not self.base.is_dir():
+            raise FileNotFoundError(f"images folder not found: {self.base}")
+        if image_column is None:
+            image_column = next((c for c in _IMAGE_COLUMN_NAMES if c in columns), columns[0])
+        for name in [image_column, *(label_columns or []), *([mask_column] if mask_column else [])]:
+            if name not in columns:
+                raise ValueError(f"{self.csv_file}: no column {name!r} (columns: {columns})")
+
+        def where(row: int, column: str) -> str:  # row 1 is the header
+            return f"{self.csv_file}:{row + 2} column {column!r}"
+
+        self.relative_paths = [_checked_relative_path(r[image_column], self.base,
+                                                      where(k, image_column))
+                               for k, r in enumerate(rows)]
+        self.binary_masks = binary_masks
+        self.mask_paths = None
+        self.targets, self.label_names = None, label_names
+        if mask_column is not None:
+            self.mask_paths = [_checked_relative_path(r[mask_column], self.base,
+                                                      where(k, mask_column))
+                               for k, r in enumerate(rows)]
+            return
+        if label_columns is None:
+            label_columns = [c for c in columns if c not in (image_column,)
+                             and all(_is_number(r[c]) for r in rows)]
+            if not label_columns:
+                raise ValueError(f"{self.csv_file}: no numeric label column besides "
+                                 f"{image_column!r} (columns: {columns}); name them with "
+                                 "label_columns")
+        if len(label_columns) == 1 and not all(_is_number(r[label_columns[0]]) for r in rows):
+            self.targets, names = _names_to_targets([r[label_columns[0]] for r in rows],
+                                                    f"{self.csv_file} column {label_columns[0]!r}")
+        else:
+            values = np.zeros((len(rows), len(label_columns)), dtype=np.float32)
+            for k, r in enumerate(rows):
+                for j, c in enumerate(label_columns):
+                    if r[c].strip() not in ("0", "1", "0.0", "1.0"):
+                        raise ValueError(f"{where(k, c)}: label must be 0 or 1, got {r[c]!r}")
+                    values[k, j] = float(r[c])
+            self.targets, names = values, list(label_columns)
+        self.label_names = _check_names(label_names, len(names), str(self.csv_file)) or names
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` as grey uint8 [H, W]."""
+        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))])
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Mask ``i`` as int64 [H, W] (see :func:`decode_mask`)."""
+        if self.mask_paths is None:
+            raise ValueError(f"{self.csv_file}: no mask column was given (mask_column)")
+        return decode_mask(self.base / self.mask_paths[_check_index(i, len(self))],
+                           binary=self.binary_masks)
+
+    def image_id(self, i: int) -> str:
+        return self.relative_paths[_check_index(i, len(self))]
+
+
+class MaskFolderSource:
+    """Image files below ``images_root`` with their masks below ``masks_root``.
+
+    A mask has the image's relative path with any image suffix (``a/b.png`` ↔
+    ``masks/a/b.png``). Files below ``masks_root`` are never taken as images.
+
+    Raises:
+        FileNotFoundError: a folder is missing, or an image has no mask (the first few are
+            named).
+    """
+
+    def __init__(self, images_root: str | os.PathLike, masks_root: str | os.PathLike | None = None,
+                 binary_masks: bool = True, label_names: list[str] | None = None) -> None:
+        self.base = Path(images_root)
+        self.masks_root = Path(masks_root) if masks_root is not None else self.base / "masks"
+        for folder, what in ((self.base, "images"), (self.masks_root, "masks")):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{what} folder not found: {folder}")
+
+        def images_below(root: Path, skip: Path | None) -> dict[str, str]:
+            found = {}
+            for path in sorted(root.rglob("*")):
+                relative = path.relative_to(root)
+                if (path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                        and not any(part.startswith(".") for part in relative.parts)
+                        and (skip is None or not path.resolve().is_relative_to(skip))):
+                    found[relative.with_suffix("").as_posix()] = relative.as_posix()
+            return found
+
+        images = images_below(self.base, self.masks_root.resolve())
+        masks = images_below(self.masks_root, None)
+        if not images:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.base}")
+        missing = [images[stem] for stem in images if stem not in masks]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of {self.base} have no mask in {self.masks_root} "
+                f"(same relative path, any image suffix): {', '.join(missing[:5])}")
+        self.relative_paths = [images[stem] for stem in images]
+        self.mask_paths = [masks[stem] for stem in images]
+        self.binary_masks = binary_masks
+        self.label_names = label_names
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def load(self, i: int) -> np.ndarray:
+        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))])
+
+    def load_mask(self, i: int) -> np.ndarray:
+        return decode_mask(self.masks_root / self.mask_paths[_check_index(i, len(self))],
+                           binary=self.binary_masks)
+
+    def image_id(self, i: int) -> str:
+        return self.relative_paths[_check_index(i, len(self))]
+
+
+class PhantomLabelledSource:
+    """Synthetic chest phantoms with the label ``nodule`` (any nodule drawn) and nodule masks.
+
+    Each phantom is drawn on first use and kept (2 × size² bytes each), since fine-tuning
+    reads every image many times; ``targets`` draws them all.
+    """
+
+    label_names = ["nodule"]
+
+    def __init__(self, num_images: int, size: int = 128, seed: int = 0) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be positive, got {num_images}")
+        self.num_images, self.size, self.seed = num_images, size, seed
+        self._drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _phantom(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        from ..data.phantoms import generate_phantom
+
+        i = _check_index(i, len(self))
+        if i not in self._drawn:
+            self._drawn[i] = generate_phantom(i, size=self.size, seed=self.seed)
+        return self._drawn[i]
+
+    @property
+    def targets(self) -> np.ndarray:
+        """float32 [N, 1]: 1 where the phantom has a nodule."""
+        return np.asarray([[float(self._phantom(i)[1].any())] for i in range(len(self))],
+                          dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, i: int) -> np.ndarray:
+        """Phantom ``i``: grey uint8 [size, size]."""
+        return self._phantom(i)[0]
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Nodule mask of phantom ``i``: int64 [size, size] in {0, 1}."""
+        return self._phantom(i)[1].astype(np.int64)
+
+    def image_id(self, i: int) -> str:
+        return f"phantom_{_check_index(i, len(self)):05d}"
+
+
+class HFLabelledSource:
+    """A Hugging Face dataset with an image column and labels or a mask image column.
+
+    Labels (``label_columns``; default the ``label``/``labels`` column, else every
+    ``ClassLabel`` column):
+
+    - one ``ClassLabel`` column: one-hot rows over its names (single-label data);
+    - one sequence column of ``ClassLabel`` (finding names): multi-hot rows;
+    - one sequence column of numbers: those numbers (0/1) as the row;
+    - several numeric (or binary ``ClassLabel``) columns: one label each.
+
+    Raises:
+        ValueError: a named column is missing (the columns are listed) or has a type that
+            cannot be labels; the message names the dataset.
+    """
+
+    def __init__(self, dataset, name: str, image_column: str | None = None,
+                 label_columns: list[str] | None = None, mask_column: str | None = None,
+                 label_names: list[str] | None = None, binary_masks: bool = True) -> None:
+        from datasets import ClassLabel, Sequence, Value
+        from datasets import Image as ImageFeature
+
+        from ..data.hf_sources import HFImageSource
+
+        self.name = name
+        self.images = HFImageSource(dataset, image_column=image_column, name=name)
+        features, columns = dataset.features, list(dataset.features)
+        self.binary_masks = binary_masks
+        self.targets, self.label_names, self.masks = None, label_names, None
+        if mask_column is not None:
+            if mask_column not in features or not isinstance(features[mask_column], ImageFeature):
+                raise ValueError(f"dataset {name}: mask_column {mask_column!r} must be a "
+                                 f"datasets.Image column (columns: {columns})")
+            self.masks = dataset.select_columns([mask_column]).cast_column(
+                mask_column, ImageFeature(decode=False)).with_format(None)
+            self.mask_column = mask_column
+            return
+        if label_columns is None:
+            label_columns = [c for c in ("label", "labels") if c in features][:1] or \
+                [c for c in columns if isinstance(features[c], ClassLabel)]
+            if not label_columns:
+                raise ValueError(f"dataset {name}: no label column found (columns: {columns}); "
+                                 "name them with label_columns")
+        for c in label_columns:
+            if c not in features:
+                raise ValueError(f"dataset {name}: no column {c!r} (columns: {columns})")
+        table = dataset.select_columns(label_columns).with_format(None)
+        where = f"dataset {name} column"
+        if len(label_columns) == 1:
+            column = label_columns[0]
+            feature, values = features[column], table[column]
+            inner = getattr(feature, "feature", None)
+            if isinstance(feature, ClassLabel):
+                names = list(feature.names)
+                targets = np.zeros((len(values), len(names)), dtype=np.float32)
+                targets[np.arange(len(values)), np.asarray(values, dtype=np.int64)] = 1.0
+            elif isinstance(feature, (Sequence, list)) or isinstance(inner, (ClassLabel, Value)):
+                inner = inner if inner is not None else feature[0]
+                if isinstance(inner, ClassLabel):
+                    names = list(inner.names)
+                    targets = np.zeros((len(values), len(names)), dtype=np.float32)
+                    for row, present in enumerate(values):
+                        targets[row, list(present)] = 1.0
+                else:
+                    targets = np.asarray(values, dtype=np.float32)
+                    if targets.ndim != 2:
+                        raise ValueError(f"{where} {column!r}: label sequences differ in length")
+                    names = _default_names(targets.shape[1])
+            elif isinstance(feature, Value):
+                targets, names = np.asarray(values, dtype=np.float32)[:, None], [column]
+            else:
+                raise ValueError(f"{where} {column!r} is {feature}; expected ClassLabel, a "
+                                 "sequence of ClassLabel or numbers, or numeric columns")
+        else:
+            for c in label_columns:
+                if not isinstance(features[c], (Value, ClassLabel)):
+                    raise ValueError(f"{where} {c!r} is {features[c]}, not a number")
+            targets = np.stack([np.asarray(table[c], dtype=np.float32) for c in label_columns], 1)
+            names = list(label_columns)
+        if not np.isin(targets, (0.0, 1.0)).all():
+            raise ValueError(f"{where}(s) {label_columns}: labels must be 0 or 1")
+        self.targets = targets
+        self.label_names = _check_names(label_names, targets.shape[1], f"dataset {name}") or names
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> np.ndarray:
+        return self.images.load(i)
+
+    def load_mask(self, i: int) -> np.ndarray:
+        """Mask of row ``i`` as int64 [H, W] (see :func:`decode_mask`)."""
+        if self.masks is None:
+            raise ValueError(f"dataset {self.name}: no mask_column was given")
+        value = self.masks[int(_check_index(i, len(self)))][self.mask_column] or {}
+        where = f"dataset {self.name}, row {i} ({self.image_id(i)}) mask"
+        stored = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        if not stored:
+            raise ValueError(f"{where}: the row holds no mask")
+        return decode_mask(stored, binary=self.binary_masks, name=where)
+
+    def image_id(self, i: int) -> str:
+        return self.images.image_id(i)
+
+
+def labelled_source_from_spec(spec: str, options: LabelledSourceOptions, split: str | None = None,
+                              phantom_seed_offset: int = 0):
+    """The labelled source a spec names (see the module docstring).
+
+    Args:
+        spec: ``phantoms``, a CSV file, a Hugging Face dataset spec, a folder (segmentation)
+            or a split-list file.
+        options: columns, roots and phantom settings.
+        split: the split of a Hugging Face dataset (default ``options.hf.split``).
+        phantom_seed_offset: added to ``options.phantom_seed``, so training, validation and
+            test phantoms are different images.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``spec``.
+        ValueError: a folder for classification (a folder carries no labels), a split list
+            for segmentation, or a problem of the source itself.
+    """
+    segmentation = options.task == "segmentation"
+    binary = options.binary_masks
+    if spec == PHANTOMS:
+        return PhantomLabelledSource(options.num_phantoms, options.phantom_size,
+                                     options.phantom_seed + phantom_seed_offset)
+    if is_hf_spec(spec):
+        hf = options.hf if split is None else HFOptions(split=split,
+                                                        config_name=options.hf.config_name)
+        dataset = open_hf_spec(spec, options.images_root, hf)
+        return HFLabelledSource(dataset, spec, image_column=options.image_column,
+                                label_columns=None if segmentation else options.label_columns,
+                                mask_column=(options.mask_column or "mask") if segmentation
+                                else None,
+                                label_names=options.label_names, binary_masks=binary)
+    path = Path(spec)
+    if path.is_dir():
+        if not segmentation:
+            raise ValueError(f"{spec} is a folder: folders carry no class labels; give a CSV "
+                             "file (image paths and labels, --images_root the folder) or a "
+                             "split list")
+        return MaskFolderSource(path, options.masks_root, binary_masks=binary,
+                                label_names=options.label_names)
+    if not path.is_file():
+        raise FileNotFoundError(f"data source {spec!r} is neither 'phantoms', 'hf:NAME', a "
+                                "CSV file, a split-list file, a parquet/arrow file nor a folder")
+    if path.suffix.lower() == ".csv":
+        if segmentation and not options.mask_column:
+            raise ValueError(f"{spec}: segmentation from a CSV file needs mask_column, the "
+                             "column of mask paths")
+        return CSVLabelledSource(path, options.images_root, image_column=options.image_column,
+                                 label_columns=options.label_columns,
+                                 mask_column=options.mask_column if segmentation else None,
+                                 label_names=options.label_names, binary_masks=binary)
+    if segmentation:
+        raise ValueError(f"{spec}: a split list carries class labels, not masks; for "
+                         "segmentation give a folder with masks/, a CSV with mask_column, or a "
+                         "Hugging Face dataset with a mask column")
+    return SplitListLabelledSource(path, options.images_root if options.images_root is not None
+                                   else path.parent, label_names=options.label_names)
+
+
+def _to_unit_float(grey: np.ndarray) -> torch.Tensor:
+    """Grey uint8 [H, W] → float32 [1, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(grey)).float().div_(255.0).unsqueeze(0)
+
+
+class _LabelledDataset(Dataset):
+    """Shared resizing and augmentation of the classification and segmentation datasets.
+
+    Evaluation: the image is resized to ``image_size`` × ``image_size`` exactly as
+    :class:`~caid_hf.CAiDImageProcessor` does (bilinear, antialiased; masks nearest).
+    Training (``train=True``): a RandomResizedCrop with area in ``[crop_scale_min, 1]``
+    and aspect ratio in [3/4, 4/3], and a horizontal flip with ``horizontal_flip``, applied
+    alike to image and mask (torchvision's v2 transforms).
+    """
+
+    def __init__(self, source, image_size: int, train: bool = False,
+                 crop_scale_min: float = 0.8, horizontal_flip: bool = False,
+                 indices: list[int] | None = None) -> None:
+        self.source = source
+        self.image_size = image_size
+        self.train = train
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+        if train:
+            steps = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0),
+                                          antialias=True)]
+            if horizontal_flip:
+                steps.append(v2.RandomHorizontalFlip())
+            self.transform = v2.Compose(steps)
+        else:
+            self.transform = v2.Resize((image_size, image_size), antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _image_and_mask(self, i: int, with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixel_values float32 [3, S, S] in [0, 1] and mask int64 [S, S] (or None)."""
+        k = self.indices[i]
+        image = tv_tensors.Image(_to_unit_float(self.source.load(k)))
+        if with_mask:
+            mask = torch.from_numpy(self.source.load_mask(k))
+            if tuple(mask.shape) != tuple(image.shape[-2:]):
+                raise ValueError(f"mask of {self.source.image_id(k)} is {list(mask.shape)} "
+                                 f"but the image is {list(image.shape[-2:])}")
+            image, mask = self.transform(image, tv_tensors.Mask(mask))
+            mask = mask.as_subclass(torch.Tensor)
+        else:
+            image, mask = self.transform(image), None
+        image = image.as_subclass(torch.Tensor).clamp_(0.0, 1.0)
+        return image.expand(3, -1, -1).contiguous(), mask
+
+
+class ClassificationDataset(_LabelledDataset):
+    """Items ``{"pixel_values": float32 [3, S, S] in [0, 1], "labels": float32 [L] in {0, 1}}``
+    (or, with ``single_label``, ``labels`` int64 [], the class index)."""
+
+    def __init__(self, source, image_size: int, single_label: bool = False, **kwargs) -> None:
+        super().__init__(source, image_size, **kwargs)
+        self.targets = source.targets[self.indices]
+        self.single_label = single_label
+        if single_label and not (self.targets.sum(axis=1) == 1).all():
+            bad = int(np.flatnonzero(self.targets.sum(axis=1) != 1)[0])
+            raise ValueError(
+                f"single_label_classification needs exactly one positive label per image; "
+                f"{source.image_id(self.indices[bad])} has {int(self.targets[bad].sum())}")
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, _ = self._image_and_mask(i, with_mask=False)
+        target = torch.from_numpy(self.targets[i])
+        return {"pixel_values": image,
+                "labels": target.argmax() if self.single_label else target}
+
+
+class SegmentationDataset(_LabelledDataset):
+    """Items ``{"pixel_values": float32 [3, S, S] in [0, 1], "labels": ...}``: float32
+    [1, S, S] in {0, 1} for ``num_labels=1`` (binary), int64 [S, S] class indices otherwise."""
+
+    def __init__(self, source, image_size: int, num_labels: int = 1, **kwargs) -> None:
+        super().__init__(source, image_size, **kwargs)
+        self.num_labels = num_labels
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, mask = self._image_and_mask(i, with_mask=True)
+        labels = mask.float().unsqueeze(0) if self.num_labels == 1 else mask.long()
+        return {"pixel_values": image, "labels": labels}

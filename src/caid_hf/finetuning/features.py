@@ -1,0 +1,238 @@
+"""Frozen-feature evaluation: how well a backbone's embeddings separate labelled images.
+
+For a labelled set (any classification source of :mod:`caid_hf.finetuning.data`): the
+embeddings (``CAiDModel`` ``pooler_output``, [N, C]), k-nearest-neighbour and linear-probe
+(logistic regression on standardised features) scores from scikit-learn, and a 2-D t-SNE
+map of the embeddings coloured by label, saved as PNG (matplotlib, Agg backend).
+
+Scores are ROC-AUC per label and their mean (each label a binary problem, as in
+multi-label fine-tuning), plus accuracy. They come from a separate test set when one is
+given, otherwise from stratified k-fold cross-validation on the one set (out-of-fold
+predictions, so every image is scored by a probe that never saw it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+
+from .data import ClassificationDataset
+
+__all__ = ["FeatureScores", "extract_embeddings", "plot_embedding_map", "probe_scores",
+           "evaluate_features"]
+
+
+@torch.no_grad()
+def extract_embeddings(backbone, source, image_size: int, batch_size: int = 64,
+                       device: str | torch.device | None = None, num_workers: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every image of a labelled source.
+
+    Args:
+        backbone: a :class:`~caid_hf.CAiDModel` (run in eval mode, no reconstruction).
+        source: a labelled classification source (``targets`` [N, L]).
+        image_size: side the images are resized to (as :class:`~caid_hf.CAiDImageProcessor`).
+
+    Returns:
+        ``(embeddings float32 [N, C], targets float32 [N, L] in {0, 1})``.
+    """
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    backbone = backbone.to(device).eval()
+    loader = DataLoader(ClassificationDataset(source, image_size), batch_size=batch_size,
+                        num_workers=num_workers)
+    parts, labels = [], []
+    for batch in loader:
+        out = backbone(batch["pixel_values"].to(device), compute_reconstruction=False)
+        parts.append(out.pooler_output.float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(parts), np.concatenate(labels)
+
+
+def _linear_probe(seed: int):
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
+def _knn(k: int):
+    return KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
+
+
+def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str],
+                 test_x: np.ndarray | None = None, test_y: np.ndarray | None = None,
+                 k: int = 20, folds: int = 5, seed: int = 0) -> dict[str, dict[str, float]]:
+    """k-NN and linear-probe scores of embeddings, per label and on average.
+
+    Args:
+        train_x, train_y: embeddings [N, C] and labels [N, L] in {0, 1} the probes learn.
+        test_x, test_y: a held-out set scored by probes fit on all of ``train``; without it,
+            out-of-fold predictions of ``folds``-fold stratified cross-validation on ``train``.
+        k: neighbours of the k-NN classifier (cosine distance, distance-weighted votes).
+
+    Returns:
+        ``{"linear_probe": {...}, "knn": {...}}``, each with ``mean_auc``, ``mean_accuracy``,
+        ``auc/<name>``, ``accuracy/<name>``; a label with one outcome only (in the scored
+        set) gets NaN.
+    """
+    scores: dict[str, dict[str, float]] = {"linear_probe": {}, "knn": {}}
+    for j, name in enumerate(label_names):
+        y = train_y[:, j].astype(int)
+        if np.bincount(y, minlength=2).min() < 2:
+            for method in scores:
+                scores[method][f"auc/{name}"] = scores[method][f"accuracy/{name}"] = math.nan
+            continue
+        splits = min(folds, int(np.bincount(y).min()))
+        fit_size = len(y) if test_x is not None else len(y) - math.ceil(len(y) / splits)
+        probes = {"linear_probe": _linear_probe(seed), "knn": _knn(max(1, min(k, fit_size)))}
+        for method, probe in probes.items():
+            if test_x is None:
+                cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
+                probability = cross_val_predict(probe, train_x, y, cv=cv,
+                                                method="predict_proba")[:, 1]
+                truth = y
+            else:
+                probability = probe.fit(train_x, y).predict_proba(test_x)[:, 1]
+                truth = test_y[:, j].astype(int)
+            defined = 0 < truth.sum() < len(truth)
+            scores[method][f"auc/{name}"] = (float(roc_auc_score(truth, probability))
+                                             if defined else math.nan)
+            scores[method][f"accuracy/{name}"] = float(accuracy_score(truth, probability >= 0.5))
+    for values in scores.values():
+        for metric in ("auc", "accuracy"):
+            per_label = [values[f"{metric}/{n}"] for n in label_names]
+            finite = [v for v in per_label if math.isfinite(v)]
+            values[f"mean_{metric}"] = float(np.mean(finite)) if finite else math.nan
+    return {method: dict(sorted(values.items(), key=lambda kv: "/" in kv[0]))
+            for method, values in scores.items()}
+
+
+def point_categories(targets: np.ndarray, label_names: list[str],
+                     color_label: str | None = None) -> list[str]:
+    """The category each point is coloured by.
+
+    One label (or ``color_label``): ``name`` / ``no name``. Single-label data (one-hot
+    rows): the class. Several labels: the one finding of an image, ``no finding`` or
+    ``several findings``.
+    """
+    if color_label is not None or len(label_names) == 1:
+        name = color_label or label_names[0]
+        if name not in label_names:
+            raise ValueError(f"color_label {name!r} is not a label; labels: {label_names}")
+        column = targets[:, label_names.index(name)]
+        return [name if v else f"no {name}" for v in column]
+    counts = targets.sum(axis=1)
+    if (counts == 1).all():
+        return [label_names[k] for k in targets.argmax(axis=1)]
+    return [label_names[int(row.argmax())] if c == 1 else
+            ("no finding" if c == 0 else "several findings") for row, c in zip(targets, counts)]
+
+
+def plot_embedding_map(points: np.ndarray, categories: list[str], path: str | Path,
+                       title: str, subtitle: str | None = None) -> Path:
+    """Save a scatter plot of 2-D points [N, 2] coloured by category as a PNG.
+
+    Axes are labelled ``t-SNE 1`` / ``t-SNE 2`` (their scale carries no meaning, so the
+    ticks are hidden); the legend gives each category's image count.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # absence first ("no nodule", "no finding"), then the rest by name: stable colours
+    names = sorted(set(categories), key=lambda c: (not c.startswith("no "), c))
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=120)
+    marker_size = 22 if len(points) <= 1000 else 8
+    for k, name in enumerate(names):
+        chosen = np.asarray([c == name for c in categories])
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=marker_size, alpha=0.75,
+                   color=colours(k % colours.N), edgecolors="none",
+                   label=f"{name} ({int(chosen.sum())})")
+    ax.set_xlabel("t-SNE 1", fontsize=12)
+    ax.set_ylabel("t-SNE 2", fontsize=12)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title if subtitle is None else f"{title}\n{subtitle}", fontsize=12)
+    ax.legend(title="label (images)", fontsize=10, title_fontsize=10, loc="best",
+              frameon=True, markerscale=1.5)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tsne_map(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE coordinates [N, 2] of standardised embeddings [N, C] (PCA initialisation,
+    perplexity 30 or less for small sets)."""
+    from sklearn.manifold import TSNE
+
+    x = StandardScaler().fit_transform(embeddings)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca",
+                random_state=seed).fit_transform(x)
+
+
+@dataclass
+class FeatureScores:
+    """What :func:`evaluate_features` measured and wrote."""
+
+    scores: dict[str, dict[str, float]]
+    embeddings: np.ndarray
+    targets: np.ndarray
+    label_names: list[str]
+    png: Path
+    json: Path
+
+
+def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
+                      test_source=None, model_name: str = "CAiD backbone", k: int = 20,
+                      folds: int = 5, seed: int = 0, batch_size: int = 64,
+                      color_label: str | None = None, device: str | None = None
+                      ) -> FeatureScores:
+    """Embed a labelled set, score k-NN and linear probes, and draw its t-SNE map.
+
+    Writes ``out_dir/scores.json`` (scores, set sizes, settings), ``out_dir/embeddings.npz``
+    (``embeddings`` [N, C], ``targets`` [N, L], ``label_names``) and ``out_dir/tsne.png``
+    (the map of ``source``'s embeddings).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(source.label_names)
+    x, y = extract_embeddings(backbone, source, image_size, batch_size, device)
+    test_x = test_y = None
+    if test_source is not None:
+        if list(test_source.label_names) != names:
+            raise ValueError(f"the test set's labels {test_source.label_names} differ from "
+                             f"the set's {names}")
+        test_x, test_y = extract_embeddings(backbone, test_source, image_size, batch_size,
+                                            device)
+    scores = probe_scores(x, y, names, test_x, test_y, k=k, folds=folds, seed=seed)
+    evaluation = (f"test set of {len(test_x)} images" if test_x is not None
+                  else f"{folds}-fold cross-validation")
+    png = plot_embedding_map(
+        tsne_map(x, seed), point_categories(y, names, color_label), out_dir / "tsne.png",
+        title=f"t-SNE of {model_name} embeddings ({len(x)} images)",
+        subtitle=(f"linear probe AUC {scores['linear_probe']['mean_auc']:.3f}, "
+                  f"{k}-NN AUC {scores['knn']['mean_auc']:.3f} ({evaluation})"))
+    np.savez_compressed(out_dir / "embeddings.npz", embeddings=x, targets=y,
+                        label_names=np.asarray(names))
+    summary = {"model": model_name, "num_images": len(x),
+               "num_test_images": None if test_x is None else len(test_x),
+               "evaluation": evaluation, "embedding_dim": int(x.shape[1]), "knn_k": k,
+               "image_size": image_size, "label_names": names, **scores}
+    path = out_dir / "scores.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return FeatureScores(scores, x, y, names, png, path)

@@ -1,0 +1,113 @@
+"""Frozen-feature evaluation: probe scores, the t-SNE map and the command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caid_hf import CAiDConfig, CAiDModel
+from caid_hf.finetuning.data import PhantomLabelledSource
+from caid_hf.finetuning.features import (
+    evaluate_features,
+    extract_embeddings,
+    plot_embedding_map,
+    point_categories,
+    probe_scores,
+)
+
+
+def clusters(n: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two Gaussian clusters in 32-D, ``separation`` standard deviations apart along one axis."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.float32)[:, None]
+    x = rng.normal(size=(n, 32))
+    x[:, 3] += separation * y[:, 0]
+    return x, y
+
+
+def test_separable_features_score_high_and_noise_scores_chance():
+    x, y = clusters(200, separation=6.0, seed=0)
+    test_x, test_y = clusters(200, separation=6.0, seed=1)
+    held_out = probe_scores(x, y, ["finding"], test_x, test_y, k=10)
+    cross_validated = probe_scores(x, y, ["finding"], k=10, folds=5)
+    for scores in (held_out, cross_validated):
+        assert scores["linear_probe"]["mean_auc"] > 0.99
+        assert scores["knn"]["mean_auc"] > 0.9
+        assert scores["linear_probe"]["accuracy/finding"] > 0.95
+    noise = probe_scores(*clusters(200, separation=0.0, seed=2), ["finding"], k=10)
+    assert 0.35 < noise["linear_probe"]["mean_auc"] < 0.65
+    assert 0.35 < noise["knn"]["mean_auc"] < 0.65
+
+
+def test_multi_label_scores_per_label_and_undefined_labels():
+    x, y = clusters(120, separation=6.0, seed=3)
+    labels = np.concatenate([y, 1 - y, np.zeros_like(y)], axis=1)  # the last never positive
+    scores = probe_scores(x, labels, ["a", "not a", "never"], k=5, folds=3)
+    assert scores["linear_probe"]["auc/a"] > 0.99 and scores["linear_probe"]["auc/not a"] > 0.99
+    assert math.isnan(scores["linear_probe"]["auc/never"])
+    assert scores["linear_probe"]["mean_auc"] == pytest.approx(
+        np.mean([scores["linear_probe"]["auc/a"], scores["linear_probe"]["auc/not a"]]))
+    assert list(scores["knn"])[:2] == ["mean_auc", "mean_accuracy"]  # summary first
+
+
+def test_point_categories():
+    multi = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], dtype=np.float32)
+    assert point_categories(multi, ["mass", "effusion"]) == [
+        "mass", "no finding", "several findings", "effusion"]
+    assert point_categories(multi, ["mass", "effusion"], color_label="effusion") == [
+        "no effusion", "no effusion", "effusion", "effusion"]
+    assert point_categories(np.eye(3)[[2, 0]], ["a", "b", "c"]) == ["c", "a"]
+    with pytest.raises(ValueError, match="color_label 'x' is not a label"):
+        point_categories(multi, ["mass", "effusion"], color_label="x")
+
+
+def test_map_is_a_png_with_legend_and_title(tmp_path):
+    points = np.random.default_rng(0).normal(size=(50, 2))
+    path = plot_embedding_map(points, ["nodule", "no nodule"] * 25, tmp_path / "map.png",
+                              title="t-SNE of test embeddings", subtitle="probe AUC 0.5")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 700
+
+
+def test_embeddings_are_the_pooler_output():
+    torch.manual_seed(0)
+    backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
+    source = PhantomLabelledSource(5, size=64, seed=1)
+    x, y = extract_embeddings(backbone, source, 64, batch_size=2)
+    assert x.shape == (5, 512) and x.dtype == np.float32 and y.shape == (5, 1)
+    pixels = torch.from_numpy(np.stack([source.load(i) for i in range(5)])).float().div(255)
+    with torch.no_grad():
+        expected = backbone(pixels[:, None].expand(-1, 3, -1, -1)).pooler_output
+    assert np.allclose(x, expected.numpy(), atol=1e-5)
+    assert np.array_equal(y, source.targets)
+
+
+def test_evaluate_features_writes_scores_map_and_embeddings(tmp_path):
+    torch.manual_seed(0)
+    backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
+    result = evaluate_features(backbone, PhantomLabelledSource(40, size=64, seed=5), tmp_path,
+                               image_size=64, model_name="random ResNet-18", k=5, folds=3)
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["num_images"] == 40 and summary["evaluation"] == "3-fold cross-validation"
+    assert 0 <= summary["linear_probe"]["mean_auc"] <= 1 and 0 <= summary["knn"]["mean_auc"] <= 1
+    assert summary["label_names"] == ["nodule"] and summary["embedding_dim"] == 512
+    with Image.open(result.png) as image:
+        assert image.format == "PNG"
+    saved = np.load(tmp_path / "embeddings.npz")
+    assert saved["embeddings"].shape == (40, 512) and saved["label_names"].tolist() == ["nodule"]
+
+
+def test_evaluate_features_command(tmp_path, capsys):
+    from caid_hf.cli import main
+
+    main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "64",
+          "--num-phantoms", "30", "--test-source", "phantoms", "--num-test-phantoms", "20",
+          "--phantom-size", "64", "--k", "5", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "linear_probe: mean AUC" in printed and "knn: mean AUC" in printed
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["evaluation"] == "test set of 20 images" and summary["num_test_images"] == 20
+    assert (tmp_path / "tsne.png").is_file()
