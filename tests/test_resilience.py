@@ -241,10 +241,18 @@ def test_forked_children_die_on_sigterm_while_the_handler_is_installed():
 
     from caid_hf.training.preemption import PreemptionHandler
 
-    with PreemptionHandler() as handler:
-        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
-        child.start()
-        child.terminate()  # SIGTERM: a pool's terminate() must not hang on the worker
-        child.join(timeout=20)
-        assert child.exitcode == -signal.SIGTERM
-        assert not handler.requested
+    # the child gets the handler that was there before: make that the default one (other
+    # code in this test process may have set its own)
+    outer = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with PreemptionHandler() as handler:
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            child.terminate()  # SIGTERM: a pool's terminate() must not hang on the worker
+            child.join(timeout=20)
+            if child.exitcode is None:
+                child.kill()
+            assert child.exitcode == -signal.SIGTERM
+            assert not handler.requested
+    finally:
+        signal.signal(signal.SIGTERM, outer)
