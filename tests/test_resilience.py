@@ -234,10 +234,16 @@ def test_signal_handlers_are_restored_even_when_the_run_fails(tmp_path, monkeypa
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def _wait_then_sleep(started) -> None:
+    import time
+
+    started.set()
+    time.sleep(60)
+
+
 def test_forked_children_die_on_sigterm_while_the_handler_is_installed():
     import multiprocessing
     import signal
-    import time
 
     from caid_hf.training.preemption import PreemptionHandler
 
@@ -246,12 +252,17 @@ def test_forked_children_die_on_sigterm_while_the_handler_is_installed():
     outer = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         with PreemptionHandler() as handler:
-            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+            context = multiprocessing.get_context("fork")
+            started = context.Event()
+            child = context.Process(target=_wait_then_sleep, args=(started,))
             child.start()
+            assert started.wait(timeout=20)
             child.terminate()  # SIGTERM: a pool's terminate() must not hang on the worker
             child.join(timeout=20)
             if child.exitcode is None:
                 child.kill()
+                child.join()
+                pytest.fail("the forked child ignored SIGTERM")
             assert child.exitcode == -signal.SIGTERM
             assert not handler.requested
     finally:
