@@ -9,14 +9,10 @@ key stops the run with a suggestion.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
+from ..training import arguments as training_arguments
 
 TASKS = ("classification", "segmentation")
 PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
@@ -200,31 +196,11 @@ ARGUMENT_CLASSES = (FinetuneModelArguments, FinetuneDataArguments, FinetuningArg
 def load_yaml_config(path: str | Path) -> dict:
     """A flat YAML mapping of fine-tuning argument names; unknown names raise with a
     suggestion, naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
-    names = [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{path}: unknown key {key!r}{hint}")
-    return values
+    return training_arguments.load_yaml_config(path, ARGUMENT_CLASSES)
 
 
 def parse_finetuning_args(argv: list[str] | None = None
                           ) -> tuple[FinetuneModelArguments, FinetuneDataArguments,
                                      FinetuningArguments]:
     """Parse ``[--config FILE.yaml] [--field value ...]`` → (model, data, training) arguments."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.add_argument("--config", default=None, help="YAML file of argument values.")
-    if known.config:
-        parser.set_defaults(**load_yaml_config(known.config))
-    outputs = parser.parse_args_into_dataclasses(args=rest)
-    return tuple(outputs[: len(ARGUMENT_CLASSES)])
+    return training_arguments.parse_config_args(ARGUMENT_CLASSES, argv)

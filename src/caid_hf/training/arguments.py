@@ -211,19 +211,20 @@ ModelArguments = _model_arguments_class()
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 
-def known_fields() -> list[str]:
-    return [f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)]
+def known_fields(classes: tuple[type, ...] = ARGUMENT_CLASSES) -> list[str]:
+    return [f.name for cls in classes for f in dataclasses.fields(cls)]
 
 
-def load_yaml_config(path: str | Path) -> dict:
-    """Read a flat YAML mapping of argument names; unknown names raise with a suggestion."""
+def load_yaml_config(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict:
+    """Read a flat YAML mapping of argument names (fields of ``classes``); unknown names raise
+    with a suggestion, naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of argument names to values")
-    names = known_fields()
+    names = known_fields(classes)
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
@@ -232,14 +233,20 @@ def load_yaml_config(path: str | Path) -> dict:
     return values
 
 
-def parse_pretraining_args(argv: list[str] | None = None):
-    """Parse ``[--config FILE.yaml] [--field value ...]`` → (model_args, data_args, training_args)."""
+def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
+    ``classes`` (dataclass defaults < YAML file < command line)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(classes)
     parser.add_argument("--config", default=None, help="YAML file of argument values.")
     if known.config:
-        parser.set_defaults(**load_yaml_config(known.config))
+        parser.set_defaults(**load_yaml_config(known.config, classes))
     outputs = parser.parse_args_into_dataclasses(args=rest)
-    return tuple(outputs[: len(ARGUMENT_CLASSES)])
+    return tuple(outputs[: len(classes)])
+
+
+def parse_pretraining_args(argv: list[str] | None = None):
+    """Parse ``[--config FILE.yaml] [--field value ...]`` → (model_args, data_args, training_args)."""
+    return parse_config_args(ARGUMENT_CLASSES, argv)
