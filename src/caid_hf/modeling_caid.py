@@ -7,14 +7,18 @@ original repository's loading recipes keep working on our safetensors files.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationHead
-from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder, UnetDecoderBlock
 from segmentation_models_pytorch.encoders import get_encoder
+from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -100,14 +104,59 @@ def smp_unet(config: CAiDConfig) -> nn.Module:
     )
 
 
+@contextmanager
+def _batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm running statistic (mean, var, batch count) inside ``module`` on
+    exit: a checkpointed segment's recomputation must not update them a second time."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+# smp 0.6's decoder blocks are called with the target size (older ones upsample by 2)
+_DECODER_BLOCKS_TAKE_SIZES = "target_height" in inspect.signature(UnetDecoderBlock.forward).parameters
+
+
+def _resnet_stages(encoder: ResNetEncoder) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The stages of an smp ResNet encoder, in the order (and with the depth) of its
+    ``forward``: stage i maps feature i to feature i + 1 (stem, maxpool + layer1, layer2, …)."""
+    stages = [
+        lambda x: encoder.relu(encoder.bn1(encoder.conv1(x))),
+        lambda x: encoder.layer1(encoder.maxpool(x)),
+        encoder.layer2,
+        encoder.layer3,
+        encoder.layer4,
+    ]
+    return stages[:encoder._depth]
+
+
 class CAiDPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and loading conventions shared by all CAiD models."""
+    """Weight initialisation and loading conventions shared by all CAiD models.
+
+    Gradient checkpointing (``gradient_checkpointing_enable()``, or
+    ``activation_checkpointing_enable()`` on transformers versions that renamed it) makes
+    the backbone keep only each encoder stage's and decoder block's output during the
+    forward pass and recompute the rest during the backward pass: less activation memory
+    (high-resolution films), about one more encoder + decoder forward of compute per step.
+    It acts in training mode with gradients enabled; MoCo's momentum key branch runs without
+    gradients and is never checkpointed. BatchNorm running statistics are updated once per
+    forward, as without checkpointing (the recomputation restores them).
+    """
 
     config_class = CAiDConfig
     base_model_prefix = "caid"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -173,6 +222,8 @@ class CAiDModel(CAiDPreTrainedModel):
                 self.segmentation_head = SegmentationHead(config.decoder_channels[-1], 1, kernel_size=3)
                 for m in self.segmentation_head.modules():
                     m._caid_init = "head"
+        # set (with _gradient_checkpointing_func) by transformers' gradient_checkpointing_enable()
+        self.gradient_checkpointing = False
         self.post_init()
 
     @property
@@ -180,11 +231,70 @@ class CAiDModel(CAiDPreTrainedModel):
         """Channels C of the deepest encoder stage (the pooled embedding's size)."""
         return self.encoder.out_channels[-1]
 
+    @property
+    def _checkpointing_active(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _checkpointed(self, function: Callable, *inputs: torch.Tensor, module: nn.Module):
+        """``function(*inputs)`` through transformers' checkpoint function, always
+        non-reentrant (reentrant checkpointing would give the weights no gradient: the
+        images need none); the backward pass's recomputation leaves the BatchNorm
+        statistics of ``module`` untouched."""
+        calls = 0
+
+        def run(*args):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*args)
+            with _batch_norm_statistics_kept(module):
+                return function(*args)
+
+        return self._gradient_checkpointing_func(run, *inputs, use_reentrant=False)
+
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's stage features of ``pixel_values`` [B, 3, H, W] in [0, 1]: a list,
+        input first, then [B, C_i, H / 2^i, W / 2^i] for i = 1 … depth.
+
+        Equals ``self.encoder(pixel_values)``; with gradient checkpointing on (training mode),
+        every ResNet stage is a checkpointed segment (other smp encoders: the whole encoder
+        is one segment)."""
+        if not self._checkpointing_active:
+            return self.encoder(pixel_values)
+        if not isinstance(self.encoder, ResNetEncoder):
+            return self._checkpointed(self.encoder, pixel_values, module=self.encoder)
+        features = [pixel_values]
+        for stage in _resnet_stages(self.encoder):
+            features.append(self._checkpointed(stage, features[-1], module=self.encoder))
+        return features
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The U-Net decoder on :meth:`encode`'s features → [B, decoder_channels[-1], H, W].
+
+        Equals ``self.decoder(features)``; with gradient checkpointing on (training mode),
+        every decoder block is a checkpointed segment."""
+        if not self._checkpointing_active:
+            return self.decoder(features)
+        if not _DECODER_BLOCKS_TAKE_SIZES:  # an smp older than 0.6: the decoder is one segment
+            return self._checkpointed(self.decoder, features, module=self.decoder)
+        # smp's UnetDecoder.forward, one checkpointed segment per block
+        sizes = [f.shape[2:] for f in features][::-1]
+        head, *skips = features[1:][::-1]
+        x = head
+        if not isinstance(self.decoder.center, nn.Identity):
+            x = self._checkpointed(self.decoder.center, head, module=self.decoder.center)
+        for i, block in enumerate(self.decoder.blocks):
+            height, width = sizes[i + 1]
+            skip = (skips[i],) if i < len(skips) else ()
+            x = self._checkpointed(lambda y, *s, b=block, h=height, w=width: b(y, h, w, *s),
+                                   x, *skip, module=block)
+        return x
+
     def reconstruct(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Decoder + head on the encoder stages → [B, 1, H, W] (sigmoid unless configured off)."""
         if self.segmentation_head is None:
             raise ValueError("this CAiDModel was built without its decoder or reconstruction head")
-        out = self.segmentation_head(self.decoder(features))
+        out = self.segmentation_head(self.decode(features))
         return torch.sigmoid(out) if self.config.reconstruction_activation == "sigmoid" else out
 
     def forward(
@@ -199,7 +309,7 @@ class CAiDModel(CAiDPreTrainedModel):
         when ``compute_reconstruction`` (default: whenever this model has its reconstruction head)."""
         if compute_reconstruction is None:
             compute_reconstruction = self.segmentation_head is not None
-        features = self.encoder(pixel_values)
+        features = self.encode(pixel_values)
         output = CAiDModelOutput(
             last_hidden_state=features[-1],
             pooler_output=global_pool(features[-1]),
@@ -393,12 +503,13 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         if self.is_moco:
             # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
             splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
-            features = encode_in_splits(self.caid.encoder, pixel_values, splits)
+            # (encode_in_splits calls caid.encode like an encoder: checkpointed when enabled)
+            features = encode_in_splits(self.caid.encode, pixel_values, splits)
             embeddings = global_pool(features[-1])
             result = self.objective(embeddings, key_pixel_values, self.caid.encoder, update_momentum)
         else:
-            features = self.caid.encoder(pixel_values)
-            key_features = self.caid.encoder(key_pixel_values)
+            features = self.caid.encode(pixel_values)
+            key_features = self.caid.encode(key_pixel_values)
             embeddings = global_pool(features[-1])
             result = self.objective(embeddings, global_pool(key_features[-1]))
 
@@ -537,8 +648,7 @@ class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels, H, W]."""
-        features = self.caid.encoder(pixel_values)
-        logits = self.classifier(self.caid.decoder(features))
+        logits = self.classifier(self.caid.decode(self.caid.encode(pixel_values)))
         loss = self.loss(logits, labels) if labels is not None else None
         output = SemanticSegmenterOutput(loss=loss, logits=logits)
         return output if return_dict is not False else output.to_tuple()

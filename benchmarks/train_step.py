@@ -1,0 +1,294 @@
+"""Time full CAiD pre-training steps: the package's fast path against the original's costs.
+
+A step is what the training loop does once the uint8 crops are on the device: batched view
+augmentation (ViewAugmenter), forward of CAiDForPreTraining (query U-Net, momentum key
+encoder, method loss + reconstruction loss), backward, SGD step, zero_grad. Steps are timed
+after warm-up; each mode reports the median.
+
+Modes:
+  default   the package's fast path, as CAiDForPreTraining and the training loop run it:
+            autocast where the hardware computes in bf16 (caid_hf.training.performance),
+            channels_last, multi-tensor (foreach / fused) SGD, foreach momentum update, no
+            decoder on the key view; --compile and --gradient-checkpointing optional.
+  baseline  the original implementation's costs on the same model: fp32, contiguous
+            memory, the whole momentum U-Net run on the key view (its decoder's output
+            discarded), the momentum update parameter by parameter in a Python loop, and
+            SGD one parameter at a time. The extra work is added here, around the model's
+            public API; the package itself never does it.
+  both      (default) baseline, then default, each in its own process (so peak memory is
+            each mode's own), and their images/s ratio.
+
+    python benchmarks/train_step.py --encoder resnet50 --image-size 224 --batch-size 8
+    python benchmarks/train_step.py --encoder resnet18 --image-size 128 --batch-size 32
+    python benchmarks/train_step.py --encoder resnet50 --image-size 512 --batch-size 2 \\
+        --mode default --gradient-checkpointing
+
+Each mode prints one line: images/s, ms/step (median, with min and max, and the process's
+CPU time per step: with --threads 1 the cost on one core, which other jobs sharing the
+machine barely change, unlike the wall-clock figures), peak memory (CPU:
+the process's peak RSS and its rise during the steps; GPU: torch.cuda.max_memory_allocated)
+and the FLOP rate of one step counted by torch.utils.flop_counter (MFU with --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+from torch import nn
+
+from caid_hf import CAiDConfig, CAiDForPreTraining
+from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
+from caid_hf.training import performance
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process in MiB (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far in MiB (ru_maxrss: KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def add_original_costs(model: CAiDForPreTraining) -> None:
+    """Give a MoCo model the original implementation's extra per-step work.
+
+    The original's key encoder is a momentum copy of the whole U-Net: every step it runs
+    the copied decoder and head on the key view's features and throws the result away, and
+    its momentum update rebuilds every parameter of the copy (decoder included) one by one
+    in Python. Here a frozen copy of the decoder and head runs on the momentum encoder's
+    output (a forward hook, so per shuffle-BN sub-batch, as the original per device), and
+    ``objective.momentum_update`` is replaced by that loop.
+    """
+    if not model.is_moco:
+        raise ValueError("the baseline mirrors the original MoCo-v2 CAiD; use --method moco_v2")
+    objective = model.objective
+    key_decoder = copy.deepcopy(model.caid.decoder).requires_grad_(False)
+    key_head = copy.deepcopy(model.caid.segmentation_head).requires_grad_(False)
+    objective.baseline_key_decoder = nn.ModuleList([key_decoder, key_head])
+
+    def decode_keys(module: nn.Module, inputs: tuple, features: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            torch.sigmoid(key_head(key_decoder(features)))  # computed, then discarded
+
+    objective.momentum_encoder.register_forward_hook(decode_keys)
+    pairs = [
+        (objective.momentum_encoder, model.caid.encoder),
+        (objective.momentum_projection_head, objective.projection_head),
+        (key_decoder, model.caid.decoder),
+        (key_head, model.caid.segmentation_head),
+    ]
+
+    @torch.no_grad()
+    def momentum_update_loop(self, encoder: nn.Module) -> None:
+        m = self.momentum
+        for key_module, query_module in pairs:
+            for key, query in zip(key_module.parameters(), query_module.parameters()):
+                key.data = key.data * m + query.data * (1.0 - m)
+
+    objective.momentum_update = types.MethodType(momentum_update_loop, objective)
+
+
+def build(args: argparse.Namespace, mode: str, device: torch.device):
+    """(model, optimizer, autocast dtype, channels_last) of a mode, on ``device``."""
+    config = CAiDConfig(encoder_name=args.encoder, image_size=args.image_size,
+                        discrimination_method=args.method, queue_size=args.queue_size)
+    torch.manual_seed(0)
+    model = CAiDForPreTraining(config).to(device).train()
+    hyper = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "baseline":
+        add_original_costs(model)
+        return model, torch.optim.SGD(params, foreach=False, **hyper), None, False
+    dtype = {"auto": performance.autocast_dtype(device), "fp32": None,
+             "bf16": torch.bfloat16}[args.precision]
+    channels_last = {"auto": performance.use_channels_last(device), "on": True,
+                     "off": False}[args.channels_last]
+    if channels_last:
+        performance.to_channels_last(model)
+    if args.gradient_checkpointing:
+        performance.enable_gradient_checkpointing(model)
+    optimizer = torch.optim.SGD(params, **hyper, **performance.sgd_implementation(device))
+    if args.compile:
+        performance.compile_model(model, device)
+    return model, optimizer, dtype, channels_last
+
+
+def count_flops(step) -> float:
+    """FLOPs of one call of ``step`` (convolutions and matrix products, forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict:
+    """Build, warm up and time one mode; returns its figures."""
+    threads = performance.set_cpu_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, optimizer, dtype, channels_last = build(args, mode, device)
+    augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=True, seed=0)
+    crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
+                          dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+    fixed_views = None if args.augment else augmenter(crops)
+
+    def step() -> None:
+        views = augmenter(crops) if fixed_views is None else fixed_views
+        with performance.autocast(device, dtype):
+            out = model(views.query, views.key, labels=views.target)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rss_before = rss_mib()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if device.type == "cuda":
+        memory = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated"
+    else:
+        memory = (f"peak RSS {peak_rss_mib():.0f} MiB "
+                  f"(+{peak_rss_mib() - rss_before:.0f} MiB over the built model)")
+    flops = count_flops(step) if args.count_flops else float("nan")
+    median = statistics.median(times)
+    result = {
+        "mode": mode, "images_per_s": args.batch_size / median, "ms_per_step": median * 1e3,
+        "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3, "memory": memory,
+        "cpu_ms_per_step": statistics.median(cpu_times) * 1e3,
+        "gflop_per_step": flops / 1e9, "tflops": flops / median / 1e12,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "channels_last": channels_last, "threads": threads, "device": str(device),
+    }
+    extras = [f"{result['precision']}", "channels_last" if channels_last else "contiguous",
+              f"{threads} threads" if device.type == "cpu" else str(device)]
+    if mode == "default":
+        extras += [name for name, on in (("compiled", args.compile),
+                                         ("grad-ckpt", args.gradient_checkpointing)) if on]
+    rate = (f"{result['gflop_per_step']:.0f} GFLOP/step, {result['tflops']:.3f} TFLOP/s"
+            if args.count_flops else "")
+    if args.count_flops and args.peak_tflops:
+        rate += f" (MFU {result['tflops'] / args.peak_tflops:.1%})"
+    print(f"{mode:8s} {args.encoder} {args.image_size}px batch {args.batch_size}: "
+          f"{result['images_per_s']:.2f} images/s, {median * 1e3:.0f} ms/step "
+          f"(min {result['ms_min']:.0f}, max {result['ms_max']:.0f}, {args.steps} steps; "
+          f"process CPU {result['cpu_ms_per_step']:.0f} ms/step), "
+          f"{memory}, {rate + ', ' if rate else ''}[{', '.join(extras)}]", flush=True)
+    return result
+
+
+def run_in_child(argv: list[str], mode: str) -> dict:
+    """Run one mode in a fresh process (its own peak memory); its line goes to our stdout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--mode", mode,
+                        "--result-file", result_file], check=True)
+        with open(result_file) as f:
+            return json.load(f)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode (median).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    parser.add_argument("--mode", choices=["default", "baseline", "both"], default="both")
+    parser.add_argument("--method", choices=["moco_v2", "barlow_twins", "simsiam"],
+                        default="moco_v2", help="Objective (the baseline needs moco_v2).")
+    parser.add_argument("--queue-size", type=int, default=65536)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="Default mode's autocast (auto: bf16 where the hardware has it).")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="Default mode's memory format.")
+    parser.add_argument("--compile", action="store_true", help="Default mode: model.compile().")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="Default mode: checkpoint encoder stages and decoder blocks.")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="Leave the view augmentation out of the timed step.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="With --mode both: alternate baseline/default this many times "
+                             "(each a fresh process) and report the median of each.")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="Count one step's FLOPs (an extra untimed step) and print TFLOP/s.")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="The device's peak TFLOP/s in the step's precision, for MFU.")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present).")
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.mode != "both":
+        result = run_mode(args, args.mode)
+        if args.result_file:
+            with open(args.result_file, "w") as f:
+                json.dump(result, f)
+        return
+    child_argv = without_option(argv, "--mode")
+    runs = {"baseline": [], "default": []}
+    for _ in range(args.rounds):
+        for mode in runs:
+            runs[mode].append(run_in_child(child_argv, mode))
+    baseline, default = ({key: statistics.median(r[key] for r in runs[m])
+                          for key in ("images_per_s", "cpu_ms_per_step")}
+                         for m in ("baseline", "default"))
+    print(f"ratio default/baseline: {default['images_per_s'] / baseline['images_per_s']:.2f}x "
+          f"({default['images_per_s']:.2f} vs {baseline['images_per_s']:.2f} images per second"
+          f"{f', medians of {args.rounds} rounds' if args.rounds > 1 else ''}); "
+          f"process CPU time per step {baseline['cpu_ms_per_step'] / default['cpu_ms_per_step']:.2f}x "
+          f"less")
+
+
+if __name__ == "__main__":
+    main()

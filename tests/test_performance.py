@@ -1,0 +1,157 @@
+"""Speed settings (caid_hf.training.performance), MoCo's multi-tensor momentum update and
+the training-step benchmark script."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caid_hf import CAiDConfig, CAiDForPreTraining
+from caid_hf.objectives.moco import MoCoV2
+from caid_hf.training import performance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cpu(monkeypatch, tmp_path):
+    """Set the CPU's torch capability and /proc/cpuinfo flags seen by the helpers."""
+
+    def fake(capability: str, flags: str) -> None:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(performance, "CPUINFO", cpuinfo)
+
+    return fake
+
+
+@pytest.mark.parametrize("capability, flags, expected", [
+    ("AVX512", "avx2 avx512f avx512_bf16", torch.bfloat16),  # e.g. AMD Zen 4, Cooper Lake
+    ("AVX512", "avx2 avx512f amx_bf16 amx_tile", torch.bfloat16),  # Sapphire Rapids
+    ("AVX512", "avx2 avx512f", None),  # Skylake-X: AVX-512 without bf16 arithmetic
+    ("AVX2", "avx2", None),
+    ("AVX2", "avx2 avx512_bf16", None),  # torch not built/running with AVX-512 kernels
+    ("DEFAULT", "", None),
+])
+def test_cpu_autocast_dtype(cpu, capability, flags, expected):
+    cpu(capability, flags)
+    assert performance.autocast_dtype("cpu") is expected
+    assert performance.resolve_mixed_precision("auto", "cpu") == ("bf16" if expected else "no")
+    assert performance.resolve_mixed_precision("no", "cpu") == "no"
+
+
+@pytest.mark.parametrize("major, expected", [(7, None), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_cuda_autocast_dtype(monkeypatch, major, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert performance.autocast_dtype("cuda:0") is expected
+
+
+def test_other_devices_stay_fp32():
+    assert performance.autocast_dtype("meta") is None
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert performance.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert performance.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_autocast_context_casts_only_with_a_dtype():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.rand(2, 4)
+    with performance.autocast("cpu", torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    with performance.autocast("cpu", None):
+        assert layer(x).dtype == torch.float32
+
+
+def test_channels_last_and_sgd_settings():
+    model = CAiDForPreTraining(CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32,
+                                          projection_dim=16))
+    performance.to_channels_last(model)
+    assert model.caid.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.objective.queue.is_contiguous()  # 2-D buffers untouched
+    out = model.caid.encoder(torch.rand(2, 3, 64, 64))[-1]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert performance.use_channels_last("cpu") and performance.use_channels_last("cuda")
+    assert not performance.use_channels_last("meta")
+    assert performance.sgd_implementation("cpu") == {"fused": True}
+
+
+def test_fused_sgd_matches_the_plain_loop():
+    torch.manual_seed(0)
+    params = [torch.randn(8, 3, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    hyper = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4}
+    fast = torch.optim.SGD(params, **hyper, **performance.sgd_implementation("cpu"))
+    plain = torch.optim.SGD(copies, **hyper, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, c, g in zip(params, copies, grads):
+            p.grad, c.grad = g.clone(), g.clone()
+        fast.step()
+        plain.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=0, atol=1e-6)
+
+
+def test_foreach_momentum_update_equals_the_per_parameter_loop():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                  torch.nn.Conv2d(8, 16, 1))
+    moco = MoCoV2(encoder, feature_dim=16, projection_dim=4, queue_size=8, momentum=0.99)
+    with torch.no_grad():  # the two branches apart, as after some training
+        for p in [*encoder.parameters(), *moco.projection_head.parameters()]:
+            p.add_(torch.randn_like(p))
+    expected = [p.clone() for p in moco.momentum_parameters()]
+    queries = [*encoder.parameters(), *moco.projection_head.parameters()]
+    for k, q in zip(expected, queries):  # the original: one parameter at a time
+        k.copy_(k * moco.momentum + q * (1.0 - moco.momentum))
+    buffers = [b.clone() for b in moco.momentum_encoder.buffers()]
+    moco.momentum_update(encoder)
+    for k, e in zip(moco.momentum_parameters(), expected):
+        torch.testing.assert_close(k, e, rtol=0, atol=1e-7)
+    for b, before in zip(moco.momentum_encoder.buffers(), buffers):
+        assert torch.equal(b, before)
+
+
+def test_training_step_with_fast_path_settings_matches_fp32_closely():
+    """bf16 autocast + channels_last + foreach SGD: one step's loss near the fp32 loss."""
+    config = CAiDConfig(encoder_name="resnet18", image_size=64, queue_size=32, projection_dim=16)
+    torch.manual_seed(0)
+    fp32 = CAiDForPreTraining(config).train()
+    fast = performance.to_channels_last(copy.deepcopy(fp32))
+    g = torch.Generator().manual_seed(0)
+    q, k, target = (torch.rand(4, c, 64, 64, generator=g) for c in (3, 3, 1))
+    torch.manual_seed(1)
+    reference = fp32(q, k, labels=target).loss
+    torch.manual_seed(1)
+    with performance.autocast("cpu", torch.bfloat16):
+        out = fast(q, k, labels=target)
+    assert out.loss.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert fast.objective.queue.dtype == torch.float32
+    torch.testing.assert_close(out.loss, reference, rtol=0.05, atol=0)
+    out.loss.backward()
+    optimizer = torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.1,
+                                **performance.sgd_implementation("cpu"))
+    optimizer.step()
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_one_line_per_mode():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--encoder", "resnet18",
+         "--image-size", "64", "--batch-size", "4", "--steps", "2", "--mode", "both"],
+        capture_output=True, text=True, timeout=600, check=True)
+    lines = [line for line in result.stdout.splitlines() if "images/s" in line]
+    assert len(lines) == 2, result.stdout
+    assert lines[0].startswith("baseline") and lines[1].startswith("default")
+    assert "ratio default/baseline" in result.stdout
