@@ -147,6 +147,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     """Build, warm up and time one mode; returns its figures."""
     threads = performance.set_cpu_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # both modes: fixed shapes, so let cuDNN pick its kernels
+        torch.backends.cudnn.benchmark = True
     model, optimizer, dtype, channels_last = build(args, mode, device)
     augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=True, seed=0)
     crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),

@@ -155,3 +155,46 @@ def test_benchmark_script_prints_one_line_per_mode():
     assert len(lines) == 2, result.stdout
     assert lines[0].startswith("baseline") and lines[1].startswith("default")
     assert "ratio default/baseline" in result.stdout
+
+
+def _pretrain(tmp_path, name, *extra):
+    from test_training import TINY
+
+    from caid_hf.training.pretrain import main
+
+    return main(TINY + ["--output_dir", str(tmp_path / name), "--max_steps", "3",
+                        "--num_train_epochs", "1", *extra])
+
+
+def test_pretraining_uses_the_fast_path_by_default(tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    result = _pretrain(tmp_path, "fast")
+    chosen = yaml.safe_load((tmp_path / "fast" / "run_config.yaml").read_text())
+    # 'auto' is recorded as what it chose for this CPU
+    assert chosen["training"]["mixed_precision"] == ("bf16" if performance.cpu_supports_bf16() else "no")
+    conv = result.model.caid.encoder.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # published weights are ordinary (contiguous) tensors equal to the trained ones
+    saved = load_file(tmp_path / "fast" / "final" / "model.safetensors")
+    assert saved["encoder.conv1.weight"].is_contiguous()
+    assert torch.equal(saved["encoder.conv1.weight"], conv.detach())
+    losses = [h["train/loss"] for h in result.history if "train/loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_pretraining_with_gradient_checkpointing_trains_like_without(tmp_path):
+    """fp32, contiguous: the same three steps with and without checkpointing (the
+    recomputation neither changes gradients nor updates BatchNorm statistics twice)."""
+    plain = _pretrain(tmp_path, "plain", "--mixed_precision", "no", "--channels_last", "false")
+    ckpt = _pretrain(tmp_path, "ckpt", "--mixed_precision", "no", "--channels_last", "false",
+                     "--gradient_checkpointing", "true")
+    assert ckpt.model.caid.gradient_checkpointing and not plain.model.caid.gradient_checkpointing
+    for a, b in zip(plain.history, ckpt.history):
+        for key in ("train/loss", "val/loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    trained, other = plain.model.state_dict(), ckpt.model.state_dict()
+    for key, value in trained.items():
+        torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5, msg=key)

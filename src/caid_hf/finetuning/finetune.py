@@ -33,6 +33,7 @@ from ..configuration_caid import CAiDConfig
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
+from ..training import performance
 from .arguments import (
     METRICS,
     FinetuneDataArguments,
@@ -341,6 +342,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     writes the model folder to ``args.output_dir``."""
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
+    performance.forget_accelerator_settings()  # an earlier run in this process may differ
     accelerator = Accelerator(
         cpu=args.use_cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,

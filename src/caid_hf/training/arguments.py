@@ -123,7 +123,24 @@ class PretrainingArguments:
                                         "learning_rate (no warm-up, no decay), as SimSiam does."}
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "'auto' (bf16 autocast where the hardware computes in bf16: "
+                                          "Ampere or newer GPUs, CPUs with AVX-512 BF16 or AMX; "
+                                          "fp32 elsewhere), 'no', 'bf16' or 'fp16'. Losses and "
+                                          "MoCo's queue stay fp32."}
+    )
+    channels_last: bool = field(
+        default=True, metadata={"help": "Train in channels_last memory format (faster on GPUs and "
+                                        "on CPUs; checkpoints and published weights are the same)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each encoder stage and decoder block in the "
+                                         "backward pass: less activation memory (512 px films), "
+                                         "about 20 % more compute."}
+    )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "model.compile() the model (first steps take minutes)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of everything random."})
     logging_steps: int = field(default=10, metadata={"help": "Log scalars every N optimizer steps."})
     save_steps: int = field(default=0, metadata={"help": "Also save the training state every N steps "
@@ -178,8 +195,9 @@ class PretrainingArguments:
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU exists."})
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError("mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
+                             f"got {self.mixed_precision!r}")
         if self.lr_scheduler_type not in ("cosine", "constant"):
             raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
         if self.report_to not in ("tensorboard", "none"):

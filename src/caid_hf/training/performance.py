@@ -157,3 +157,17 @@ def set_cpu_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def forget_accelerator_settings() -> None:
+    """Let the next ``Accelerator`` in this process choose its own mixed precision.
+
+    Accelerate keeps one ``AcceleratorState`` per process and refuses a second Accelerator
+    with another precision; a notebook or benchmark that runs pre-training in bf16 and then
+    fine-tuning in fp32 needs the first run's settings forgotten. The process group and device
+    (Accelerate's ``PartialState``) are kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()

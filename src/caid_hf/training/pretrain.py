@@ -46,6 +46,7 @@ from ..image_processing_caid import CAiDImageProcessor
 from ..model_card import write_model_card
 from ..modeling_caid import CAiDForPreTraining
 from ..publishing import push_folder
+from . import performance
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
 from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
@@ -315,6 +316,21 @@ def evaluate(model, loader, augmentation: AugmentationConfig, seed: int, config:
     return metrics
 
 
+def timed(iterable, seconds: list[float]):
+    """Yield from ``iterable``, adding the time spent waiting for each item to ``seconds[0]``
+    (the training loop's data wait: ≈ 0 when the loader keeps up with the device)."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            seconds[0] += time.perf_counter() - start
+        yield item
+
+
 def _constant_one(step: int) -> float:
     return 1.0
 
@@ -411,6 +427,26 @@ def push_backbone(accelerator, folder: Path, args: PretrainingArguments) -> None
         dry_run=args.hub_dry_run))
 
 
+def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, accelerator) -> None:
+    """channels_last, gradient checkpointing and compilation as ``args`` ask (see
+    :mod:`.performance`), in place on the unprepared model, and say what the step will use."""
+    device = accelerator.device
+    settings = [{"no": "fp32"}.get(args.mixed_precision, f"{args.mixed_precision} autocast")]
+    if device.type == "cuda" and not args.full_determinism:  # fixed shapes: let cuDNN choose
+        torch.backends.cudnn.benchmark = True
+    if args.channels_last and performance.use_channels_last(device):
+        performance.to_channels_last(model)
+        settings.append("channels_last")
+    if args.gradient_checkpointing:
+        performance.enable_gradient_checkpointing(model)
+        settings.append("gradient checkpointing")
+    if args.torch_compile:
+        performance.compile_model(model, device)
+        settings.append("compiled")
+    settings.append("fused SGD" if performance.sgd_implementation(device).get("fused") else "SGD")
+    accelerator.print(f"training step on {device}: {', '.join(settings)}")
+
+
 def describe_hardware(accelerator) -> str:
     """E.g. ``2 × NVIDIA H100 80GB HBM3`` or ``1 × CPU (2 cores)``."""
     if accelerator.device.type == "cuda":
@@ -473,8 +509,13 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
 def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
               preemption: PreemptionHandler) -> PretrainResult:
     output_dir = Path(args.output_dir)
+    use_cpu = args.use_cpu or not torch.cuda.is_available()
+    if args.mixed_precision == "auto":  # recorded as chosen (run_config.yaml, model card)
+        args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
+            "auto", "cpu" if use_cpu else "cuda"))
+    performance.forget_accelerator_settings()  # an earlier run in this process may differ
     accelerator = Accelerator(
-        cpu=args.use_cpu or not torch.cuda.is_available(),
+        cpu=use_cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -505,9 +546,11 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                            len(val_set) + (0 if streaming else len(train_set)),
                            data_args.max_bad_fraction)
 
+    apply_speed_settings(model, args, accelerator)
     optimizer = torch.optim.SGD(model.optimizer_param_groups(args.fix_predictor_lr),
                                 lr=args.learning_rate, momentum=args.sgd_momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay,
+                                **performance.sgd_implementation(accelerator.device))
     if streaming:  # split per process already: Accelerate must not shard it again
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
         total_steps, num_epochs = args.max_steps, "?"
@@ -574,6 +617,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
+    data_wait = [0.0]  # seconds spent waiting for the loader since the last log
     stopping = False
 
     def leave_preempted() -> None:
@@ -603,7 +647,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         loader = train_loader
         if state.batches_in_epoch:  # resuming mid-epoch: skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for batch in synced_batches(loader, accelerator, streaming):
+        for batch in timed(synced_batches(loader, accelerator, streaming), data_wait):
             crops = batch["crops"].to(accelerator.device, non_blocking=True)
             new_bad.extend(batch["bad_files"])
             # the key branch follows the query once per optimizer step, not per micro-batch
@@ -652,7 +696,8 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                         "train/discrimination_loss": out.discrimination_loss.item(),
                         "train/embedding_std": out.embedding_std.item(),
                         "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
-                        "train/images_per_second": images_since_log / max(now - last_log, 1e-9)}
+                        "train/images_per_second": images_since_log / max(now - last_log, 1e-9),
+                        "train/data_wait_fraction": data_wait[0] / max(now - last_log, 1e-9)}
                 if out.logits is not None:  # MoCo: its InfoNCE and positive-key top-1
                     logs["train/contrastive_loss"] = out.contrastive_loss.item()
                     logs["train/contrastive_accuracy"] = \
@@ -663,7 +708,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                 accelerator.log(logs, step=state.global_step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 state.history.append({"step": state.global_step, **logs})
-                last_log, images_since_log = now, 0
+                last_log, images_since_log, data_wait[0] = now, 0, 0.0
             end_of_epoch = not streaming and state.batches_in_epoch == len(train_loader)
             stopping = stopping or stop
             if stop and not end_of_epoch and state.global_step < total_steps:
