@@ -9,7 +9,12 @@ On the embedded synthetic chest phantoms (which carry nodules and their masks), 
    ``context_prediction=False``) and **CAiD** (MoCo-v2 + context prediction); the backbone
    after the last step is used;
 2. **linear probe** for "nodule present": logistic regression on the frozen pooled embeddings
-   (``pooler_output``) of held-out phantoms, scored by ROC-AUC on other held-out phantoms;
+   (``pooler_output``) of held-out phantoms, scored by ROC-AUC on other held-out phantoms.
+   Every backbone embeds with BatchNorm statistics re-estimated on the probe's training
+   images (no labels; ``recalibrate_batch_norm``): a randomly initialised network has never
+   seen an image, and in eval mode with its initial statistics it computes an unnormalised
+   function, not the network a trained backbone is compared with. The AUC with the saved
+   statistics is reported too;
 3. **few-label segmentation**: fine-tune the whole U-Net (``caid_hf.finetuning``) on 5 % of a
    pool of 1,024 labelled phantoms (52 images) to segment the nodules; Dice (pooled over the
    pixels of 200 held-out test phantoms) of the model with the best validation Dice over
@@ -53,7 +58,11 @@ from caid_hf.finetuning.arguments import (  # noqa: E402
     FinetuningArguments,
 )
 from caid_hf.finetuning.data import PhantomLabelledSource  # noqa: E402
-from caid_hf.finetuning.features import extract_embeddings, probe_scores  # noqa: E402
+from caid_hf.finetuning.features import (  # noqa: E402
+    extract_embeddings,
+    probe_scores,
+    recalibrate_batch_norm,
+)
 from caid_hf.finetuning.finetune import finetune  # noqa: E402
 from caid_hf.training.arguments import parse_pretraining_args  # noqa: E402
 from caid_hf.training.pretrain import pretrain  # noqa: E402
@@ -102,8 +111,12 @@ def random_backbone(seed: int) -> CAiDModel:
 
 
 def probe_auc(backbone: CAiDModel, probe_train: PhantomLabelledSource,
-              probe_test: PhantomLabelledSource, seed: int) -> float:
-    """Linear-probe ROC-AUC for 'nodule present' on frozen pooled embeddings."""
+              probe_test: PhantomLabelledSource, seed: int, statistics: str) -> float:
+    """Linear-probe ROC-AUC for 'nodule present' on frozen pooled embeddings, with the
+    backbone's own BatchNorm statistics (``statistics="model"``) or with statistics
+    re-estimated on the probe's training images (``"data"``; changes ``backbone``)."""
+    if statistics == "data":
+        recalibrate_batch_norm(backbone, probe_train, DOWNSTREAM_SIZE)
     train_x, train_y = extract_embeddings(backbone, probe_train, DOWNSTREAM_SIZE)
     test_x, test_y = extract_embeddings(backbone, probe_test, DOWNSTREAM_SIZE)
     scores = probe_scores(train_x, train_y, ["nodule"], test_x, test_y, seed=seed)
@@ -144,7 +157,8 @@ def bar_chart(results: dict, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=120)
     colours = {"random": "#9e9e9e", "ID": "#1f77b4", "CAiD": "#d62728"}
-    panels = (("probe_auc", "linear-probe ROC-AUC\n('nodule present', frozen embeddings)", 0.5),
+    panels = (("probe_auc", "linear-probe ROC-AUC ('nodule present', frozen\nembeddings, "
+                            "BatchNorm statistics of the probe images)", 0.5),
               ("dice", f"few-label segmentation Dice\n(nodule masks, "
                        f"{results['settings']['labelled_images']} labelled images)", None))
     for ax, (key, label, chance) in zip(axes, panels):
@@ -203,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     probe_train = PhantomLabelledSource(a.probe_phantoms, DOWNSTREAM_SIZE, PROBE_SEED)
     probe_test = PhantomLabelledSource(a.probe_phantoms, DOWNSTREAM_SIZE, PROBE_SEED + 1)
-    per_seed = {init: {"probe_auc": [], "dice": []} for init in INITS}
+    per_seed = {init: {"probe_auc": [], "probe_auc_saved_statistics": [], "dice": []}
+                for init in INITS}
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         inits = {"random": "random"}
         for method in ("ID", "CAiD"):
@@ -215,13 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
         for init, init_from in inits.items():
             backbone = random_backbone(seed) if init == "random" \
                 else CAiDModel.from_pretrained(init_from)
-            auc = probe_auc(backbone, probe_train, probe_test, seed)
+            saved_auc = probe_auc(backbone, probe_train, probe_test, seed, "model")
+            auc = probe_auc(backbone, probe_train, probe_test, seed, "data")
             seg_dir = out / f"seed{seed}" / f"segmentation_{init}"
             dice = segmentation_dice(init_from, seed, a, seg_dir)
             shutil.rmtree(seg_dir, ignore_errors=True)  # weights not needed, only numbers
             per_seed[init]["probe_auc"].append(auc)
+            per_seed[init]["probe_auc_saved_statistics"].append(saved_auc)
             per_seed[init]["dice"].append(dice)
-            print(f"[seed {seed}] {init}: probe AUC {auc:.3f}, Dice {dice:.3f} "
+            print(f"[seed {seed}] {init}: probe AUC {auc:.3f} (saved BN statistics: "
+                  f"{saved_auc:.3f}), Dice {dice:.3f} "
                   f"({time.perf_counter() - started:.0f} s so far)")
 
         # the table so far, so that an interrupted run still leaves its numbers
@@ -243,12 +261,14 @@ def summarise(per_seed: dict, a: argparse.Namespace, wall: float, out: Path) -> 
                "settings": {**vars(a), "labelled_images": labelled,
                             "downstream_size": DOWNSTREAM_SIZE}}
     table = [f"| initialisation | linear-probe AUC, nodule present ({a.probe_phantoms} + "
-             f"{a.probe_phantoms} phantoms) | few-label Dice ({labelled} labelled, "
-             f"{a.test_phantoms} test phantoms) |", "|---|---:|---:|"]
+             f"{a.probe_phantoms} phantoms; BatchNorm statistics of the probe images) | "
+             f"the same with the saved BatchNorm statistics (random: none) | few-label Dice "
+             f"({labelled} labelled, {a.test_phantoms} test phantoms) |", "|---|---:|---:|---:|"]
     names = {"random": "random init (floor)", "ID": "ID only (MoCo-v2)",
              "CAiD": "CAiD (MoCo-v2 + context prediction)"}
     for init in INITS:
         table.append(f"| {names[init]} | {mean_std(per_seed[init]['probe_auc'])} | "
+                     f"{mean_std(per_seed[init]['probe_auc_saved_statistics'])} | "
                      f"{mean_std(per_seed[init]['dice'])} |")
     results["table"] = "\n".join(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from caid_hf.finetuning.features import (
     plot_embedding_map,
     point_categories,
     probe_scores,
+    recalibrate_batch_norm,
 )
 
 
@@ -85,6 +86,29 @@ def test_embeddings_are_the_pooler_output():
     assert np.array_equal(y, source.targets)
 
 
+def test_recalibrated_statistics_are_the_set_averages_of_batch_statistics():
+    torch.manual_seed(0)
+    backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
+    source = PhantomLabelledSource(12, size=64, seed=1)
+    stem = backbone.encoder.bn1
+    assert torch.equal(stem.running_mean, torch.zeros(64))  # never saw an image
+    pixels = torch.from_numpy(np.stack([source.load(i) for i in range(12)])).float().div(255)
+    pixels = pixels[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        conv = backbone.encoder.conv1(pixels)  # what the stem BatchNorm sees
+    means = [conv[i:i + 4].mean(dim=(0, 2, 3)) for i in (0, 4, 8)]
+    variances = [conv[i:i + 4].var(dim=(0, 2, 3)) for i in (0, 4, 8)]  # unbiased, as BatchNorm
+    recalibrate_batch_norm(backbone, source, 64, batch_size=4)
+    assert not backbone.training and stem.momentum == 0.1  # eval mode, momentum restored
+    assert int(stem.num_batches_tracked) == 3
+    torch.testing.assert_close(stem.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stem.running_var, torch.stack(variances).mean(0), rtol=1e-4, atol=1e-5)
+    # the embeddings are then normalised: the stem's output is centred on these images
+    with torch.no_grad():
+        normalised = stem(conv)
+    torch.testing.assert_close(normalised.mean(dim=(0, 2, 3)), stem.bias.detach(), atol=1e-4, rtol=0)
+
+
 def test_evaluate_features_writes_scores_map_and_embeddings(tmp_path):
     torch.manual_seed(0)
     backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
@@ -105,9 +129,11 @@ def test_evaluate_features_command(tmp_path, capsys):
 
     main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "64",
           "--num-phantoms", "30", "--test-source", "phantoms", "--num-test-phantoms", "20",
-          "--phantom-size", "64", "--k", "5", "--out", str(tmp_path)])
+          "--phantom-size", "64", "--k", "5", "--out", str(tmp_path),
+          "--batch-norm-statistics", "data"])
     printed = capsys.readouterr().out
     assert "linear_probe: mean AUC" in printed and "knn: mean AUC" in printed
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["evaluation"] == "test set of 20 images" and summary["num_test_images"] == 20
+    assert summary["batch_norm_statistics"] == "data"
     assert (tmp_path / "tsne.png").is_file()
