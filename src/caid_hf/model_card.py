@@ -62,7 +62,8 @@ DIFFERENCES = [
 # Fields of run_config.yaml that never belong in a public card (credentials).
 _SECRET_MARKERS = ("token", "password", "secret")
 
-TEMPLATE = """\
+# The front matter, title, summary and model table every caid-hf card starts with.
+CARD_HEAD = """\
 ---
 {{ card_data }}
 ---
@@ -77,6 +78,9 @@ TEMPLATE = """\
 |---|---|
 {% for key, value in model_rows %}| {{ key }} | {{ value }} |
 {% endfor %}
+"""
+
+TEMPLATE = CARD_HEAD + """\
 {{ method_note }}
 
 ## Training

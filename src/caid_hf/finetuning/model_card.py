@@ -14,23 +14,9 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..model_card import BASE_TAGS, CITATION, _format_duration, _without_secrets
+from ..model_card import BASE_TAGS, CARD_HEAD, CITATION, _format_duration, _without_secrets
 
-TEMPLATE = """\
----
-{{ card_data }}
----
-
-# {{ title }}
-
-{{ summary }}
-
-## Model
-
-| | |
-|---|---|
-{% for key, value in model_rows %}| {{ key }} | {{ value }} |
-{% endfor %}
+TEMPLATE = CARD_HEAD + """\
 ## Results
 
 {{ results_intro }}
