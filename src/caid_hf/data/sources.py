@@ -222,8 +222,13 @@ class SplitListSource(_FileListSource):
                     f"{self.split_file}:{number}: path {name!r} leaves {self.images_root}"
                 )
             self.relative_paths.append(name)
+            self._line_labels(number, name, labels)
         if not self.relative_paths:
             raise ValueError(f"split file {self.split_file} names no images")
+
+    def _line_labels(self, number: int, name: str, labels: list[str]) -> None:
+        """Called with the label tokens of each image line (line ``number``) as the list is
+        read; pre-training ignores them (a labelled subclass keeps them)."""
 
 
 class ImageFolderSource(_FileListSource):

@@ -160,30 +160,28 @@ class SplitListLabelledSource(SplitListSource):
 
     def __init__(self, split_file: str | os.PathLike, images_root: str | os.PathLike,
                  label_names: list[str] | None = None) -> None:
-        super().__init__(split_file, images_root)
-        rows, count = [], None
-        lines = self.split_file.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, *labels = line.split()
-            if not labels:
-                raise ValueError(f"{self.split_file}:{number}: {name!r} has no labels; a "
-                                 "fine-tuning split list needs 'path label label ...'")
-            if count is None:
-                count = len(labels)
-            elif len(labels) != count:
-                raise ValueError(f"{self.split_file}:{number}: {len(labels)} labels, but the "
-                                 f"first line has {count}")
-            values = [float(label) for label in labels]
-            if any(v not in (0.0, 1.0) for v in values):
-                raise ValueError(f"{self.split_file}:{number}: labels must be 0 or 1, got "
-                                 f"{labels}")
-            rows.append(values)
-        self.targets = np.asarray(rows, dtype=np.float32)
-        self.label_names = _check_names(label_names, count, str(self.split_file)) \
-            or _default_names(count)
+        self._rows: list[list[float]] = []
+        self._count: int | None = None
+        super().__init__(split_file, images_root)  # reads the list once, lines via _line_labels
+        self.targets = np.asarray(self._rows, dtype=np.float32)
+        self.label_names = _check_names(label_names, self._count, str(self.split_file)) \
+            or _default_names(self._count)
+        del self._rows
+
+    def _line_labels(self, number: int, name: str, labels: list[str]) -> None:
+        if not labels:
+            raise ValueError(f"{self.split_file}:{number}: {name!r} has no labels; a "
+                             "fine-tuning split list needs 'path label label ...'")
+        if self._count is None:
+            self._count = len(labels)
+        elif len(labels) != self._count:
+            raise ValueError(f"{self.split_file}:{number}: {len(labels)} labels, but the "
+                             f"first line has {self._count}")
+        values = [float(label) for label in labels]
+        if any(v not in (0.0, 1.0) for v in values):
+            raise ValueError(f"{self.split_file}:{number}: labels must be 0 or 1, got "
+                             f"{labels}")
+        self._rows.append(values)
 
 
 def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
