@@ -198,3 +198,22 @@ def test_pretraining_with_gradient_checkpointing_trains_like_without(tmp_path):
     trained, other = plain.model.state_dict(), ckpt.model.state_dict()
     for key, value in trained.items():
         torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_compile_targets_encoders_and_decoders_not_the_moco_bookkeeping(monkeypatch, tiny_config):
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+    from segmentation_models_pytorch.encoders._base import EncoderMixin
+
+    model = CAiDForPreTraining(tiny_config)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    from torch._inductor import cpp_builder  # (a machine without a C++ compiler would warn)
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "c++")
+    assert performance.compile_model(model, "cpu") is model
+    # query encoder, momentum (key) encoder and decoder; never the whole model, whose key
+    # branch indexes with torch.randperm (an inductor crash on torch 2.11 + CUDA)
+    assert model not in compiled and model.objective not in compiled
+    assert {id(m) for m in compiled} == {id(model.caid.encoder), id(model.objective.momentum_encoder),
+                                        id(model.caid.decoder)}
+    assert all(isinstance(m, (EncoderMixin, UnetDecoder)) for m in compiled)

@@ -131,14 +131,22 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def compile_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """``model.compile()`` in place (parameter names unchanged) and return the model.
+    """Compile the model's smp encoders and U-Net decoders in place (``Module.compile()``:
+    parameter names unchanged) and return the model.
 
-    The first steps then take minutes (about 5 on a 2-core CPU); MoCo's queue bookkeeping
-    runs eagerly between compiled graphs. Off by default: on that CPU the compiled step was
-    no faster (ResNet-50) or slower (ResNet-18) than the eager one, whose time is almost all
-    oneDNN convolutions. Warns and leaves the model eager where inductor cannot work (no C++
-    compiler for a CPU, or torch without compile support).
+    Only those: they hold almost all the FLOPs, and MoCo's bookkeeping around them (the
+    shuffle-BN permutation ``x[torch.randperm(n)]``, the queue) stays eager. Compiling the
+    whole pre-training model crashed inductor's pattern matcher on torch 2.11 with CUDA
+    ("Not all inputs to pattern found in match.kwargs", pytorch/pytorch#183988, on an H200).
+    The first steps then take minutes (about 5 on a 2-core CPU). Off by default: on that CPU
+    the compiled step was no faster (ResNet-50) or slower (ResNet-18) than the eager one,
+    whose time is almost all oneDNN convolutions. With gradient checkpointing, the encoder's
+    stages are called one by one and run eagerly. Warns and leaves the model eager where
+    inductor cannot work (no C++ compiler for a CPU, or torch without compile support).
     """
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+    from segmentation_models_pytorch.encoders._base import EncoderMixin
+
     try:
         from torch._inductor import cpp_builder
 
@@ -147,7 +155,9 @@ def compile_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     except Exception as exc:  # no compiler or no inductor: run eagerly
         warnings.warn(f"torch.compile unavailable ({exc}); training eagerly", stacklevel=2)
         return model
-    model.compile()
+    parts = [m for m in model.modules() if isinstance(m, (EncoderMixin, UnetDecoder))]
+    for part in parts or [model]:
+        part.compile()
     return model
 
 
