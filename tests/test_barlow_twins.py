@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import random_views, reference_projections
 from torch import nn
 
 from caid_hf import CAiDConfig, CAiDForPreTraining
@@ -83,18 +84,11 @@ def _config(**kwargs):
                       barlow_projector_dims=[32, 32, 16], **kwargs)
 
 
-def _inputs(batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(batch, c, 64, 64, generator=g) for c in (3, 3, 1, 1)]
-
-
 def test_model_loss_matches_independent_computation():
     model = CAiDForPreTraining(_config()).train()
-    q, k, target, _ = _inputs()
+    q, k, target, _ = random_views()
     ref = copy.deepcopy(model)
-    feats = ref.caid.encoder(q)
-    z1 = ref.objective.projector(feats[-1].mean((2, 3)))
-    z2 = ref.objective.projector(ref.caid.encoder(k)[-1].mean((2, 3)))
+    feats, z1, z2 = reference_projections(ref, q, k)
     a1 = F.batch_norm(z1, None, None, training=True)
     a2 = F.batch_norm(z2, None, None, training=True)
     c = a1.T @ a2 / 4

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import random_views, reference_projections
 from torch import nn
 
 from caid_hf import CAiDConfig, CAiDForPreTraining
@@ -76,18 +77,11 @@ def _config(**kwargs):
                       simsiam_projector_dims=[32, 32, 16], simsiam_predictor_hidden_dim=8, **kwargs)
 
 
-def _inputs(batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(batch, c, 64, 64, generator=g) for c in (3, 3, 1, 1)]
-
-
 def test_model_loss_and_gradients_match_independent_computation():
     model = CAiDForPreTraining(_config()).train()
-    q, k, target, _ = _inputs()
+    q, k, target, _ = random_views()
     ref = copy.deepcopy(model)
-    feats = ref.caid.encoder(q)
-    z1 = ref.objective.projector(feats[-1].mean((2, 3)))
-    z2 = ref.objective.projector(ref.caid.encoder(k)[-1].mean((2, 3)))
+    feats, z1, z2 = reference_projections(ref, q, k)
     p1, p2 = ref.objective.predictor(z1), ref.objective.predictor(z2)
     simsiam = -(F.cosine_similarity(p1, z2.detach()).mean()
                 + F.cosine_similarity(p2, z1.detach()).mean()) / 2
@@ -120,7 +114,7 @@ def test_predictor_is_its_own_parameter_group_with_a_fixed_learning_rate():
 
 def test_both_views_reconstructed_average_their_errors():
     model = CAiDForPreTraining(_config(reconstruct_views="both")).train()
-    q, k, target, key_target = _inputs()
+    q, k, target, key_target = random_views()
     out = model(q, k, labels=target, key_labels=key_target)
     first = F.mse_loss(out.reconstruction, target)
     second = F.mse_loss(out.key_reconstruction, key_target)
