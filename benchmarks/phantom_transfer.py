@@ -136,7 +136,7 @@ def segmentation_dice(init_from: str, seed: int, a: argparse.Namespace, out: Pat
                               phantom_seed=SEGMENTATION_SEED),
         FinetuningArguments(output_dir=str(out), overwrite_output_dir=True,
                             max_steps=a.finetune_steps, per_device_train_batch_size=8,
-                            learning_rate=1e-3, eval_steps=a.eval_steps,
+                            learning_rate=1e-3, eval_steps=a.eval_steps, mixed_precision="no",
                             early_stopping_patience=0, bootstrap_resamples=0, seed=seed,
                             report_to="none", dataloader_num_workers=0,
                             logging_steps=a.finetune_steps))

@@ -180,6 +180,8 @@ def test_pretraining_uses_the_fast_path_by_default(tmp_path):
     saved = load_file(tmp_path / "fast" / "final" / "model.safetensors")
     assert saved["encoder.conv1.weight"].is_contiguous()
     assert torch.equal(saved["encoder.conv1.weight"], conv.detach())
+    # the returned model is plain: Accelerate's autocast wrapper is gone from its forward
+    assert result.model.forward.__func__ is CAiDForPreTraining.forward
     losses = [h["train/loss"] for h in result.history if "train/loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 

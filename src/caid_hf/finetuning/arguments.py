@@ -166,7 +166,9 @@ class FinetuningArguments:
     bootstrap_resamples: int = field(default=1000, metadata={
         "help": "Bootstrap replicates of the test metrics' confidence intervals (0: none)."})
     confidence_level: float = field(default=0.95, metadata={"help": "Of the intervals."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "'auto' (bf16 autocast where the hardware computes in bf16, as in pre-training; "
+                "fp32 elsewhere), 'no', 'bf16' or 'fp16'."})
     seed: int = field(default=42, metadata={"help": "Seed of everything random."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "'tensorboard' or 'none'."})
@@ -175,7 +177,7 @@ class FinetuningArguments:
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even with a GPU."})
 
     def __post_init__(self):
-        checks = {"mixed_precision": ("no", "bf16", "fp16"), "optimizer": ("adamw", "sgd"),
+        checks = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "optimizer": ("adamw", "sgd"),
                   "lr_scheduler_type": ("cosine", "constant"),
                   "report_to": ("tensorboard", "none")}
         for name, allowed in checks.items():

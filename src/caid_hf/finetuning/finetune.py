@@ -342,9 +342,13 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     writes the model folder to ``args.output_dir``."""
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
+    use_cpu = args.use_cpu or not torch.cuda.is_available()
+    if args.mixed_precision == "auto":  # recorded as chosen
+        args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
+            "auto", "cpu" if use_cpu else "cuda"))
     performance.forget_accelerator_settings()  # an earlier run in this process may differ
     accelerator = Accelerator(
-        cpu=args.use_cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+        cpu=use_cpu, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
@@ -506,6 +510,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
                           f"saved to {output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # the plain model: without the autocast wrapper Accelerate put around its forward
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return FinetuneResult(model=unwrapped.cpu().eval(), output_dir=output_dir,
                           best_metric=best_value, best_step=best_step, global_step=step,
                           stopped_early=stopped_early, history=history, test_report=report)

@@ -754,7 +754,9 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         write_model_card(output_dir / "best", **final_card)  # with the whole run's facts
     if args.push_to_hub or args.hub_dry_run:
         push_backbone(accelerator, output_dir / "best", args)
-    result = PretrainResult(model=accelerator.unwrap_model(model), output_dir=output_dir,
+    # the plain model: without the autocast wrapper Accelerate put around its forward
+    result = PretrainResult(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),
+                            output_dir=output_dir,
                             global_step=state.global_step, best_val_loss=state.best_val_loss,
                             best_step=state.best_step, history=state.history)
     accelerator.end_training()
