@@ -343,9 +343,9 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
     use_cpu = args.use_cpu or not torch.cuda.is_available()
-    if args.mixed_precision == "auto":  # recorded as chosen
-        args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
-            "auto", "cpu" if use_cpu else "cuda"))
+    # 'auto' becomes what it chose, so that run_config.yaml and the model card say it
+    args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
+        args.mixed_precision, "cpu" if use_cpu else "cuda"))
     performance.forget_accelerator_settings()  # an earlier run in this process may differ
     accelerator = Accelerator(
         cpu=use_cpu, mixed_precision=args.mixed_precision,
