@@ -129,11 +129,15 @@ def test_evaluate_features_command(tmp_path, capsys):
 
     main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "64",
           "--num-phantoms", "30", "--test-source", "phantoms", "--num-test-phantoms", "20",
-          "--phantom-size", "64", "--k", "5", "--out", str(tmp_path),
-          "--batch-norm-statistics", "data"])
+          "--phantom-size", "64", "--k", "5", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "linear_probe: mean AUC" in printed and "knn: mean AUC" in printed
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["evaluation"] == "test set of 20 images" and summary["num_test_images"] == 20
-    assert summary["batch_norm_statistics"] == "data"
+    assert summary["batch_norm_statistics"] == "data"  # the default for 'random'
+    main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "64",
+          "--num-phantoms", "30", "--phantom-size", "64", "--k", "5", "--folds", "3",
+          "--out", str(tmp_path / "saved"), "--batch-norm-statistics", "model"])
+    saved = json.loads((tmp_path / "saved" / "scores.json").read_text())
+    assert saved["batch_norm_statistics"] == "model"
     assert (tmp_path / "tsne.png").is_file()

@@ -188,10 +188,11 @@ def _evaluate_features(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="e.g. cuda (default: cuda if present).")
-    parser.add_argument("--batch-norm-statistics", choices=["model", "data"], default="model",
+    parser.add_argument("--batch-norm-statistics", choices=["model", "data"], default=None,
                         help="'model': the backbone's saved BatchNorm statistics; 'data': "
-                             "re-estimated on --source's images first (no labels used). Use "
-                             "'data' for 'random', which has never seen an image.")
+                             "re-estimated on --source's images first (no labels used). "
+                             "Default: 'model', and 'data' for 'random', which has never seen "
+                             "an image.")
     a = parser.parse_args(argv)
 
     import torch
@@ -223,7 +224,8 @@ def _evaluate_features(argv: list[str]) -> None:
     result = evaluate_features(backbone, source, a.out, image_size, test_source=test,
                                model_name=name, k=a.k, folds=a.folds, seed=a.seed,
                                batch_size=a.batch_size, color_label=a.color_label,
-                               device=device, batch_norm_statistics=a.batch_norm_statistics)
+                               device=device, batch_norm_statistics=a.batch_norm_statistics
+                               or ("data" if a.model == "random" else "model"))
     for method, values in result.scores.items():
         print(f"{method:>12}: mean AUC {values['mean_auc']:.4f}, "
               f"mean accuracy {values['mean_accuracy']:.4f}")
