@@ -9,7 +9,7 @@ On the embedded synthetic chest phantoms (which carry nodules and their masks), 
    ``context_prediction=False``) and **CAiD** (MoCo-v2 + context prediction); the backbone
    after the last step is used;
 2. **linear probe** for "nodule present": logistic regression on the frozen pooled embeddings
-   (``pooler_output``) of held-out phantoms, scored by ROC-AUC on other held-out phantoms.
+   (``pooler_output``) of 3,000 held-out phantoms, scored by ROC-AUC on 1,000 others.
    Every backbone embeds with BatchNorm statistics re-estimated on the probe's training
    images (no labels; ``recalibrate_batch_norm``): a randomly initialised network has never
    seen an image, and in eval mode with its initial statistics it computes an unnormalised
@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Pre-training view augmentation (see AUGMENTATION).")
     parser.add_argument("--pretrain-steps", type=int, default=96,
                         help="Pre-training steps of 32 images, the same for ID and CAiD.")
-    parser.add_argument("--probe-phantoms", type=int, default=400,
-                        help="Phantoms the probe learns from, and as many it is scored on.")
+    parser.add_argument("--probe-phantoms", type=int, default=3000,
+                        help="Phantoms the probe learns from (400 was too few for a 512-d "
+                             "embedding and a few-pixel nodule: every probe sat at chance).")
+    parser.add_argument("--probe-test-phantoms", type=int, default=1000,
+                        help="Phantoms the probe is scored on.")
     parser.add_argument("--label-pool", type=int, default=1024,
                         help="Labelled pool for segmentation; --label-fraction of it is used.")
     parser.add_argument("--label-fraction", type=float, default=0.05)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Smoke run: 1 seed, 8 pre-training steps, small sets.")
     a = parser.parse_args(argv)
     if a.quick:
-        a.seeds, a.pretrain_steps, a.probe_phantoms = 1, 8, 64
+        a.seeds, a.pretrain_steps, a.probe_phantoms, a.probe_test_phantoms = 1, 8, 64, 64
         a.validation_phantoms, a.test_phantoms, a.finetune_steps, a.eval_steps = 16, 32, 10, 5
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(a.out)
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     probe_train = PhantomLabelledSource(a.probe_phantoms, DOWNSTREAM_SIZE, PROBE_SEED)
-    probe_test = PhantomLabelledSource(a.probe_phantoms, DOWNSTREAM_SIZE, PROBE_SEED + 1)
+    probe_test = PhantomLabelledSource(a.probe_test_phantoms, DOWNSTREAM_SIZE, PROBE_SEED + 1)
     per_seed = {init: {"probe_auc": [], "probe_auc_saved_statistics": [], "dice": []}
                 for init in INITS}
     for seed in range(a.first_seed, a.first_seed + a.seeds):
@@ -262,7 +265,7 @@ def summarise(per_seed: dict, a: argparse.Namespace, wall: float, out: Path) -> 
                "settings": {**vars(a), "labelled_images": labelled,
                             "downstream_size": DOWNSTREAM_SIZE}}
     table = [f"| initialisation | linear-probe AUC, nodule present ({a.probe_phantoms} + "
-             f"{a.probe_phantoms} phantoms; BatchNorm statistics of the probe images) | "
+             f"{a.probe_test_phantoms} phantoms; BatchNorm statistics of the probe images) | "
              f"the same with the saved BatchNorm statistics (random: none) | few-label Dice "
              f"({labelled} labelled, {a.test_phantoms} test phantoms) |", "|---|---:|---:|---:|"]
     names = {"random": "random init (floor)", "ID": "ID only (MoCo-v2)",
