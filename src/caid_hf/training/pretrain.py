@@ -427,9 +427,10 @@ def push_backbone(accelerator, folder: Path, args: PretrainingArguments) -> None
         dry_run=args.hub_dry_run))
 
 
-def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, accelerator) -> None:
+def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, accelerator
+                         ) -> list[str]:
     """channels_last, gradient checkpointing and compilation as ``args`` ask (see
-    :mod:`.performance`), in place on the unprepared model, and say what the step will use."""
+    :mod:`.performance`), in place on the unprepared model; returns what the step will use."""
     device = accelerator.device
     settings = [{"no": "fp32"}.get(args.mixed_precision, f"{args.mixed_precision} autocast")]
     if device.type == "cuda" and not args.full_determinism:  # fixed shapes: let cuDNN choose
@@ -443,8 +444,7 @@ def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, 
     if args.torch_compile:
         performance.compile_model(model, device)
         settings.append("compiled")
-    settings.append("fused SGD" if performance.sgd_implementation(device).get("fused") else "SGD")
-    accelerator.print(f"training step on {device}: {', '.join(settings)}")
+    return settings
 
 
 def describe_hardware(accelerator) -> str:
@@ -546,11 +546,13 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                            len(val_set) + (0 if streaming else len(train_set)),
                            data_args.max_bad_fraction)
 
-    apply_speed_settings(model, args, accelerator)
+    settings = apply_speed_settings(model, args, accelerator)
     optimizer = torch.optim.SGD(model.optimizer_param_groups(args.fix_predictor_lr),
                                 lr=args.learning_rate, momentum=args.sgd_momentum,
                                 weight_decay=args.weight_decay,
                                 **performance.sgd_implementation(accelerator.device))
+    settings.append("fused SGD" if optimizer.defaults.get("fused") else "SGD")
+    accelerator.print(f"training step on {accelerator.device}: {', '.join(settings)}")
     if streaming:  # split per process already: Accelerate must not shard it again
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
         total_steps, num_epochs = args.max_steps, "?"
