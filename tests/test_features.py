@@ -86,6 +86,23 @@ def test_embeddings_are_the_pooler_output():
     assert np.array_equal(y, source.targets)
 
 
+def test_stage_embeddings_are_every_stage_averaged_side_by_side():
+    torch.manual_seed(0)
+    backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
+    source = PhantomLabelledSource(5, size=64, seed=1)
+    x, y = extract_embeddings(backbone, source, 64, batch_size=2, embedding="stages")
+    assert x.shape == (5, 64 + 64 + 128 + 256 + 512) and np.array_equal(y, source.targets)
+    pooled, _ = extract_embeddings(backbone, source, 64, batch_size=4)
+    assert np.allclose(x[:, -512:], pooled, atol=1e-5)  # the last stage is pooler_output
+    pixels = torch.from_numpy(np.stack([source.load(i) for i in range(5)])).float().div(255)
+    with torch.no_grad():
+        stem = backbone.encoder.relu(backbone.encoder.bn1(backbone.encoder.conv1(
+            pixels[:, None].expand(-1, 3, -1, -1))))
+    assert np.allclose(x[:, :64], stem.mean(dim=(2, 3)).numpy(), atol=1e-5)  # stem first
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        extract_embeddings(backbone, source, 64, embedding="spatial")
+
+
 def test_recalibrated_statistics_are_the_set_averages_of_batch_statistics():
     torch.manual_seed(0)
     backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
@@ -140,4 +157,10 @@ def test_evaluate_features_command(tmp_path, capsys):
           "--out", str(tmp_path / "saved"), "--batch-norm-statistics", "model"])
     saved = json.loads((tmp_path / "saved" / "scores.json").read_text())
     assert saved["batch_norm_statistics"] == "model"
+    assert saved["embedding"] == "pooled" and saved["embedding_dim"] == 512
+    main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "64",
+          "--num-phantoms", "30", "--phantom-size", "64", "--k", "5", "--folds", "3",
+          "--out", str(tmp_path / "stages"), "--embedding", "stages"])
+    stages = json.loads((tmp_path / "stages" / "scores.json").read_text())
+    assert stages["embedding"] == "stages" and stages["embedding_dim"] == 1024
     assert (tmp_path / "tsne.png").is_file()

@@ -150,7 +150,8 @@ def _evaluate_features(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="caid-hf evaluate-features",
-        description="Embed a labelled set with a frozen backbone (pooler_output), score k-NN "
+        description="Embed a labelled set with a frozen backbone (pooler_output, or every "
+                    "stage with --embedding stages), score k-NN "
                     "and linear-probe (logistic regression) classifiers, and save a t-SNE map "
                     "of the embeddings coloured by label. Writes OUT/scores.json, "
                     "OUT/embeddings.npz and OUT/tsne.png.",
@@ -193,6 +194,10 @@ def _evaluate_features(argv: list[str]) -> None:
                              "re-estimated on --source's images first (no labels used). "
                              "Default: 'model', and 'data' for 'random', which has never seen "
                              "an image.")
+    parser.add_argument("--embedding", choices=["pooled", "stages"], default="pooled",
+                        help="'pooled': the last stage's average (pooler_output, what a "
+                             "classifier head sees); 'stages': every encoder stage's average "
+                             "side by side, so low and mid-level features count too.")
     a = parser.parse_args(argv)
 
     import torch
@@ -225,7 +230,8 @@ def _evaluate_features(argv: list[str]) -> None:
                                model_name=name, k=a.k, folds=a.folds, seed=a.seed,
                                batch_size=a.batch_size, color_label=a.color_label,
                                device=device, batch_norm_statistics=a.batch_norm_statistics
-                               or ("data" if a.model == "random" else "model"))
+                               or ("data" if a.model == "random" else "model"),
+                               embedding=a.embedding)
     for method, values in result.scores.items():
         print(f"{method:>12}: mean AUC {values['mean_auc']:.4f}, "
               f"mean accuracy {values['mean_accuracy']:.4f}")

@@ -1,7 +1,8 @@
 """Frozen-feature evaluation: how well a backbone's embeddings separate labelled images.
 
 For a labelled set (any classification source of :mod:`caid_hf.finetuning.data`): the
-embeddings (``CAiDModel`` ``pooler_output``, [N, C]), k-nearest-neighbour and linear-probe
+embeddings (``CAiDModel`` ``pooler_output``, [N, C], or every encoder stage's average-pooled
+features side by side, see :data:`EMBEDDINGS`), k-nearest-neighbour and linear-probe
 (logistic regression on standardised features) scores from scikit-learn, and a 2-D t-SNE
 map of the embeddings coloured by label, saved as PNG (matplotlib, Agg backend).
 
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .data import ClassificationDataset
 
-__all__ = ["FeatureScores", "extract_embeddings", "plot_embedding_map", "probe_scores",
+__all__ = ["EMBEDDINGS", "FeatureScores", "extract_embeddings", "plot_embedding_map", "probe_scores",
            "evaluate_features", "recalibrate_batch_norm"]
 
 
@@ -66,28 +67,50 @@ def recalibrate_batch_norm(backbone, source, image_size: int, batch_size: int = 
         backbone.eval()
 
 
+# What an image's embedding is: "pooled" is the last stage averaged over space (the model's
+# ``pooler_output``, what a classifier head sees); "stages" puts every encoder stage's
+# spatial average side by side (stem first, last stage last: 64+64+128+256+512 = 1024 values
+# for a ResNet-18), so a probe can also read the low and mid-level features a small finding
+# (a few-pixel nodule) lives in, which the deepest, most view-invariant stage averages away.
+EMBEDDINGS = ("pooled", "stages")
+
+
+def _check_embedding(embedding: str) -> None:
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+
+
 @torch.no_grad()
 def extract_embeddings(backbone, source, image_size: int, batch_size: int = 64,
-                       device: str | torch.device | None = None, num_workers: int = 0
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       device: str | torch.device | None = None, num_workers: int = 0,
+                       embedding: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and labels of every image of a labelled source.
 
     Args:
         backbone: a :class:`~caid_hf.CAiDModel` (run in eval mode, no reconstruction).
         source: a labelled classification source (``targets`` [N, L]).
         image_size: side the images are resized to (as :class:`~caid_hf.CAiDImageProcessor`).
+        embedding: ``"pooled"`` (``pooler_output``, [N, C_last]) or ``"stages"`` (every
+            encoder stage's global average, concatenated; the last ``C_last`` columns are
+            ``pooler_output``); see :data:`EMBEDDINGS`.
 
     Returns:
         ``(embeddings float32 [N, C], targets float32 [N, L] in {0, 1})``.
     """
+    _check_embedding(embedding)
+    stages = embedding == "stages"
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone = backbone.to(device).eval()
     loader = DataLoader(ClassificationDataset(source, image_size), batch_size=batch_size,
                         num_workers=num_workers)
     parts, labels = [], []
     for batch in loader:
-        out = backbone(batch["pixel_values"].to(device), compute_reconstruction=False)
-        parts.append(out.pooler_output.float().cpu().numpy())
+        out = backbone(batch["pixel_values"].to(device), compute_reconstruction=False,
+                       output_hidden_states=stages)
+        # hidden_states[0] is the input image itself, not a feature
+        x = (torch.cat([h.mean(dim=(2, 3)) for h in out.hidden_states[1:]], dim=1) if stages
+             else out.pooler_output)
+        parts.append(x.float().cpu().numpy())
         labels.append(batch["labels"].numpy())
     return np.concatenate(parts), np.concatenate(labels)
 
@@ -233,8 +256,12 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
                       test_source=None, model_name: str = "CAiD backbone", k: int = 20,
                       folds: int = 5, seed: int = 0, batch_size: int = 64,
                       color_label: str | None = None, device: str | None = None,
-                      batch_norm_statistics: str = "model") -> FeatureScores:
+                      batch_norm_statistics: str = "model",
+                      embedding: str = "pooled") -> FeatureScores:
     """Embed a labelled set, score k-NN and linear probes, and draw its t-SNE map.
+
+    ``embedding``: ``"pooled"`` (``pooler_output``) or ``"stages"`` (every encoder stage's
+    average, concatenated); see :func:`extract_embeddings`.
 
     ``batch_norm_statistics``: ``"model"`` embeds with the backbone's saved BatchNorm
     statistics; ``"data"`` first re-estimates them on ``source``'s images
@@ -251,22 +278,25 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
     if batch_norm_statistics not in ("model", "data"):
         raise ValueError(f"batch_norm_statistics must be 'model' or 'data', got "
                          f"{batch_norm_statistics!r}")
+    _check_embedding(embedding)
     if batch_norm_statistics == "data":
         recalibrate_batch_norm(backbone, source, image_size, batch_size, device)
-    x, y = extract_embeddings(backbone, source, image_size, batch_size, device)
+    x, y = extract_embeddings(backbone, source, image_size, batch_size, device,
+                              embedding=embedding)
     test_x = test_y = None
     if test_source is not None:
         if list(test_source.label_names) != names:
             raise ValueError(f"the test set's labels {test_source.label_names} differ from "
                              f"the set's {names}")
         test_x, test_y = extract_embeddings(backbone, test_source, image_size, batch_size,
-                                            device)
+                                            device, embedding=embedding)
     scores = probe_scores(x, y, names, test_x, test_y, k=k, folds=folds, seed=seed)
     evaluation = (f"test set of {len(test_x)} images" if test_x is not None
                   else f"{folds}-fold cross-validation")
     png = plot_embedding_map(
         tsne_map(x, seed), point_categories(y, names, color_label), out_dir / "tsne.png",
-        title=f"t-SNE of {model_name} embeddings ({len(x)} images)",
+        title=f"t-SNE of {model_name} embeddings ({len(x)} images"
+              f"{', all encoder stages' if embedding == 'stages' else ''})",
         subtitle=(f"linear probe AUC {scores['linear_probe']['mean_auc']:.3f}, "
                   f"{k}-NN AUC {scores['knn']['mean_auc']:.3f} ({evaluation})"))
     np.savez_compressed(out_dir / "embeddings.npz", embeddings=x, targets=y,
@@ -275,6 +305,7 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
                "num_test_images": None if test_x is None else len(test_x),
                "evaluation": evaluation, "embedding_dim": int(x.shape[1]), "knn_k": k,
                "image_size": image_size, "batch_norm_statistics": batch_norm_statistics,
+               "embedding": embedding,
                "label_names": names, **scores}
     path = out_dir / "scores.json"
     path.write_text(json.dumps(summary, indent=2))
