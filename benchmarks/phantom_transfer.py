@@ -8,13 +8,17 @@ On the embedded synthetic chest phantoms (which carry nodules and their masks), 
    augmentation instead of the demo's): **ID** (instance discrimination only,
    ``context_prediction=False``) and **CAiD** (MoCo-v2 + context prediction); the backbone
    after the last step is used;
-2. **linear probe** for "nodule present": logistic regression on the frozen pooled embeddings
-   (``pooler_output``) of 3,000 held-out phantoms, scored by ROC-AUC on 1,000 others.
-   Every backbone embeds with BatchNorm statistics re-estimated on the probe's training
-   images (no labels; ``recalibrate_batch_norm``): a randomly initialised network has never
-   seen an image, and in eval mode with its initial statistics it computes an unnormalised
-   function, not the network a trained backbone is compared with. The AUC with the saved
-   statistics is reported too;
+2. **linear probe** for "nodule present": logistic regression on frozen embeddings of 3,000
+   held-out phantoms, scored by ROC-AUC on 1,000 others, on two embeddings: every encoder
+   stage's spatial average side by side (``evaluate-features --embedding stages``; the
+   headline) and the last stage's alone (``pooler_output``). A nodule is a few pixels wide;
+   the last stage, trained to be invariant to the views, averages it away in every backbone
+   (AUC 0.55-0.65), while the lower stages keep it. Every backbone embeds with BatchNorm
+   statistics re-estimated on the probe's training images (no labels;
+   ``recalibrate_batch_norm``): a randomly initialised network has never seen an image, and
+   in eval mode with its initial statistics it computes an unnormalised function, not the
+   network a trained backbone is compared with. The AUCs with the saved statistics are
+   reported too;
 3. **few-label segmentation**: fine-tune the whole U-Net (``caid_hf.finetuning``) on 5 % of a
    pool of 1,024 labelled phantoms (52 images) to segment the nodules; Dice (pooled over the
    pixels of 200 held-out test phantoms) of the model with the best validation Dice over
@@ -72,6 +76,10 @@ ROOT = Path(__file__).resolve().parent.parent
 INITS = ("random", "ID", "CAiD")
 DOWNSTREAM_SIZE = 64
 PROBE_SEED, SEGMENTATION_SEED = 2000, 3000  # phantom seeds far from pre-training's
+# per seed and initialisation: linear-probe AUCs (all encoder stages / last stage only; with
+# the probe images' BatchNorm statistics / the saved ones) and the few-label Dice
+RESULT_KEYS = ("probe_auc", "probe_auc_last_stage", "probe_auc_saved_statistics",
+               "probe_auc_last_stage_saved_statistics", "dice")
 
 
 # The pre-training settings, pinned here so that results do not move with configs/demo.yaml:
@@ -111,17 +119,24 @@ def random_backbone(seed: int) -> CAiDModel:
                      add_decoder=False)
 
 
-def probe_auc(backbone: CAiDModel, probe_train: PhantomLabelledSource,
-              probe_test: PhantomLabelledSource, seed: int, statistics: str) -> float:
-    """Linear-probe ROC-AUC for 'nodule present' on frozen pooled embeddings, with the
-    backbone's own BatchNorm statistics (``statistics="model"``) or with statistics
-    re-estimated on the probe's training images (``"data"``; changes ``backbone``)."""
+def probe_aucs(backbone: CAiDModel, probe_train: PhantomLabelledSource,
+               probe_test: PhantomLabelledSource, seed: int, statistics: str
+               ) -> dict[str, float]:
+    """Linear-probe ROC-AUC for 'nodule present' on frozen embeddings, with the backbone's
+    own BatchNorm statistics (``statistics="model"``) or with statistics re-estimated on the
+    probe's training images (``"data"``; changes ``backbone``): ``{"stages": AUC on every
+    encoder stage's average side by side, "last_stage": AUC on pooler_output}`` (one pass:
+    pooler_output is the stage embedding's last columns)."""
     if statistics == "data":
         recalibrate_batch_norm(backbone, probe_train, DOWNSTREAM_SIZE)
-    train_x, train_y = extract_embeddings(backbone, probe_train, DOWNSTREAM_SIZE)
-    test_x, test_y = extract_embeddings(backbone, probe_test, DOWNSTREAM_SIZE)
-    scores = probe_scores(train_x, train_y, ["nodule"], test_x, test_y, seed=seed)
-    return scores["linear_probe"]["mean_auc"]
+    train_x, train_y = extract_embeddings(backbone, probe_train, DOWNSTREAM_SIZE,
+                                          embedding="stages")
+    test_x, test_y = extract_embeddings(backbone, probe_test, DOWNSTREAM_SIZE,
+                                        embedding="stages")
+    last = backbone.encoder.out_channels[-1]
+    return {name: probe_scores(train_x[:, columns], train_y, ["nodule"], test_x[:, columns],
+                               test_y, seed=seed)["linear_probe"]["mean_auc"]
+            for name, columns in (("stages", slice(None)), ("last_stage", slice(-last, None)))}
 
 
 def segmentation_dice(init_from: str, seed: int, a: argparse.Namespace, out: Path) -> float:
@@ -150,16 +165,18 @@ def mean_std(values: list[float]) -> str:
 
 
 def bar_chart(results: dict, path: Path, title: str) -> None:
-    """Two panels (linear-probe AUC, few-label Dice): mean bars, std error bars, seeds as dots."""
+    """Three panels (the two linear probes, few-label Dice): mean bars, std error bars, seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8), dpi=120)
     colours = {"random": "#9e9e9e", "ID": "#1f77b4", "CAiD": "#d62728"}
-    panels = (("probe_auc", "linear-probe ROC-AUC ('nodule present', frozen\nembeddings, "
-                            "BatchNorm statistics of the probe images)", 0.5),
+    panels = (("probe_auc", "linear-probe ROC-AUC, 'nodule present'\n(frozen, all encoder "
+                            "stages)", 0.5),
+              ("probe_auc_last_stage", "linear-probe ROC-AUC, 'nodule present'\n(frozen, "
+                                       "last stage only: pooler_output)", 0.5),
               ("dice", f"few-label segmentation Dice\n(nodule masks, "
                        f"{results['settings']['labelled_images']} labelled images)", None))
     for ax, (key, label, chance) in zip(axes, panels):
@@ -221,8 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     probe_train = PhantomLabelledSource(a.probe_phantoms, DOWNSTREAM_SIZE, PROBE_SEED)
     probe_test = PhantomLabelledSource(a.probe_test_phantoms, DOWNSTREAM_SIZE, PROBE_SEED + 1)
-    per_seed = {init: {"probe_auc": [], "probe_auc_saved_statistics": [], "dice": []}
-                for init in INITS}
+    per_seed = {init: {key: [] for key in RESULT_KEYS} for init in INITS}
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         inits = {"random": "random"}
         for method in ("ID", "CAiD"):
@@ -234,16 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
         for init, init_from in inits.items():
             backbone = random_backbone(seed) if init == "random" \
                 else CAiDModel.from_pretrained(init_from)
-            saved_auc = probe_auc(backbone, probe_train, probe_test, seed, "model")
-            auc = probe_auc(backbone, probe_train, probe_test, seed, "data")
+            saved = probe_aucs(backbone, probe_train, probe_test, seed, "model")
+            auc = probe_aucs(backbone, probe_train, probe_test, seed, "data")
             seg_dir = out / f"seed{seed}" / f"segmentation_{init}"
             dice = segmentation_dice(init_from, seed, a, seg_dir)
             shutil.rmtree(seg_dir, ignore_errors=True)  # weights not needed, only numbers
-            per_seed[init]["probe_auc"].append(auc)
-            per_seed[init]["probe_auc_saved_statistics"].append(saved_auc)
-            per_seed[init]["dice"].append(dice)
-            print(f"[seed {seed}] {init}: probe AUC {auc:.3f} (saved BN statistics: "
-                  f"{saved_auc:.3f}), Dice {dice:.3f} "
+            row = {"probe_auc": auc["stages"], "probe_auc_last_stage": auc["last_stage"],
+                   "probe_auc_saved_statistics": saved["stages"],
+                   "probe_auc_last_stage_saved_statistics": saved["last_stage"], "dice": dice}
+            for key, value in row.items():
+                per_seed[init][key].append(value)
+            print(f"[seed {seed}] {init}: probe AUC all stages {auc['stages']:.3f}, last "
+                  f"stage {auc['last_stage']:.3f} (saved BN statistics: {saved['stages']:.3f}, "
+                  f"{saved['last_stage']:.3f}), Dice {dice:.3f} "
                   f"({time.perf_counter() - started:.0f} s so far)")
 
         # the table so far, so that an interrupted run still leaves its numbers
@@ -264,22 +283,25 @@ def summarise(per_seed: dict, a: argparse.Namespace, wall: float, out: Path) -> 
     results = {"per_seed": per_seed, "seeds_done": seeds, "wall_time_s": round(wall, 1),
                "settings": {**vars(a), "labelled_images": labelled,
                             "downstream_size": DOWNSTREAM_SIZE}}
-    table = [f"| initialisation | linear-probe AUC, nodule present ({a.probe_phantoms} + "
-             f"{a.probe_test_phantoms} phantoms; BatchNorm statistics of the probe images) | "
-             f"the same with the saved BatchNorm statistics (random: none) | few-label Dice "
-             f"({labelled} labelled, {a.test_phantoms} test phantoms) |", "|---|---:|---:|---:|"]
+    table = [f"| initialisation | linear-probe AUC, nodule present, all encoder stages "
+             f"({a.probe_phantoms} + {a.probe_test_phantoms} phantoms; BatchNorm statistics "
+             f"of the probe images) | the same, last stage only (pooler_output) | all stages "
+             f"with the saved BatchNorm statistics (random: none) | few-label Dice "
+             f"({labelled} labelled, {a.test_phantoms} test phantoms) |",
+             "|---|---:|---:|---:|---:|"]
     names = {"random": "random init (floor)", "ID": "ID only (MoCo-v2)",
              "CAiD": "CAiD (MoCo-v2 + context prediction)"}
     for init in INITS:
-        table.append(f"| {names[init]} | {mean_std(per_seed[init]['probe_auc'])} | "
-                     f"{mean_std(per_seed[init]['probe_auc_saved_statistics'])} | "
-                     f"{mean_std(per_seed[init]['dice'])} |")
+        cells = [mean_std(per_seed[init][key]) for key in
+                 ("probe_auc", "probe_auc_last_stage", "probe_auc_saved_statistics", "dice")]
+        table.append(f"| {names[init]} | {' | '.join(cells)} |")
     results["table"] = "\n".join(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     bar_chart(results, out / "phantom_transfer.png",
               f"Phantom transfer: mean ± std over {seeds} seed(s), "
-              f"{a.pretrain_steps} pre-training steps of 32 images")
+              f"{a.pretrain_steps} pre-training steps of 32 images; probes embed with the "
+              f"BatchNorm statistics of the probe images")
     return results
 
 if __name__ == "__main__":
