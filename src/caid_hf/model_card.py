@@ -80,9 +80,8 @@ CARD_HEAD = """\
 {% endfor %}
 """
 
-TEMPLATE = CARD_HEAD + """\
-{{ method_note }}
-
+# The training table and the full run configuration, and the citation, of every card.
+TRAINING_SECTION = """\
 ## Training
 
 | | |
@@ -101,6 +100,19 @@ TEMPLATE = CARD_HEAD + """\
 {%- else %}
 Run configuration: {{ not_recorded }}.
 {%- endif %}
+"""
+CARD_TAIL = """\
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+TEMPLATE = CARD_HEAD + """\
+{{ method_note }}
+
+""" + TRAINING_SECTION + """\
 
 ## How to use
 
@@ -117,12 +129,7 @@ channels), **no mean/std normalisation**, `H` and `W` multiples of 32 (pre-train
 
 {% for item in differences %}- {{ item }}
 {% endfor %}
-## Citation
-
-```bibtex
-{{ citation }}
-```
-"""
+""" + CARD_TAIL
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -342,17 +341,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     writes the model folder to ``args.output_dir``."""
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
-    use_cpu = args.use_cpu or not torch.cuda.is_available()
-    # 'auto' becomes what it chose, so that run_config.yaml and the model card say it
-    args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
-        args.mixed_precision, "cpu" if use_cpu else "cuda"))
-    performance.forget_accelerator_settings()  # an earlier run in this process may differ
-    accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  data_seed=args.seed, even_batches=False))
+    accelerator, args = performance.make_accelerator(args, output_dir)
     set_seed(args.seed)
     task, segmentation = model_args.task, model_args.task == "segmentation"
     single_label = not segmentation and model_args.problem_type == "single_label_classification"

@@ -14,7 +14,16 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..model_card import BASE_TAGS, CARD_HEAD, CITATION, _format_duration, _without_secrets
+from ..model_card import (
+    BASE_TAGS,
+    CARD_HEAD,
+    CARD_TAIL,
+    CITATION,
+    NOT_RECORDED,
+    TRAINING_SECTION,
+    _format_duration,
+    _without_secrets,
+)
 
 TEMPLATE = CARD_HEAD + """\
 ## Results
@@ -25,20 +34,7 @@ TEMPLATE = CARD_HEAD + """\
 |---|---:|---:|
 {% for name, value, interval in result_rows %}| {{ name }} | {{ value }} | {{ interval }} |
 {% endfor %}
-## Training
-
-| | |
-|---|---|
-{% for key, value in training_rows %}| {{ key }} | {{ value }} |
-{% endfor %}
-<details>
-<summary>Full run configuration (<code>run_config.yaml</code>)</summary>
-
-```yaml
-{{ run_config_yaml }}
-```
-
-</details>
+""" + TRAINING_SECTION + """\
 
 ## How to use
 
@@ -50,12 +46,7 @@ channels), **no mean/std normalisation**, {{ image_size }} × {{ image_size }} p
 {{ usage }}
 ```
 
-## Citation
-
-```bibtex
-{{ citation }}
-```
-"""
+""" + CARD_TAIL
 
 
 def _number(value: float | None) -> str:
@@ -174,7 +165,8 @@ def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[s
         model_rows=model_rows, results_intro=results_intro,
         ci_header=f"{round(level * 100)} % CI", result_rows=result_rows,
         training_rows=training_rows,
-        run_config_yaml=yaml.safe_dump(_without_secrets(run), sort_keys=False).strip(),
+        run_config_yaml=yaml.safe_dump(_without_secrets(run), sort_keys=False).strip()
+        if run else "", not_recorded=NOT_RECORDED,
         image_size=config.get("image_size"), usage=usage, citation=CITATION,
     )
 

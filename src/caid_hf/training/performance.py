@@ -181,3 +181,35 @@ def forget_accelerator_settings() -> None:
 
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
+
+
+def make_accelerator(args, output_dir: str | Path, **accelerator_args):
+    """The ``Accelerator`` of one training run (pre-training or fine-tuning), and ``args``
+    with ``mixed_precision`` resolved.
+
+    ``args`` needs ``use_cpu``, ``mixed_precision``, ``report_to`` and ``seed``. ``'auto'``
+    precision becomes what it chose (so that run_config.yaml and the model card say it); an
+    earlier run's Accelerate settings in this process are forgotten; every process draws one
+    data order from ``args.seed`` (each takes its shard, whatever its RNG seed), and uneven
+    last validation batches stay uneven instead of being padded with repeated images.
+    Checkpoints are named, written atomically and pruned by caid-hf itself, so ``output_dir``
+    is only Accelerate's project folder. ``accelerator_args`` go to ``Accelerator`` as they
+    are (e.g. gradient accumulation).
+    """
+    import dataclasses
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    use_cpu = args.use_cpu or not torch.cuda.is_available()
+    args = dataclasses.replace(args, mixed_precision=resolve_mixed_precision(
+        args.mixed_precision, "cpu" if use_cpu else "cuda"))
+    forget_accelerator_settings()
+    accelerator = Accelerator(
+        cpu=use_cpu, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  data_seed=args.seed, even_batches=False),
+        **accelerator_args)
+    return accelerator, args

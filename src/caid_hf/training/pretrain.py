@@ -17,10 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration,
-    ProjectConfiguration,
     gather_object,
     set_seed,
 )
@@ -509,23 +506,8 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
 def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
               preemption: PreemptionHandler) -> PretrainResult:
     output_dir = Path(args.output_dir)
-    use_cpu = args.use_cpu or not torch.cuda.is_available()
-    # 'auto' becomes what it chose, so that run_config.yaml and the model card say it
-    args = dataclasses.replace(args, mixed_precision=performance.resolve_mixed_precision(
-        args.mixed_precision, "cpu" if use_cpu else "cuda"))
-    performance.forget_accelerator_settings()  # an earlier run in this process may differ
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
-        # checkpoints are named, written atomically and pruned by .checkpointing
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
-        # one data order for all processes (each takes its shard), whatever their RNG seeds;
-        # uneven last validation batches instead of padding with repeated images
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                  even_batches=False),
-    )
+    accelerator, args = performance.make_accelerator(
+        args, output_dir, gradient_accumulation_steps=args.gradient_accumulation_steps)
     config = CAiDConfig(**dataclasses.asdict(model_args))
     check_run_config(config, args, accelerator.num_processes, data_args)
     prepare_output_dir(output_dir, args, accelerator)
