@@ -12,6 +12,30 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session")
+def tiny_pretraining_run(tmp_path_factory):
+    """The output folder of one tiny pre-training run (ResNet-18 U-Net, 64 px views of 96 px
+    phantoms, 2 CAiD steps), shared by the tests that start from a pre-trained backbone."""
+    from caid_hf.training.pretrain import main
+
+    out = tmp_path_factory.mktemp("tiny_pretraining")
+    main(["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
+          "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
+          "--phantom_size", "96", "--per_device_train_batch_size", "8", "--max_steps", "2",
+          "--dataloader_num_workers", "0", "--report_to", "none", "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A local TCP port free right now, for the rendezvous of a two-process launch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def tiny_config():
     from caid_hf import CAiDConfig

@@ -11,17 +11,11 @@ from caid_hf.data.phantoms import generate_phantom
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
+def backbone_dir(tiny_pretraining_run):
     """The best/ folder a (tiny) pre-training run writes: weights, processor and card."""
     from caid_hf import CAiDModel
-    from caid_hf.training.pretrain import main
 
-    out = tmp_path_factory.mktemp("run")
-    main(["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
-          "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
-          "--phantom_size", "96", "--per_device_train_batch_size", "8", "--max_steps", "2",
-          "--dataloader_num_workers", "0", "--report_to", "none", "--output_dir", str(out)])
-    folder = out / "best"
+    folder = tiny_pretraining_run / "best"
     assert (folder / "README.md").is_file() and (folder / "preprocessor_config.json").is_file()
     return folder, CAiDModel.from_pretrained(folder).state_dict()
 

@@ -37,16 +37,9 @@ from caid_hf.finetuning.finetune import build_model, finetune
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
+def backbone_dir(tiny_pretraining_run):
     """A tiny pre-trained demo-like backbone: ResNet-18 U-Net, 64 px, 2 CAiD steps."""
-    from caid_hf.training.pretrain import main
-
-    out = tmp_path_factory.mktemp("pretrain")
-    main(["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
-          "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
-          "--phantom_size", "64", "--per_device_train_batch_size", "8", "--max_steps", "2",
-          "--dataloader_num_workers", "0", "--report_to", "none", "--output_dir", str(out)])
-    return out / "final"
+    return tiny_pretraining_run / "final"
 
 
 def tiny_run(task: str, init_from: str, out, **training) -> tuple:

@@ -9,7 +9,7 @@ import sys
 import datasets
 import pytest
 from PIL import Image
-from test_training import ROOT, TINY, _free_port
+from test_training import ROOT, TINY
 
 from caid_hf.data.hf_sources import HFStreamingSource
 from caid_hf.data.phantoms import generate_phantom
@@ -72,13 +72,13 @@ def test_streaming_run_trains_and_validates_on_the_held_out_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_streaming_ranks_read_disjoint_samples(tmp_path):
+def test_two_process_streaming_ranks_read_disjoint_samples(tmp_path, free_port):
     pattern = _parquet_shards(tmp_path / "shards", num_images=48, num_files=4)
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "two_rank_stream.py"),
+           "--main_process_port", str(free_port), str(ROOT / "tests" / "scripts" / "two_rank_stream.py"),
            *TINY, "--per_device_train_batch_size", "4", "--train_source", pattern,
            "--streaming", "true", "--id_column", "id", "--streaming_validation_images", "8",
            "--output_dir", str(out), "--max_steps", "12"]

@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,19 +106,13 @@ def test_instance_discrimination_baseline_trains(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
+def test_two_process_cpu_run_keeps_ranks_identical(tmp_path, free_port):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port),
            str(ROOT / "tests" / "scripts" / "two_rank_pretrain.py"),
            *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(out), "--max_steps", "3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,20 +113,14 @@ def test_key_target_is_the_key_crop_flipped_with_the_key_view(flip_p):
     torch.testing.assert_close(both.target, query.flip(-1) if flip_p else query, rtol=0, atol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_simsiam_run_keeps_ranks_identical(tmp_path):
+def test_two_process_simsiam_run_keeps_ranks_identical(tmp_path, free_port):
     """Global-batch BatchNorm under DDP: both ranks end with the same parameters."""
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--dynamo_backend", "no", "--main_process_port", str(free_port),
            str(ROOT / "tests" / "scripts" / "two_rank_pretrain.py"), *TINY, *SIMSIAM,
            "--per_device_train_batch_size", "4", "--output_dir", str(out), "--max_steps", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
