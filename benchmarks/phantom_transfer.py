@@ -13,7 +13,8 @@ On the embedded synthetic chest phantoms (which carry nodules and their masks), 
    stage's spatial average side by side (``evaluate-features --embedding stages``; the
    headline) and the last stage's alone (``pooler_output``). A nodule is a few pixels wide;
    the last stage, trained to be invariant to the views, averages it away in every backbone
-   (AUC 0.55-0.65), while the lower stages keep it. Every backbone embeds with BatchNorm
+   measured with re-estimated BatchNorm statistics (AUC 0.55-0.65), while the lower stages
+   keep it. Every backbone embeds with BatchNorm
    statistics re-estimated on the probe's training images (no labels;
    ``recalibrate_batch_norm``): a randomly initialised network has never seen an image, and
    in eval mode with its initial statistics it computes an unnormalised function, not the
@@ -191,7 +192,7 @@ def bar_chart(results: dict, path: Path, title: str) -> None:
                         xytext=(0, 6), ha="center", fontsize=10)
         if chance is not None:
             ax.axhline(chance, color="black", linestyle="--", linewidth=1, label="chance")
-        # above the bars (values reach about 0.95), so it never hides a mean
+        # above the bars and their labels (up to about 0.9), so it never hides a mean
         ax.legend(loc="upper center", ncol=2, fontsize=9)
         ax.set_xticks(range(len(INITS)), ["random init", "ID (MoCo-v2)", "CAiD"])
         ax.set_ylabel(label, fontsize=10)
@@ -288,7 +289,7 @@ def summarise(per_seed: dict, a: argparse.Namespace, wall: float, out: Path) -> 
     table = [f"| initialisation | linear-probe AUC, nodule present, all encoder stages "
              f"({a.probe_phantoms} + {a.probe_test_phantoms} phantoms; BatchNorm statistics "
              f"of the probe images) | the same, last stage only (pooler_output) | all stages "
-             f"with the saved BatchNorm statistics (random: none) | few-label Dice "
+             f"with the saved BatchNorm statistics (random: its initial ones) | few-label Dice "
              f"({labelled} labelled, {a.test_phantoms} test phantoms) |",
              "|---|---:|---:|---:|---:|"]
     names = {"random": "random init (floor)", "ID": "ID only (MoCo-v2)",

@@ -86,7 +86,7 @@ def test_embeddings_are_the_pooler_output():
     assert np.array_equal(y, source.targets)
 
 
-def test_stage_embeddings_are_every_stage_averaged_side_by_side():
+def test_stage_embeddings_are_every_stage_averaged_side_by_side(tmp_path):
     torch.manual_seed(0)
     backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
     source = PhantomLabelledSource(5, size=64, seed=1)
@@ -101,6 +101,9 @@ def test_stage_embeddings_are_every_stage_averaged_side_by_side():
     assert np.allclose(x[:, :64], stem.mean(dim=(2, 3)).numpy(), atol=1e-5)  # stem first
     with pytest.raises(ValueError, match="embedding must be one of"):
         extract_embeddings(backbone, source, 64, embedding="spatial")
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        evaluate_features(backbone, source, tmp_path / "out", 64, embedding="spatial")
+    assert not (tmp_path / "out").exists()  # nothing written for a bad argument
 
 
 def test_recalibrated_statistics_are_the_set_averages_of_batch_statistics():
@@ -163,4 +166,5 @@ def test_evaluate_features_command(tmp_path, capsys):
           "--out", str(tmp_path / "stages"), "--embedding", "stages"])
     stages = json.loads((tmp_path / "stages" / "scores.json").read_text())
     assert stages["embedding"] == "stages" and stages["embedding_dim"] == 1024
+    assert (tmp_path / "stages" / "tsne.png").is_file()
     assert (tmp_path / "tsne.png").is_file()

@@ -272,13 +272,13 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
     (``embeddings`` [N, C], ``targets`` [N, L], ``label_names``) and ``out_dir/tsne.png``
     (the map of ``source``'s embeddings).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(source.label_names)
     if batch_norm_statistics not in ("model", "data"):
         raise ValueError(f"batch_norm_statistics must be 'model' or 'data', got "
                          f"{batch_norm_statistics!r}")
     _check_embedding(embedding)
+    out_dir = Path(out_dir)  # created only once the arguments are known to be good
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(source.label_names)
     if batch_norm_statistics == "data":
         recalibrate_batch_norm(backbone, source, image_size, batch_size, device)
     x, y = extract_embeddings(backbone, source, image_size, batch_size, device,
