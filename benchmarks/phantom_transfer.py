@@ -14,12 +14,11 @@ On the embedded synthetic chest phantoms (which carry nodules and their masks), 
    headline) and the last stage's alone (``pooler_output``). A nodule is a few pixels wide;
    the last stage, trained to be invariant to the views, averages it away in every backbone
    measured with re-estimated BatchNorm statistics (AUC 0.55-0.65), while the lower stages
-   keep it. Every backbone embeds with BatchNorm
-   statistics re-estimated on the probe's training images (no labels;
-   ``recalibrate_batch_norm``): a randomly initialised network has never seen an image, and
-   in eval mode with its initial statistics it computes an unnormalised function, not the
-   network a trained backbone is compared with. The AUCs with the saved statistics are
-   reported too;
+   keep it. Every backbone embeds with BatchNorm statistics re-estimated on the probe's
+   training images (no labels; ``recalibrate_batch_norm``): a randomly initialised network
+   has never seen an image, and in eval mode with its initial statistics it computes an
+   unnormalised function, not the network a trained backbone is compared with. The AUCs
+   with the saved statistics are reported too;
 3. **few-label segmentation**: fine-tune the whole U-Net (``caid_hf.finetuning``) on 5 % of a
    pool of 1,024 labelled phantoms (52 images) to segment the nodules; Dice (pooled over the
    pixels of 200 held-out test phantoms) of the model with the best validation Dice over
