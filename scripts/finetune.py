@@ -5,7 +5,9 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/finetune.py --config configs/finetune_chestxray14.yaml
 """
 
-from caid_hf.finetuning.finetune import main
+import sys
+
+from caid_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["finetune", *sys.argv[1:]], prog="finetune.py")

@@ -5,7 +5,9 @@
     accelerate launch --multi_gpu --num_processes 8 scripts/pretrain.py --config configs/caid_moco_resnet50.yaml
 """
 
-from caid_hf.training.pretrain import main
+import sys
+
+from caid_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["pretrain", *sys.argv[1:]], prog="pretrain.py")

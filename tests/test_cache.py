@@ -199,8 +199,11 @@ def test_cli_prepare_data(tmp_path, capsys):
     assert cache.metadata["source"] == str(folder.resolve())
     assert cache.metadata["bad_files"][0]["image_id"] == "broken.png"
     np.testing.assert_array_equal(cache.load(4), expected_resize(generate_phantom(4, 72)[0], 48))
-    with pytest.raises(SystemExit, match="already holds a finished cache"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a user's mistake: status 2, one message
         main(["prepare-data", str(folder), "--out", str(out), "--size", "48"])
+    assert exit_info.value.code == 2
+    assert "already holds a finished cache" in capsys.readouterr().err
     main(["prepare-data", str(folder), "--out", str(out), "--overwrite"])
     assert CachedSource(out).load(0).shape == (72, 72)  # default 608: never upscaled
 

@@ -164,8 +164,10 @@ def test_cli_writes_phantoms_and_lists_commands(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(images[2])), generate_phantom(2, size=64)[0])
     cli([])
     assert "pretrain" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown command 'pretrian'"):
+    with pytest.raises(SystemExit) as exit_info:
         cli(["pretrian"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'pretrian'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -282,11 +284,16 @@ def test_validation_writes_reconstruction_pictures(tmp_path):
     pngs = sorted((out / "pictures").glob("*.png"))
     assert [p.name for p in pngs] == ["reconstructions_step0000004.png"]
     with Image.open(pngs[0]) as picture:
-        # 8 validation images as rows of (input | reconstruction | target), 64 px, 2 px gaps
-        assert picture.size == (3 * 64 + 4 * 2, 8 * 64 + 9 * 2)
+        # 8 validation images as rows of (input | reconstruction | target): 64 px views
+        # enlarged 2x (nearest) to 128 px tiles, 2 px gaps, a 20 px band of column labels
+        assert picture.size == (3 * 128 + 4 * 2, 20 + 8 * 128 + 9 * 2)
         grid = np.asarray(picture.convert("L"), dtype=np.float64)
-    inputs, reconstructions = grid[2:66, 2:66], grid[2:66, 68:132]
+    band, inputs = grid[:20], grid[22:150, 2:130]
+    reconstructions = grid[22:150, 132:260]
+    assert band.min() < 100 and band.mean() > 200  # dark label text on a white band
     assert inputs.std() > 5 and reconstructions.std() > 0  # real images, not blank tiles
+    # nearest enlargement: every 2 x 2 block holds one grey level
+    np.testing.assert_array_equal(inputs[0::2, 0::2], inputs[1::2, 1::2])
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent),
                               size_guidance={"images": 0})
     events.Reload()

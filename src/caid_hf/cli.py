@@ -3,15 +3,16 @@ convert-original …``."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from .console import ArgumentParser, run_command
 
-def _phantoms(argv: list[str]) -> None:
+
+def _phantoms(argv: list[str], prog: str) -> None:
     from .data.phantoms import write_phantoms
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf phantoms", description="Write synthetic chest phantoms as 8-bit PNGs."
+    parser = ArgumentParser(
+        prog=prog, description="Write synthetic chest phantoms as 8-bit PNGs."
     )
     parser.add_argument("--out", required=True, help="Folder to write phantom_00000.png … into.")
     parser.add_argument("--num", type=int, default=100, help="Number of phantoms.")
@@ -25,11 +26,11 @@ def _phantoms(argv: list[str]) -> None:
     print(f"wrote {len(paths)} phantoms to {a.out}")
 
 
-def _export(argv: list[str]) -> None:
+def _export(argv: list[str], prog: str) -> None:
     from .modeling_caid import CAiDModel
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf export",
+    parser = ArgumentParser(
+        prog=prog,
         description="Write a CAiD backbone as a segmentation_models_pytorch folder "
                     "(loads with segmentation_models_pytorch.from_pretrained(folder)).",
     )
@@ -40,11 +41,11 @@ def _export(argv: list[str]) -> None:
     print(f"wrote segmentation_models_pytorch Unet to {a.out}")
 
 
-def _push(argv: list[str]) -> None:
+def _push(argv: list[str], prog: str) -> None:
     from .publishing import push_folder
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf push",
+    parser = ArgumentParser(
+        prog=prog,
         description="Upload a saved CAiD folder to a Hub model repo. The token comes from HF_TOKEN "
                     "or `hf auth login` and is never printed.",
     )
@@ -58,11 +59,11 @@ def _push(argv: list[str]) -> None:
     push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run)
 
 
-def _convert_original(argv: list[str]) -> None:
+def _convert_original(argv: list[str], prog: str) -> None:
     from .convert_original import convert_original_checkpoint
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf convert-original",
+    parser = ArgumentParser(
+        prog=prog,
         description="Turn the original CAiD repository's best_checkpoint.pth / checkpoint.pth "
                     "(U-Net state dict) or current_checkpoint.pth (MoCo state with queue) into "
                     "caid-hf folders. Files are read with torch.load(weights_only=True).",
@@ -78,15 +79,15 @@ def _convert_original(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
-def _prepare_data(argv: list[str]) -> None:
+def _prepare_data(argv: list[str], prog: str) -> None:
     import time
     from pathlib import Path
 
     from .data.cache import CachedSource, default_cache_size, prepare_cache
     from .data.source_spec import HFOptions, source_from_spec
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf prepare-data",
+    parser = ArgumentParser(
+        prog=prog,
         description="Decode every image of a source once into a memory-mapped Arrow cache "
                     "(a datasets folder of raw grey pixels) that training reads without "
                     "decoding. Resumable: rerun the same command after an interruption. "
@@ -126,30 +127,29 @@ def _prepare_data(argv: list[str]) -> None:
     if a.images_root is not None:
         description += f" (images root {Path(a.images_root).resolve()})"
     started = time.perf_counter()
-    try:
-        out = prepare_cache(source, a.out, size=a.size, num_proc=a.num_proc,
-                            chunk_size=a.chunk_size, source_description=description,
-                            overwrite=a.overwrite)
-    except (FileExistsError, ValueError) as error:  # a used --out, a foreign partial folder
-        sys.exit(f"caid-hf prepare-data: {error}")
+    print(f"caid-hf prepare-data: decoding {a.source} into {a.out} with {a.num_proc} "
+          f"process(es)")
+    out = prepare_cache(source, a.out, size=a.size, num_proc=a.num_proc,
+                        chunk_size=a.chunk_size, source_description=description,
+                        overwrite=a.overwrite)
     metadata = CachedSource(out).metadata
     print(f"wrote {metadata['num_images']} images ({len(metadata['bad_files'])} bad files) "
           f"with short side {metadata['size']} to {out} "
           f"in {time.perf_counter() - started:.1f} s")
 
 
-def _finetune(argv: list[str]) -> None:
+def _finetune(argv: list[str], prog: str) -> None:
     from .finetuning.finetune import main as finetune_main
 
-    finetune_main(argv)
+    finetune_main(argv, prog=prog)
 
 
-def _evaluate_features(argv: list[str]) -> None:
+def _evaluate_features(argv: list[str], prog: str) -> None:
     from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
     from .finetuning.features import evaluate_features
 
-    parser = argparse.ArgumentParser(
-        prog="caid-hf evaluate-features",
+    parser = ArgumentParser(
+        prog=prog,
         description="Embed a labelled set with a frozen backbone (pooler_output, or every "
                     "stage with --embedding stages), score k-NN "
                     "and linear-probe (logistic regression) classifiers, and save a t-SNE map "
@@ -238,10 +238,10 @@ def _evaluate_features(argv: list[str]) -> None:
     print(f"wrote {result.json}, {result.png}")
 
 
-def _pretrain(argv: list[str]) -> None:
+def _pretrain(argv: list[str], prog: str) -> None:
     from .training.pretrain import main as pretrain_main
 
-    pretrain_main(argv)
+    pretrain_main(argv, prog=prog)
 
 
 COMMANDS = {  # name: (what it does, handler of its arguments)
@@ -258,17 +258,28 @@ COMMANDS = {  # name: (what it does, handler of its arguments)
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``caid-hf COMMAND [options]``; ``prog`` names the command in messages (the scripts
+    pass their own name). A user's mistake exits with status 2 and one message (see
+    :func:`~caid_hf.console.run_command`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items())
-        print(f"usage: caid-hf COMMAND [options]\n\ncommands:\n{lines}")
+        print(f"usage: caid-hf COMMAND [options]\n\ncommands:\n{lines}\n\n"
+              "`caid-hf COMMAND --help` lists a command's options; set CAID_HF_DEBUG=1 to see "
+              "the traceback of an error")
         if argv and argv[0] not in ("-h", "--help"):
-            sys.exit(f"caid-hf: unknown command {argv[0]!r}")
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            print(f"caid-hf: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+            sys.exit(2)
         return
     _, handler = COMMANDS[argv[0]]
-    handler(argv[1:])
+    prog = prog or f"caid-hf {argv[0]}"
+    run_command(prog, lambda: handler(argv[1:], prog))
 
 
 if __name__ == "__main__":

@@ -201,8 +201,11 @@ def load_yaml_config(path: str | Path) -> dict:
     return training_arguments.load_yaml_config(path, ARGUMENT_CLASSES)
 
 
-def parse_finetuning_args(argv: list[str] | None = None
+def parse_finetuning_args(argv: list[str] | None = None, prog: str | None = None
                           ) -> tuple[FinetuneModelArguments, FinetuneDataArguments,
                                      FinetuningArguments]:
     """Parse ``[--config FILE.yaml] [--field value ...]`` → (model, data, training) arguments."""
-    return training_arguments.parse_config_args(ARGUMENT_CLASSES, argv)
+    return training_arguments.parse_config_args(
+        ARGUMENT_CLASSES, argv, prog=prog,
+        description="Fine-tune a classifier or U-Net from a CAiD backbone: a YAML file "
+                    "(--config) plus command-line overrides.")

@@ -25,10 +25,10 @@ import torch
 import yaml
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
+from ..console import RunConsole, describe_hardware, format_duration, quiet_progress_bars
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
@@ -307,12 +307,6 @@ def compute_metrics(prediction: dict, label_names: list[str]) -> dict[str, float
     return {"loss": prediction["loss"], **metrics}
 
 
-def describe_hardware(accelerator) -> str:
-    if accelerator.device.type == "cuda":
-        return f"{accelerator.num_processes} × {torch.cuda.get_device_name(accelerator.device)}"
-    return f"{accelerator.num_processes} × CPU ({os.cpu_count()} cores)"
-
-
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to overwrite a saved model unless asked to."""
     existing = [name for name in _MODEL_FILES if (output_dir / name).exists()]
@@ -401,17 +395,22 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         accelerator.init_trackers("tensorboard", config={
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for part in run.values() for k, v in part.items()})
-    accelerator.print(
-        f"fine-tuning ({task}, {', '.join(splits.label_names)}) from {model_args.init_from}: "
-        f"{len(train_set)} train / {len(val_set)} validation / {len(test_set)} "
-        f"{splits.test_split} images at {image_size} px, {total_steps} steps, best model by "
-        f"validation {metric}")
+    console = RunConsole(enabled=accelerator.is_main_process)
+    stopping_rule = (f", early stopping after {args.early_stopping_patience} validations "
+                     "without improvement" if args.early_stopping_patience else "")
+    console.header(
+        f"fine-tuning ({task}: {', '.join(splits.label_names)}) from {model_args.init_from}, "
+        f"{model.config.encoder_name} at {image_size} px -> {output_dir}",
+        f"  data: {len(train_set)} train / {len(val_set)} validation / {len(test_set)} "
+        f"{splits.test_split} images",
+        f"  plan: {total_steps} steps of batch {batch * accelerator.num_processes}, best model "
+        f"by validation {metric}{stopping_rule}",
+        f"  on {describe_hardware(accelerator)}")
 
     step, history, stopped_early = 0, [], False
     best_value, best_step, best_state, bad_evals = None, 0, None, 0
     started = time.perf_counter()
-    progress = tqdm(total=total_steps, desc="fine-tuning", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process)
+    console.bar(total_steps, desc="fine-tuning")
 
     def validate() -> bool:
         """Validate, keep the best weights; True when early stopping says stop."""
@@ -432,8 +431,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
                           for k, v in accelerator.unwrap_model(model).state_dict().items()}
         else:
             bad_evals += 1
-        accelerator.print(f"step {step}: validation {metric} {value:.4f}"
-                          f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")
+        console.say(f"step {step}: validation {metric} {value:.4f}"
+                    f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")
         return bool(args.early_stopping_patience) and bad_evals >= args.early_stopping_patience
 
     def train_mode() -> None:
@@ -451,12 +450,13 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress.update(1)
+            console.update(1)
             if step % args.logging_steps == 0 or step == 1:
                 logs = {"train/loss": out.loss.item(), "train/lr": scheduler.get_last_lr()[0]}
                 accelerator.log(logs, step=step)
                 history.append({"step": step, **logs})
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                console.update(0, loss=f"{logs['train/loss']:.4f}")
+                console.log(f"step {step}/{total_steps}: loss {logs['train/loss']:.4f}")
             end_of_epoch = step % steps_per_epoch == 0
             if (step % args.eval_steps == 0) if args.eval_steps else end_of_epoch:
                 stopped_early, validated_at = validate(), step
@@ -465,11 +465,16 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
                 break
     if validated_at != step:  # the steps since the last validation count too
         validate()
-    progress.close()
+    console.close()
+    if stopped_early:
+        console.say(f"stopped early at step {step} of {total_steps}: validation {metric} did "
+                    f"not improve for {args.early_stopping_patience} validations (best "
+                    f"{best_value:.4f} at step {best_step}; --early_stopping_patience 0 "
+                    "trains every step)")
 
     unwrapped = accelerator.unwrap_model(model)
     if best_state is None:
-        accelerator.print(f"validation {metric} was never defined; keeping the last weights")
+        console.say(f"validation {metric} was never defined; keeping the last weights")
         best_value, best_step = math.nan, step
     else:
         unwrapped.load_state_dict(best_state)
@@ -487,7 +492,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
              "hardware": describe_hardware(accelerator),
              "training_time_s": round(time.perf_counter() - started, 1)}
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        with quiet_progress_bars():
+            unwrapped.save_pretrained(output_dir)
         CAiDImageProcessor(size=image_size).save_pretrained(output_dir)
         (output_dir / f"{splits.test_split}_results.json").write_text(json.dumps(report, indent=2))
         (output_dir / "trainer_state.json").write_text(
@@ -495,8 +501,15 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         write_finetuned_card(output_dir, run, report, state)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
                             if "/" not in k)
-        accelerator.print(f"{splits.test_split} ({report['num_samples']} images): {summary}; "
-                          f"saved to {output_dir}")
+        images = step * batch * accelerator.num_processes
+        console.summary(
+            f"done: {step} steps in {format_duration(state['training_time_s'])} "
+            f"({images / max(state['training_time_s'], 1e-9):.1f} images/s)",
+            f"  best validation {metric} {best_value:.4f} at step {best_step} (its weights are "
+            "the ones saved and tested)",
+            f"  {splits.test_split} ({report['num_samples']} images): {summary}",
+            f"  model -> {output_dir} ({splits.test_split}_results.json, trainer_state.json, "
+            "README.md)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     # the plain model: without the autocast wrapper Accelerate put around its forward
@@ -506,6 +519,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
                           stopped_early=stopped_early, history=history, test_report=report)
 
 
-def main(argv: list[str] | None = None) -> FinetuneResult:
-    """Command-line entry point: ``[--config FILE.yaml] [--field value ...]``."""
-    return finetune(*parse_finetuning_args(argv))
+def main(argv: list[str] | None = None, prog: str | None = None) -> FinetuneResult:
+    """Entry point of ``caid-hf finetune`` and ``scripts/finetune.py``: ``[--config
+    FILE.yaml] [--field value ...]``. Raises on errors (the command line turns a user's
+    mistake into a message, see :func:`caid_hf.console.run_command`)."""
+    return finetune(*parse_finetuning_args(argv, prog=prog))

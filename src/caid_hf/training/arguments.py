@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..configuration_caid import CAiDConfig
+from ..console import option_strings, unknown_flags_message
 
 
 @dataclass
@@ -136,7 +137,7 @@ class PretrainingArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute each encoder stage and decoder block in the "
                                          "backward pass: less activation memory (512 px films), "
-                                         "about 20 % more compute."}
+                                         "about 20 %% more compute."}
     )
     torch_compile: bool = field(
         default=False, metadata={"help": "model.compile() the model (first steps take minutes)."}
@@ -251,20 +252,34 @@ def load_yaml_config(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLAS
     return values
 
 
-def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
+                      prog: str | None = None, description: str | None = None) -> tuple:
     """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
-    ``classes`` (dataclass defaults < YAML file < command line)."""
+    ``classes`` (dataclass defaults < YAML file < command line).
+
+    Flags are accepted as ``--snake_case`` and ``--kebab-case``; a flag no field takes
+    stops with argparse's usage line, exit status 2 and "did you mean" (as an unknown YAML
+    key does)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(classes)
+    # the generated usage lists every field (60 lines): too long above an error message
+    parser = HfArgumentParser(classes, prog=prog, description=description,
+                              usage="%(prog)s [--config FILE.yaml] [--field value ...] "
+                                    "(--help lists every field)")
     parser.add_argument("--config", default=None, help="YAML file of argument values.")
     if known.config:
         parser.set_defaults(**load_yaml_config(known.config, classes))
-    outputs = parser.parse_args_into_dataclasses(args=rest)
+    *outputs, remaining = parser.parse_args_into_dataclasses(args=rest,
+                                                             return_remaining_strings=True)
+    if remaining:
+        parser.error(unknown_flags_message(remaining, option_strings(parser)))
     return tuple(outputs[: len(classes)])
 
 
-def parse_pretraining_args(argv: list[str] | None = None):
+def parse_pretraining_args(argv: list[str] | None = None, prog: str | None = None):
     """Parse ``[--config FILE.yaml] [--field value ...]`` → (model_args, data_args, training_args)."""
-    return parse_config_args(ARGUMENT_CLASSES, argv)
+    return parse_config_args(ARGUMENT_CLASSES, argv, prog=prog,
+                             description="CAiD pre-training: a YAML file (--config) plus "
+                                         "command-line overrides; every CAiDConfig field is a "
+                                         "flag too.")

@@ -149,9 +149,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
-                    augmenter, keep: int) -> Path:
+                    augmenter, keep: int, say=None) -> Path:
     """Write ``checkpoint_<global_step>`` atomically, then keep only the newest ``keep``
     complete checkpoints plus ``state.best_checkpoint``. Every process must call it.
+    ``say`` prints the line reporting the save (default ``accelerator.print``).
 
     Raises :class:`CheckpointSaveError` (on every process) when writing failed; the partial
     folder is removed and the previous checkpoints are untouched.
@@ -205,8 +206,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
         ) from (error if isinstance(error, BaseException) else None)
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, keep, state.best_checkpoint)
-        accelerator.print(f"saved {final} ({size / 2**20:.1f} MiB) in "
-                          f"{time.perf_counter() - started:.1f} s")
+        (say or accelerator.print)(f"saved {final} ({size / 2**20:.1f} MiB) in "
+                                   f"{time.perf_counter() - started:.1f} s")
     accelerator.wait_for_everyone()
     return final
 

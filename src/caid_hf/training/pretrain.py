@@ -22,10 +22,10 @@ from accelerate.utils import (
     set_seed,
 )
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
+from ..console import RunConsole, describe_hardware, format_duration, quiet_progress_bars
 from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.bad_files import BadFileLog
 from ..data.crops import SkipBadImages, TwoCropDataset, collate_crops
@@ -371,23 +371,46 @@ def step_flags(model, loss: torch.Tensor, accelerator, stop_requested: bool) -> 
     return flags[0] == 0, flags[1] > 0
 
 
+GRID_COLUMNS = ("distorted input", "reconstruction", "target")
+GRID_MIN_TILE = 128  # px: smaller views are enlarged (nearest) so the grid reads at a glance
+GRID_LABEL_HEIGHT = 20  # px of the column-label band above the tiles
+
+
 def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Tensor], path: Path,
                              accelerator=None, step: int | None = None) -> torch.Tensor:
     """One row per image: distorted input | reconstruction | target (each [b, 1, S, S] in
-    [0, 1]), written as a PNG and, when a TensorBoard tracker runs, as the image
-    ``val/reconstructions``. Returns the grid, float [3, H, W] in [0, 1]."""
-    from torchvision.utils import make_grid, save_image
+    [0, 1]) under a band naming the columns, written as a PNG and, when a TensorBoard
+    tracker runs, as the image ``val/reconstructions``. Views smaller than
+    :data:`GRID_MIN_TILE` px are enlarged by a whole factor with nearest-neighbour sampling
+    (each pixel a block, nothing smoothed away). Returns the picture, float [3, H, W] in
+    [0, 1]."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
-    inputs, reconstructions, targets = (t.clamp(0, 1) for t in triple)
+    factor = max(1, math.ceil(GRID_MIN_TILE / triple[0].shape[-1]))
+    inputs, reconstructions, targets = (
+        torch.nn.functional.interpolate(t.float().clamp(0, 1), scale_factor=factor,
+                                        mode="nearest") for t in triple)
     rows = torch.stack([inputs, reconstructions, targets], dim=1).flatten(0, 1)
-    grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    padding = 2
+    grid = make_grid(rows, nrow=3, padding=padding, pad_value=1.0)
+    tiles = (grid[0].mul(255).round().byte().numpy())
+    picture = Image.new("L", (tiles.shape[1], tiles.shape[0] + GRID_LABEL_HEIGHT), 255)
+    picture.paste(Image.fromarray(tiles), (0, GRID_LABEL_HEIGHT))
+    draw = ImageDraw.Draw(picture)
+    tile = inputs.shape[-1]
+    for column, label in enumerate(GRID_COLUMNS):
+        centre = padding + column * (tile + padding) + tile / 2
+        draw.text((centre, GRID_LABEL_HEIGHT / 2), label, fill=0, anchor="mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    picture.save(path)
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).expand(3, -1, -1)
     if accelerator is not None:
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.log_images({"val/reconstructions": grid[None]}, step=step)
-    return grid
+                tracker.log_images({"val/reconstructions": image[None]}, step=step)
+    return image
 
 
 def on_main_process(accelerator, work) -> None:
@@ -410,7 +433,8 @@ def save_backbone(accelerator, model, folder: Path, card: dict) -> None:
     (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card`)."""
     def work():
         backbone = accelerator.unwrap_model(model).caid
-        backbone.save_pretrained(folder)
+        with quiet_progress_bars():
+            backbone.save_pretrained(folder)
         CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(folder)
         write_model_card(folder, **card)
 
@@ -444,13 +468,42 @@ def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, 
     return settings
 
 
-def describe_hardware(accelerator) -> str:
-    """E.g. ``2 × NVIDIA H100 80GB HBM3`` or ``1 × CPU (2 cores)``."""
-    if accelerator.device.type == "cuda":
-        name = torch.cuda.get_device_name(accelerator.device)
-    else:
-        name = f"CPU ({os.cpu_count()} cores)"
-    return f"{accelerator.num_processes} × {name}"
+VALIDATION_NAMES = {  # metric key → its short name on the console, in this order
+    "val/loss": "loss", "val/contrastive_loss": "MoCo", "val/discrimination_loss": "ID loss",
+    "val/contrastive_accuracy": "positive top-1", "val/reconstruction_loss": "reconstruction MSE",
+    "val/embedding_std": "embedding std"}
+
+
+def validation_line(step: int, epoch: int, metrics: dict, is_best: bool) -> str:
+    """One short console line of an epoch's validation metrics."""
+    shown = []
+    for key, name in VALIDATION_NAMES.items():
+        if key not in metrics or (key == "val/discrimination_loss"
+                                  and "val/contrastive_loss" in metrics):
+            continue
+        value = metrics[key]
+        shown.append(f"{name} {value:.1%}" if key == "val/contrastive_accuracy"
+                     else f"{name} {value:.4f}")
+    return (f"step {step} (epoch {epoch}) validation: " + ", ".join(shown)
+            + (" (best)" if is_best else ""))
+
+
+def run_summary(output_dir: Path, state: TrainState, seconds: float, images_per_second: float,
+                tensorboard: bool) -> list[str]:
+    """The closing lines of a run: time and speed, best/ and final/, what else was written."""
+    lines = [f"done: {state.global_step} steps in {format_duration(seconds)} "
+             f"({images_per_second:.1f} images/s)"]
+    if (output_dir / "best").is_dir():
+        lines.append(f"  best validation loss {state.best_val_loss:.4f} at step "
+                     f"{state.best_step} -> {output_dir / 'best'}")
+    lines.append(f"  last step {state.global_step} -> {output_dir / 'final'}")
+    extras = [f"{output_dir / 'checkpoints'} (resume with --resume_from_checkpoint latest)"]
+    if (output_dir / "pictures").is_dir():
+        extras.append(f"{output_dir / 'pictures'} (reconstruction grids)")
+    if tensorboard:
+        extras.append(f"TensorBoard: tensorboard --logdir {output_dir / 'tensorboard'}")
+    lines += [f"  {line}" for line in extras]
+    return lines
 
 
 def write_trainer_state(output_dir: Path, state: TrainState, extra: dict) -> None:
@@ -461,7 +514,7 @@ def write_trainer_state(output_dir: Path, state: TrainState, extra: dict) -> Non
 
 
 def record_bad_files(accelerator, log: BadFileLog, new: list, images_seen: int | None = None,
-                     ) -> None:
+                     say=None) -> None:
     """Merge every process's newly met unreadable images into ``log`` (the main process
     writes them to bad_files.tsv), clear ``new``, and stop the run on every process alike
     when too many images are bad. For a stream of unknown length, ``images_seen`` (all
@@ -469,7 +522,7 @@ def record_bad_files(accelerator, log: BadFileLog, new: list, images_seen: int |
     merged = gather_object(list(new)) if accelerator.num_processes > 1 else list(new)
     new.clear()
     for image_id, reason in log.add(merged):
-        accelerator.print(f"skipped unreadable image {image_id}: {reason}")
+        (say or accelerator.print)(f"skipped unreadable image {image_id}: {reason}")
     if images_seen is not None:
         log.total_images = max(1, images_seen + len(log))
         if log.total_images < 1000:
@@ -534,7 +587,6 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                                 weight_decay=args.weight_decay,
                                 **performance.sgd_implementation(accelerator.device))
     settings.append("fused SGD" if optimizer.defaults.get("fused") else "SGD")
-    accelerator.print(f"training step on {accelerator.device}: {', '.join(settings)}")
     if streaming:  # split per process already: Accelerate must not shard it again
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
         total_steps, num_epochs = args.max_steps, "?"
@@ -554,6 +606,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                               seed=args.seed * 1000 + accelerator.process_index,
                               key_target=config.reconstruct_views == "both")
     state = TrainState()
+    console = RunConsole(enabled=accelerator.is_main_process)
     train_crops = crop_datasets(train_set)
     new_bad: list = []  # unreadable images met since the last check, this process
 
@@ -573,17 +626,17 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         if path == "latest":
             path = latest_checkpoint(output_dir)
         if path is None:  # the same command starts a run and continues it after a kill
-            accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint in "
-                              f"{output_dir}/checkpoints yet, starting from step 0")
+            console.say(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                        f"{output_dir}/checkpoints yet, starting from step 0")
         else:
             load_checkpoint(accelerator, path, state, scheduler, augmenter)
-            accelerator.print(f"resumed from {path} at step {state.global_step}")
+            console.say(f"resumed from {path} at step {state.global_step}")
 
     def save(best: bool = False) -> None:
         if best:
             state.best_checkpoint = f"checkpoint_{state.global_step}"
         save_checkpoint(accelerator, output_dir, state, scheduler, augmenter,
-                        keep=args.save_total_limit)
+                        keep=args.save_total_limit, say=console.say)
 
     if args.report_to != "none":
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -591,23 +644,25 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         accelerator.init_trackers("tensorboard", config=hparams)
 
     global_batch = args.per_device_train_batch_size * accelerator.num_processes
-    accelerator.print(
-        f"CAiD pre-training: {num_train} train / {len(val_set)} validation images, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
-        f"{global_batch * args.gradient_accumulation_steps}, {total_steps} steps ({num_epochs} epochs), "
-        f"{num_workers} loader worker(s) per process"
-    )
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="pre-training",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    method = config.discrimination_method + (" + context prediction (CAiD)"
+                                             if config.context_prediction else " (ID only)")
+    console.header(
+        f"CAiD pre-training: {method}, {config.encoder_name} U-Net, {config.image_size} px "
+        f"views -> {output_dir}",
+        f"  data: {num_train} train / {len(val_set)} validation images from "
+        f"{data_args.train_source}, {num_workers} loader worker(s) per process",
+        f"  plan: {total_steps} steps ({num_epochs} epochs) of global batch "
+        f"{global_batch * args.gradient_accumulation_steps}, validation at each epoch end",
+        f"  on {describe_hardware(accelerator)}: {', '.join(settings)}")
+    console.bar(total_steps, initial=state.global_step, desc="pre-training")
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
     data_wait = [0.0]  # seconds spent waiting for the loader since the last log
     stopping = False
 
     def leave_preempted() -> None:
-        progress.close()
-        accelerator.print(f"stopped by {preemption.signal_name} after step {state.global_step}; "
-                          f"the same command resumes the run (exit status {PREEMPTED_EXIT_CODE})")
+        console.summary(f"stopped by {preemption.signal_name} after step {state.global_step}; "
+                        f"the same command resumes the run (exit status {PREEMPTED_EXIT_CODE})")
         preemption.restore()
         accelerator.end_training()
         raise TrainingPreempted(state.global_step)
@@ -656,14 +711,14 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                     scheduler.step()
             state.global_step += 1
-            progress.update(1)
+            console.update(1)
             if finite:
                 state.consecutive_nonfinite = 0
             else:
                 state.nonfinite_steps += 1
                 state.consecutive_nonfinite += 1
-                accelerator.print(f"step {state.global_step}: non-finite loss or gradient, update "
-                                  f"skipped ({state.nonfinite_steps} skipped so far)")
+                console.say(f"step {state.global_step}: non-finite loss or gradient, update "
+                            f"skipped ({state.nonfinite_steps} skipped so far)")
                 if state.consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
                     last = latest_checkpoint(output_dir, warn=False)
                     raise FloatingPointError(
@@ -674,7 +729,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                         f"{last or 'none (nothing saved yet)'}. Lower the learning rate or check "
                         "the data, then resume from it")
             if state.global_step % args.logging_steps == 0 or state.global_step == 1:
-                record_bad_files(accelerator, bad_files, new_bad, images_seen())
+                record_bad_files(accelerator, bad_files, new_bad, images_seen(), console.say)
                 now = time.perf_counter()
                 logs = {"train/loss": out.loss.item(),
                         "train/discrimination_loss": out.discrimination_loss.item(),
@@ -690,7 +745,10 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                     logs["train/reconstruction_loss"] = out.reconstruction_loss.item()
                 logs["train/nonfinite_steps"] = state.nonfinite_steps
                 accelerator.log(logs, step=state.global_step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                console.update(0, loss=f"{logs['train/loss']:.4f}")
+                console.log(f"step {state.global_step}/{total_steps}: loss "
+                            f"{logs['train/loss']:.4f}, "
+                            f"{logs['train/images_per_second']:.1f} images/s")
                 state.history.append({"step": state.global_step, **logs})
                 last_log, images_since_log, data_wait[0] = now, 0, 0.0
             end_of_epoch = not streaming and state.batches_in_epoch == len(train_loader)
@@ -711,15 +769,15 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
             save_reconstruction_grid(pictures[0], output_dir / "pictures" /
                                      f"reconstructions_step{state.global_step:07d}.png",
                                      accelerator, state.global_step)
-        record_bad_files(accelerator, bad_files, new_bad, images_seen())
+        record_bad_files(accelerator, bad_files, new_bad, images_seen(), console.say)
         metrics["epoch"] = epoch
         metrics["data/bad_files"] = len(bad_files)
         accelerator.log(metrics, step=state.global_step)
         state.history.append({"step": state.global_step, **metrics})
-        accelerator.print(f"epoch {epoch}: step {state.global_step}, " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
-            + (f", {len(bad_files)} unreadable images skipped so far" if len(bad_files) else ""))
         is_best = metrics["val/loss"] < state.best_val_loss
+        console.say(validation_line(state.global_step, epoch, metrics, is_best)
+                    + (f"; {len(bad_files)} unreadable images skipped so far"
+                       if len(bad_files) else ""))
         if is_best:
             state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
             save_backbone(accelerator, model, output_dir / "best", card())
@@ -729,7 +787,7 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
             save(best=is_best)
         if stopping and state.global_step < total_steps:  # signalled at the epoch's last step
             leave_preempted()
-    progress.close()
+    console.close()
     preemption.restore()
 
     final_card = card()
@@ -738,6 +796,10 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         write_model_card(output_dir / "best", **final_card)  # with the whole run's facts
     if args.push_to_hub or args.hub_dry_run:
         push_backbone(accelerator, output_dir / "best", args)
+    trained = [r for r in state.history if "train/images_per_second" in r]
+    speed = (sum(r["train/images_per_second"] for r in trained) / len(trained)) if trained else 0
+    console.summary(*run_summary(output_dir, state, final_card["training_time_s"], speed,
+                                 args.report_to != "none"))
     # the plain model: without the autocast wrapper Accelerate put around its forward
     result = PretrainResult(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),
                             output_dir=output_dir,
@@ -747,6 +809,8 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
     return result
 
 
-def main(argv: list[str] | None = None) -> PretrainResult:
-    """Command-line entry point: ``[--config FILE.yaml] [--field value ...]``."""
-    return pretrain(*parse_pretraining_args(argv))
+def main(argv: list[str] | None = None, prog: str | None = None) -> PretrainResult:
+    """Entry point of ``caid-hf pretrain`` and ``scripts/pretrain.py``: ``[--config
+    FILE.yaml] [--field value ...]``. Raises on errors (the command line turns a user's
+    mistake into a message, see :func:`caid_hf.console.run_command`)."""
+    return pretrain(*parse_pretraining_args(argv, prog=prog))
