@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .console import ArgumentParser, run_command
+from .console import ArgumentParser, format_duration, run_command
 
 
 def _phantoms(argv: list[str], prog: str) -> None:
@@ -133,9 +133,10 @@ def _prepare_data(argv: list[str], prog: str) -> None:
                         chunk_size=a.chunk_size, source_description=description,
                         overwrite=a.overwrite)
     metadata = CachedSource(out).metadata
+    seconds = time.perf_counter() - started
     print(f"wrote {metadata['num_images']} images ({len(metadata['bad_files'])} bad files) "
           f"with short side {metadata['size']} to {out} "
-          f"in {time.perf_counter() - started:.1f} s")
+          f"in {seconds:.1f} s ({metadata['num_images'] / max(seconds, 1e-9):.1f} images/s)")
 
 
 def _finetune(argv: list[str], prog: str) -> None:
@@ -200,6 +201,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
                              "side by side, so low and mid-level features count too.")
     a = parser.parse_args(argv)
 
+    import time
+
     import torch
 
     from .configuration_caid import CAiDConfig
@@ -226,6 +229,11 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
         test = labelled_source_from_spec(a.test_source, options, split=a.hf_test_split,
                                          phantom_seed_offset=2)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    print(f"caid-hf evaluate-features: {name}, {a.embedding} embedding at {image_size} px on "
+          f"{device}; {len(source)} images of {a.source}"
+          + (f", scored on {len(test)} of {a.test_source}" if test is not None
+             else f", {a.folds}-fold cross-validation") + f" -> {a.out}")
     result = evaluate_features(backbone, source, a.out, image_size, test_source=test,
                                model_name=name, k=a.k, folds=a.folds, seed=a.seed,
                                batch_size=a.batch_size, color_label=a.color_label,
@@ -235,7 +243,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
     for method, values in result.scores.items():
         print(f"{method:>12}: mean AUC {values['mean_auc']:.4f}, "
               f"mean accuracy {values['mean_accuracy']:.4f}")
-    print(f"wrote {result.json}, {result.png}")
+    print(f"done in {format_duration(time.perf_counter() - started)}: wrote {result.json}, "
+          f"{result.png}")
 
 
 def _pretrain(argv: list[str], prog: str) -> None:

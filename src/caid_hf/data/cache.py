@@ -313,7 +313,7 @@ def prepare_cache(
     todo = [c for c in range(num_chunks) if not _chunk_paths(partial, c)[1].is_file()]
     remaining = sum(min(chunk_size, num_images - c * chunk_size) for c in todo)
     with tqdm(total=num_images, initial=num_images - remaining, unit="img",
-              desc="decoding", disable=not progress) as bar:
+              desc="decoding", disable=None if progress else True) as bar:  # None: no bar in a log file
         if num_proc == 1 or len(todo) <= 1:
             for chunk in todo:
                 _prepare_chunk(source, partial, chunk, chunk_size, size, on_image=bar.update)
