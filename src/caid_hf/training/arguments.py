@@ -194,6 +194,28 @@ class PretrainingArguments:
         default=True, metadata={"help": "Page-locked batches for faster copies to the GPU (GPU only)."}
     )
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if a GPU exists."})
+    probe_steps: int = field(
+        default=0, metadata={"help": "Every N optimizer steps (and at the last), score the "
+                                     "current encoder's frozen features with a k-NN and a "
+                                     "linear probe on --probe_source (logged as probe/*): do "
+                                     "the features improve, not only the losses? 0: off."}
+    )
+    probe_source: str = field(
+        default="phantoms", metadata={"help": "Labelled set of the online probe: 'phantoms' "
+                                              "(label 'nodule'; fit on --probe_num_images, "
+                                              "scored on as many others) or a labelled source "
+                                              "fine-tuning reads (CSV, split list with labels, "
+                                              "HF dataset; 5-fold cross-validation)."}
+    )
+    probe_images_root: str | None = field(
+        default=None, metadata={"help": "Folder the probe source's paths are relative to."}
+    )
+    probe_num_images: int = field(default=256, metadata={"help": "Phantoms the probe fits on."})
+    probe_embedding: str = field(
+        default="stages", metadata={"help": "'stages' (every encoder stage's average: small "
+                                            "findings live in low-level features) or 'pooled' "
+                                            "(pooler_output)."}
+    )
 
     def __post_init__(self):
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -205,6 +227,11 @@ class PretrainingArguments:
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
         if (self.push_to_hub or self.hub_dry_run) and not self.hub_model_id:
             raise ValueError("push_to_hub / hub_dry_run need hub_model_id ('namespace/name')")
+        if self.probe_steps < 0:
+            raise ValueError(f"probe_steps must be >= 0 (0: no online probe), got {self.probe_steps}")
+        if self.probe_embedding not in ("stages", "pooled"):
+            raise ValueError(f"probe_embedding must be 'stages' or 'pooled', got "
+                             f"{self.probe_embedding!r}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

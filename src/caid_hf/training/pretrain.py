@@ -413,6 +413,19 @@ def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Ten
     return image
 
 
+def run_probe(probe, model, state: TrainState, accelerator, console: RunConsole) -> None:
+    """Score the current encoder with the online probe (main process; the others wait), log
+    ``probe/*`` and print one line."""
+    def work():
+        result = probe(accelerator.unwrap_model(model).caid)
+        accelerator.log(result.logs(), step=state.global_step)
+        state.history.append({"step": state.global_step, **result.logs()})
+        console.say(f"step {state.global_step} online probe: linear-probe AUC "
+                    f"{result.linear_probe_auc:.4f}, k-NN AUC {result.knn_auc:.4f}")
+
+    on_main_process(accelerator, work)
+
+
 def on_main_process(accelerator, work) -> None:
     """Run ``work()`` on the main process only, then meet the others; an error there is raised
     after the barrier, so the other processes are never left waiting for a failed save/push."""
@@ -607,6 +620,13 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                               key_target=config.reconstruct_views == "both")
     state = TrainState()
     console = RunConsole(enabled=accelerator.is_main_process)
+    probe = None
+    if args.probe_steps and accelerator.is_main_process:
+        from .online_probe import OnlineProbe
+
+        probe = OnlineProbe(args.probe_source, config.image_size, args.probe_num_images,
+                            data_args.phantom_size, args.probe_images_root,
+                            args.probe_embedding, seed=args.seed)
     train_crops = crop_datasets(train_set)
     new_bad: list = []  # unreadable images met since the last check, this process
 
@@ -653,7 +673,9 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
         f"{data_args.train_source}, {num_workers} loader worker(s) per process",
         f"  plan: {total_steps} steps ({num_epochs} epochs) of global batch "
         f"{global_batch * args.gradient_accumulation_steps}, validation at each epoch end",
-        f"  on {describe_hardware(accelerator)}: {', '.join(settings)}")
+        f"  on {describe_hardware(accelerator)}: {', '.join(settings)}",
+        *([f"  online probe every {args.probe_steps} steps: k-NN and linear probe on "
+           f"{probe.description} ({args.probe_embedding} embedding)"] if probe else []))
     console.bar(total_steps, initial=state.global_step, desc="pre-training")
     model.train()
     last_log, images_since_log = time.perf_counter(), 0
@@ -751,6 +773,9 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
                             f"{logs['train/images_per_second']:.1f} images/s")
                 state.history.append({"step": state.global_step, **logs})
                 last_log, images_since_log, data_wait[0] = now, 0, 0.0
+            if args.probe_steps and (state.global_step % args.probe_steps == 0
+                                     or state.global_step == total_steps):
+                run_probe(probe, model, state, accelerator, console)
             end_of_epoch = not streaming and state.batches_in_epoch == len(train_loader)
             stopping = stopping or stop
             if stop and not end_of_epoch and state.global_step < total_steps:

@@ -1,0 +1,94 @@
+"""Watch the features while pre-training: an online k-NN and linear probe.
+
+Losses say whether the objective is being optimised, not whether the encoder learns
+anything a downstream task can use (a collapsed or nodule-blind encoder can still lower
+the reconstruction loss). Every ``probe_steps`` optimizer steps the current encoder embeds
+a small labelled set, frozen, and the same k-NN and logistic-regression probes as ``caid-hf
+evaluate-features`` score it (solo-learn's online evaluation, done with the offline
+evaluation's own code so the numbers are comparable): ``probe/linear_probe_auc`` and
+``probe/knn_auc`` in TensorBoard and on the console.
+
+The encoder is embedded with its current BatchNorm running statistics, in eval mode and
+fp32, exactly as ``caid-hf evaluate-features`` embeds a saved backbone (its default
+``--batch-norm-statistics model``); on the weights saved at that step both give the same
+AUC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.source_spec import PHANTOMS
+from ..finetuning.data import LabelledSourceOptions, labelled_source_from_spec
+from ..finetuning.features import EMBEDDINGS, extract_embeddings, probe_scores
+
+PROBE_PHANTOM_SEED = 1000  # evaluate-features' --phantom-seed default: its sets, not training's
+
+
+@dataclass
+class ProbeResult:
+    """AUCs of one probe: mean over the labels, on the held-out set (or cross-validated)."""
+
+    linear_probe_auc: float
+    knn_auc: float
+
+    def logs(self) -> dict[str, float]:
+        return {"probe/linear_probe_auc": self.linear_probe_auc, "probe/knn_auc": self.knn_auc}
+
+
+class OnlineProbe:
+    """k-NN and linear-probe AUC of an encoder on a fixed labelled set.
+
+    Args:
+        source: ``"phantoms"`` (label ``nodule``; ``num_images`` phantoms of side
+            ``phantom_size`` to fit on, as many others to score on: the sets of
+            ``caid-hf evaluate-features --source phantoms --test-source phantoms``), or any
+            labelled classification source spec fine-tuning reads (CSV, split list with
+            labels, Hugging Face dataset), scored by ``folds``-fold cross-validation.
+        image_size: side the images are resized to (the pre-training view size).
+        embedding: ``"stages"`` (every encoder stage's average: low-level detail counts) or
+            ``"pooled"`` (``pooler_output``).
+    """
+
+    def __init__(self, source: str, image_size: int, num_images: int = 256,
+                 phantom_size: int = 128, images_root: str | None = None,
+                 embedding: str = "stages", k: int = 20, folds: int = 5, seed: int = 0,
+                 batch_size: int = 64):
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"probe_embedding must be one of {list(EMBEDDINGS)}, got "
+                             f"{embedding!r}")
+        if num_images < 10:
+            raise ValueError(f"probe_num_images must be at least 10, got {num_images}")
+        options = LabelledSourceOptions(images_root=images_root, num_phantoms=num_images,
+                                        phantom_size=phantom_size,
+                                        phantom_seed=PROBE_PHANTOM_SEED)
+        self.train = labelled_source_from_spec(source, options)
+        self.test = (labelled_source_from_spec(source, options, phantom_seed_offset=2)
+                     if source == PHANTOMS else None)
+        self.image_size, self.embedding = image_size, embedding
+        self.k, self.folds, self.seed, self.batch_size = k, folds, seed, batch_size
+        self.description = (f"{len(self.train)} + {len(self.test)} held-out phantoms"
+                            if self.test is not None
+                            else f"{len(self.train)} images of {source}, {folds}-fold CV")
+
+    @torch.no_grad()
+    def __call__(self, backbone) -> ProbeResult:
+        """Score ``backbone`` (a :class:`~caid_hf.CAiDModel`); its train/eval mode is
+        restored afterwards, its weights and BatchNorm statistics are not changed."""
+        was_training = backbone.training
+        device = next(backbone.parameters()).device
+        try:
+            x, y = extract_embeddings(backbone, self.train, self.image_size, self.batch_size,
+                                      device, embedding=self.embedding)
+            test_x = test_y = None
+            if self.test is not None:
+                test_x, test_y = extract_embeddings(backbone, self.test, self.image_size,
+                                                    self.batch_size, device,
+                                                    embedding=self.embedding)
+        finally:
+            backbone.train(was_training)
+        scores = probe_scores(x, y, list(self.train.label_names), test_x, test_y, k=self.k,
+                              folds=self.folds, seed=self.seed)
+        return ProbeResult(scores["linear_probe"]["mean_auc"], scores["knn"]["mean_auc"])
