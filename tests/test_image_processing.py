@@ -1,4 +1,5 @@
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -75,8 +76,9 @@ def _grey(features, index: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def native():
-    """A processor that keeps the 8 × 8 test images at their size, so pixels can be compared."""
-    return CAiDImageProcessor(size=SIDE)
+    """A processor that keeps the 8 × 8 test images at their size, so pixels can be compared
+    (``size`` itself must be a multiple of 32)."""
+    return CAiDImageProcessor(do_resize=False)
 
 
 def test_twelve_bit_monochrome1_dicom_is_rescaled_windowed_and_inverted(tmp_path, native):
@@ -208,11 +210,11 @@ def test_mixed_list_gives_one_resized_float_batch(tmp_path):
 
 
 def test_resize_is_antialiased():
-    stripes = np.zeros((64, 64), np.float32)
-    stripes[:, ::2] = 1.0  # one-pixel stripes alias to 0 or 1 without a low-pass filter
-    grey = _grey(CAiDImageProcessor(size=16)(stripes, return_tensors="np"))
-    assert grey.shape == (16, 16)
-    np.testing.assert_allclose(grey[:, 1:-1], 0.5, atol=1e-5)  # edges see the border
+    stripes = np.zeros((128, 128), np.float32)
+    stripes[:, ::4] = 1.0  # every 4th column: plain bilinear 4× down samples only the 0 columns
+    grey = _grey(CAiDImageProcessor(size=32)(stripes, return_tensors="np"))
+    assert grey.shape == (32, 32)
+    np.testing.assert_allclose(grey[:, 1:-1], 0.25, atol=1e-5)  # the mean; edges see the border
 
 
 @pytest.mark.parametrize(
@@ -263,3 +265,110 @@ def test_save_load_round_trip_and_auto_image_processor(tmp_path, tiny_config):
         assert loaded.to_dict() == processor.to_dict()
         assert loaded.to_dict()["image_processor_type"] == "CAiDImageProcessor"
     assert CAiDImageProcessor.from_pretrained(tmp_path, size=128).size == 128
+
+
+# --- size: an int or a transformers size dict ---
+
+def _ramp(height: int, width: int) -> np.ndarray:
+    """uint8 [height, width]: a horizontal ramp 0 … 255, so a resize that distorts shows."""
+    return np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))
+
+
+def test_height_width_dict_resizes_to_exactly_that_size():
+    image = _ramp(100, 150)
+    out = CAiDImageProcessor(size={"height": 64, "width": 96})(image, return_tensors="pt")
+    pixels = out["pixel_values"]
+    assert pixels.shape == (1, 3, 64, 96)
+    # the horizontal ramp stays one over the new width: rows equal, rising, mirror-symmetric
+    row = pixels[0, 0, 0]
+    torch.testing.assert_close(pixels[0, 0], row.expand(64, -1), rtol=0, atol=1e-6)
+    assert (row.diff() > 0).all()
+    torch.testing.assert_close(row + row.flip(0), torch.ones(96), rtol=0, atol=1 / 255)
+    assert row.mean().item() == pytest.approx(0.5, abs=1e-3)
+    square = CAiDImageProcessor(size={"height": 64, "width": 64})(image, return_tensors="pt")
+    assert torch.equal(square["pixel_values"], CAiDImageProcessor(size=64)(image, return_tensors="pt")
+                       ["pixel_values"])  # an int S is {"height": S, "width": S}
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((150, 100), (96, 64)),  # portrait: 150 × 0.64 = 96 exactly
+        ((100, 330), (64, 224)),  # landscape: 330 × 0.64 = 211.2 → nearest multiple of 32
+        ((100, 100), (64, 64)),
+        ((400, 40), (320, 32)),  # 400 × 0.8 = 320 exactly: upsizing the short side works too
+    ],
+)
+def test_shortest_edge_keeps_the_aspect_ratio_on_a_32_px_grid(shape, expected):
+    edge = min(expected)
+    processor = CAiDImageProcessor(size={"shortest_edge": edge})
+    pixels = processor(np.full(shape, 102, np.uint8), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, *expected)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 0.4))
+
+
+def test_shortest_edge_batch_of_different_aspect_ratios():
+    processor = CAiDImageProcessor(size={"shortest_edge": 64})
+    images = [np.zeros((150, 100), np.uint8), np.zeros((100, 100), np.uint8)]
+    shapes = [p.shape for p in processor(images)["pixel_values"]]
+    assert shapes == [(3, 96, 64), (3, 64, 64)]
+    with pytest.raises(ValueError, match="cannot be stacked.*shortest_edge"):
+        processor(images, return_tensors="pt")
+
+
+def test_size_given_per_call_overrides_the_setting():
+    processor = CAiDImageProcessor(size=64)
+    image = _ramp(100, 150)
+    assert processor(image, size={"height": 32, "width": 96}, return_tensors="pt")[
+        "pixel_values"].shape == (1, 3, 32, 96)
+    assert processor(_ramp(100, 170), size={"shortest_edge": 32}, return_tensors="pt")[
+        "pixel_values"].shape == (1, 3, 32, 64)  # 170 × 0.32 = 54.4 → nearest multiple of 32
+    assert processor.size == 64
+
+
+@pytest.mark.parametrize("size", [{"height": 64, "width": 96}, {"shortest_edge": 64}, 96])
+def test_size_round_trips_through_save_pretrained(size, tmp_path):
+    AutoImageProcessor.register(
+        CAiDConfig,
+        image_processor_classes={"torchvision": CAiDImageProcessor, "pil": CAiDImageProcessor},
+        exist_ok=True,
+    )
+    processor = CAiDImageProcessor(size=size)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["size"] == size
+    image = _ramp(100, 150)
+    expected = processor(image, return_tensors="pt")["pixel_values"]
+    for loaded in (CAiDImageProcessor.from_pretrained(tmp_path),
+                   AutoImageProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is CAiDImageProcessor
+        assert loaded.size == size and type(loaded.size) is type(size)
+        assert loaded.to_dict() == processor.to_dict()
+        assert torch.equal(loaded(image, return_tensors="pt")["pixel_values"], expected)
+    overridden = CAiDImageProcessor.from_pretrained(tmp_path, size={"height": 32, "width": 32})
+    assert overridden.size == {"height": 32, "width": 32}
+
+
+@pytest.mark.parametrize(
+    "size, match",
+    [
+        ({"heigth": 64, "width": 64}, "unsupported key 'heigth'"),
+        ({"longest_edge": 64}, "unsupported key 'longest_edge'"),
+        ({"height": 64}, "no 'width' key"),
+        ({"width": 64}, "no 'height' key"),
+        ({}, "empty dict"),
+        ({"shortest_edge": 64, "height": 64}, "not both"),
+        ({"height": 0, "width": 64}, r"size\['height'\] must be a positive int, got 0"),
+        ({"height": 64, "width": -32}, r"size\['width'\] must be a positive int, got -32"),
+        ({"shortest_edge": 64.0}, r"size\['shortest_edge'\] must be a positive int, got 64.0"),
+        ({"height": 70, "width": 64}, r"size\['height'\] must be a multiple of 32.*got 70"),
+        ({"shortest_edge": 100}, r"size\['shortest_edge'\] must be a multiple of 32.*got 100"),
+        (70, "size must be a multiple of 32.*got 70"),
+        (0, "size must be a positive int, got 0"),
+        ("224", "size must be an int or a dict"),
+    ],
+)
+def test_bad_size_is_refused_naming_the_key(size, match):
+    with pytest.raises(ValueError, match=match):
+        CAiDImageProcessor(size=size)
+    with pytest.raises(ValueError, match=match):
+        CAiDImageProcessor()(np.zeros((SIDE, SIDE), np.uint8), size=size)

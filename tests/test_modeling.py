@@ -282,3 +282,72 @@ def test_instance_discrimination_baseline_of_every_method_skips_the_decoder(meth
     out.loss.backward()
     assert all(p.grad is None for p in model.caid.decoder.parameters())
     assert model.caid.encoder.conv1.weight.grad.abs().sum() > 0
+
+
+# --- inputs the U-Net cannot take are refused with their shape, by every model ---
+
+def _models_taking_pixel_values(config):
+    from caid_hf import CAiDForImageClassification, CAiDForSemanticSegmentation
+
+    config.num_labels = 2
+    return [CAiDModel(config), CAiDForImageClassification(config), CAiDForSemanticSegmentation(config)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 70, 64), (2, 3, 64, 48), (1, 3, 16, 16)])
+def test_sides_not_multiples_of_32_are_refused_by_every_model(tiny_config, shape):
+    message = (f"pixel_values has shape {list(shape)}: height and width must be multiples of 32 "
+               f"(the encoder downsamples 5 times); resize or pad the images, e.g. with "
+               f"CAiDImageProcessor")
+    for model in _models_taking_pixel_values(tiny_config):
+        with pytest.raises(ValueError) as error:
+            model(torch.rand(shape))
+        assert str(error.value) == message, type(model).__name__
+    pre = CAiDForPreTraining(tiny_config).train()
+    good = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError) as error:
+        pre(torch.rand(shape), good)
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:  # MoCo's keys never pass through caid.encode
+        pre(good, torch.rand(shape))
+    assert str(error.value) == message.replace("pixel_values", "key_pixel_values", 1)
+    assert int(pre.objective.queue_ptr) == 0  # refused before anything was enqueued
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((3, 64, 64), r"shape \[3, 64, 64\]: expected 4 dimensions \[B, C, H, W\]"),
+        ((1, 2, 3, 64, 64), r"shape \[1, 2, 3, 64, 64\]: expected 4 dimensions"),
+        ((2, 1, 64, 64), r"shape \[2, 1, 64, 64\]: expected 3 channels"),
+    ],
+)
+def test_inputs_of_the_wrong_rank_or_channels_are_refused_by_every_model(tiny_config, shape, match):
+    for model in _models_taking_pixel_values(tiny_config):
+        with pytest.raises(ValueError, match=match):
+            model(torch.rand(shape))
+    with pytest.raises(ValueError, match=match):
+        CAiDForPreTraining(tiny_config)(torch.rand(shape), torch.rand(2, 3, 64, 64))
+
+
+def test_multiples_of_32_of_any_aspect_still_pass(tiny_config):
+    backbone, classifier, segmenter = (m.eval() for m in _models_taking_pixel_values(tiny_config))
+    x = torch.rand(1, 3, 32, 96)
+    with torch.no_grad():
+        assert backbone(x).last_hidden_state.shape == (1, 512, 1, 3)
+        assert backbone(x).reconstruction.shape == (1, 1, 32, 96)
+        assert classifier(x).logits.shape == (1, 2)
+        assert segmenter(x).logits.shape == (1, 2, 32, 96)
+
+
+def test_the_divisor_comes_from_the_encoder_depth():
+    from types import SimpleNamespace
+
+    from caid_hf.modeling_caid import check_pixel_values
+
+    four_stages = SimpleNamespace(encoder_depth=4, in_channels=3)  # CAiDConfig allows only 5
+    check_pixel_values(torch.rand(1, 3, 48, 80), four_stages)  # multiples of 16, not of 32
+    with pytest.raises(ValueError, match=r"\[1, 3, 40, 48\]: height and width must be multiples "
+                                         r"of 16 \(the encoder downsamples 4 times\)"):
+        check_pixel_values(torch.rand(1, 3, 40, 48), four_stages)
+    with pytest.raises(TypeError, match="pixel_values must be a torch.Tensor"):
+        check_pixel_values([[0.0]], four_stages)

@@ -10,7 +10,7 @@ or DICOM files, so a published backbone is fed the way it was trained.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.errors import InvalidDicomError
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
@@ -37,6 +37,12 @@ __all__ = ["CAiDImageProcessor"]
 logger = logging.get_logger(__name__)
 
 CAiDImageInput = Image.Image | np.ndarray | torch.Tensor | DicomDataset | str | os.PathLike
+CAiDSize = int | dict[str, int]
+
+# Output sides must divide by 2**encoder_depth to pass through the U-Net; CAiDConfig allows
+# only encoder_depth 5, and the processor does not see the model's config.
+SIZE_MULTIPLE = 32
+_SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"})
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 _CHANNELS = (1, 3, 4)
@@ -52,7 +58,7 @@ _TORCH_MODES = {
 class CAiDImageProcessorKwargs(TypedDict, total=False):
     """Settings of ``CAiDImageProcessor`` (what ``from_pretrained(..., **kwargs)`` may override)."""
 
-    size: int
+    size: CAiDSize
     resample: int
     do_resize: bool
 
@@ -60,10 +66,23 @@ class CAiDImageProcessorKwargs(TypedDict, total=False):
 class CAiDImageProcessor(BaseImageProcessor):
     """Turn chest X-rays in any common form into CAiD ``pixel_values``.
 
-    Each image becomes grey in [0, 1], is resized to ``size`` × ``size``
+    Each image becomes grey in [0, 1], is resized to the size ``size`` asks for
     (bilinear with antialiasing, as the pre-training crops) and replicated to
     3 channels. There is no mean/std normalisation: the model was pre-trained
     on [0, 1] inputs.
+
+    ``size``, as an int or a transformers size dict (every side a positive
+    multiple of 32, the CAiD U-Net downsampling 5 times, so the output feeds
+    the model as is):
+
+    - ``S`` or ``{"height": S, "width": S}``: S × S, as pre-training's square
+      views; an int stays an int in ``to_dict``/``save_pretrained``.
+    - ``{"height": H, "width": W}``: exactly H × W (the aspect ratio is not kept).
+    - ``{"shortest_edge": S}``: the short side becomes S and the long side is
+      scaled by the same factor, then rounded to the nearest multiple of 32 (so
+      the aspect ratio is kept up to at most 16 px on the long side); nothing
+      is cropped. Images of different aspect ratios then get different sizes
+      (a batch stacks only with ``return_tensors=None``).
 
     Grey conversion, by input:
 
@@ -89,11 +108,17 @@ class CAiDImageProcessor(BaseImageProcessor):
     a 4-D array or tensor is a batch along its first axis.
 
     Args:
-        size: side of the square output in pixels (the model's ``image_size``).
+        size: output size (see above): an int, ``{"height", "width"}`` or
+            ``{"shortest_edge"}``; by default 224, the model's ``image_size``.
         resample: ``PILImageResampling`` filter: BILINEAR (default), BICUBIC or
             NEAREST.
-        do_resize: resize to ``size`` × ``size``; without it, images keep their
-            size (a batch then needs equal sizes to be stacked).
+        do_resize: resize to ``size``; without it, images keep their size (a
+            batch then needs equal sizes to be stacked, and the model accepts
+            only sides that are multiples of 32).
+
+    Raises:
+        ValueError: ``size`` is not such an int or dict; the message names the
+            offending key.
     """
 
     model_input_names = ["pixel_values"]
@@ -101,7 +126,7 @@ class CAiDImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        size: int = 224,
+        size: CAiDSize = 224,
         resample: int = PILImageResampling.BILINEAR,
         do_resize: bool = True,
         **kwargs: Any,
@@ -132,7 +157,7 @@ class CAiDImageProcessor(BaseImageProcessor):
         self,
         images: CAiDImageInput | Sequence[CAiDImageInput],
         return_tensors: str | None = None,
-        size: int | None = None,
+        size: CAiDSize | None = None,
         do_resize: bool | None = None,
         resample: int | None = None,
     ) -> BatchFeature:
@@ -147,15 +172,19 @@ class CAiDImageProcessor(BaseImageProcessor):
             size, do_resize, resample: override the processor's settings for this call.
 
         Returns:
-            ``BatchFeature`` with ``pixel_values``: float32 [B, 3, size, size]
-            in [0, 1], the 3 channels identical.
+            ``BatchFeature`` with ``pixel_values``: float32 [B, 3, H, W] in
+            [0, 1], the 3 channels identical; H × W as ``size`` says (the
+            input's own size without resizing).
 
         Raises:
             FileNotFoundError: a path does not exist.
             ValueError: an input of unsupported type, shape or content; the
-                message names the input (its position, or its path).
+                message names the input (its position, or its path). A bad
+                ``size``; the message names the key.
         """
         size = self.size if size is None else _check_size(size)
+        if not isinstance(size, dict):
+            size = {"height": size, "width": size}
         do_resize = self.do_resize if do_resize is None else do_resize
         mode = _TORCH_MODES.get(self.resample if resample is None else int(resample))
         if mode is None:
@@ -166,9 +195,10 @@ class CAiDImageProcessor(BaseImageProcessor):
         pixel_values = []
         for name, item in _flatten(images):
             grey = torch.from_numpy(np.ascontiguousarray(to_grey(item, name)))[None, None]
-            if do_resize and tuple(grey.shape[-2:]) != (size, size):
+            target = _output_size(tuple(grey.shape[-2:]), size)
+            if do_resize and tuple(grey.shape[-2:]) != target:
                 grey = F.interpolate(
-                    grey, size=(size, size), mode=mode, antialias=mode != "nearest-exact"
+                    grey, size=target, mode=mode, antialias=mode != "nearest-exact"
                 ).clamp_(0.0, 1.0)  # bicubic overshoots
             pixel_values.append(grey[0].expand(3, -1, -1).contiguous())
 
@@ -176,16 +206,71 @@ class CAiDImageProcessor(BaseImageProcessor):
             return BatchFeature({"pixel_values": [p.numpy() for p in pixel_values]})
         if len({tuple(p.shape) for p in pixel_values}) > 1:
             raise ValueError(
-                "images of different sizes cannot be stacked with do_resize=False; "
-                "resize them or use return_tensors=None"
+                "images of different sizes cannot be stacked (do_resize=False, or size "
+                "{'shortest_edge': ...} on images of different aspect ratios); resize them to "
+                "one size, e.g. size={'height': H, 'width': W}, or use return_tensors=None"
             )
         return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type=return_tensors)
 
 
-def _check_size(size: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive int (the model's image_size), got {size!r}")
-    return int(size)
+def _check_size(size: Any) -> CAiDSize:
+    """``size`` validated: an int stays an int, a dict becomes a plain dict of ints.
+
+    Raises:
+        ValueError: not an int or a dict; an unknown or missing key, or a side that is not a
+            positive multiple of ``SIZE_MULTIPLE``, named in the message.
+    """
+    if not isinstance(size, Mapping):
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
+            raise ValueError(
+                f"size must be an int or a dict {{'height': H, 'width': W}} or "
+                f"{{'shortest_edge': S}}, got {size!r}"
+            )
+        return _check_side("size", size)
+    keys = set(size)
+    # a precise message first: get_size_dict's names the valid key sets, not the wrong key
+    unknown = sorted(str(k) for k in keys - set().union(*_SIZE_KEY_SETS))
+    if unknown:
+        raise ValueError(
+            f"size has unsupported key {unknown[0]!r}; CAiDImageProcessor takes "
+            f"{{'height': H, 'width': W}} or {{'shortest_edge': S}}, got {dict(size)!r}"
+        )
+    if "shortest_edge" in keys and len(keys) > 1:
+        raise ValueError(
+            f"size takes either 'height' and 'width' or 'shortest_edge', not both; "
+            f"got {dict(size)!r}"
+        )
+    if keys not in _SIZE_KEY_SETS:
+        missing = "height" if "height" not in keys else "width"
+        problem = "is an empty dict" if not keys else f"has no {missing!r} key"
+        raise ValueError(
+            f"size {problem}: give 'height' and 'width' together, or 'shortest_edge'; "
+            f"got {dict(size)!r}"
+        )
+    # transformers' own check of the key sets, so the dict is one its processors accept
+    return get_size_dict({key: _check_side(f"size[{key!r}]", size[key]) for key in size})
+
+
+def _check_side(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value % SIZE_MULTIPLE:
+        raise ValueError(
+            f"{name} must be a multiple of {SIZE_MULTIPLE} (the CAiD U-Net downsamples 5 times, "
+            f"so the model refuses other sides), got {value}"
+        )
+    return int(value)
+
+
+def _output_size(shape: tuple[int, int], size: dict[str, int]) -> tuple[int, int]:
+    """(height, width) an image of ``shape`` (height, width) is resized to, by ``size``."""
+    if "shortest_edge" in size:
+        edge = size["shortest_edge"]
+        scale = edge / min(shape)
+        # the long side only approximately keeps the aspect ratio: it must divide by 32 too
+        long = max(SIZE_MULTIPLE, SIZE_MULTIPLE * int(max(shape) * scale / SIZE_MULTIPLE + 0.5))
+        return (edge, long) if shape[0] <= shape[1] else (long, edge)
+    return size["height"], size["width"]
 
 
 def _flatten(images: Any) -> list[tuple[str, Any]]:

@@ -122,6 +122,41 @@ def _batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
+def check_pixel_values(pixel_values: torch.Tensor, config: CAiDConfig,
+                       name: str = "pixel_values") -> None:
+    """Refuse a model input the U-Net cannot take as is, naming its shape.
+
+    ``pixel_values`` must be a [B, C, H, W] tensor with ``C = config.in_channels`` and H, W
+    multiples of ``2 ** config.encoder_depth`` (32). smp's U-Net does not check this itself:
+    other sides run silently (smp 0.6's decoder interpolates to each skip's size) or fail
+    deep inside older smp versions; this turns the README's rule into a clear error.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: wrong number of dimensions or channels, or sides not divisible.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}")
+    shape = list(pixel_values.shape)
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"{name} has shape {shape}: expected 4 dimensions [B, C, H, W] (a single image "
+            f"needs a batch axis, e.g. pixel_values[None])"
+        )
+    if shape[1] != config.in_channels:
+        raise ValueError(
+            f"{name} has shape {shape}: expected {config.in_channels} channels in dimension 1 "
+            f"([B, C, H, W]; grey images are replicated to 3, e.g. by CAiDImageProcessor)"
+        )
+    multiple = 2 ** config.encoder_depth
+    if shape[2] % multiple or shape[3] % multiple:
+        raise ValueError(
+            f"{name} has shape {shape}: height and width must be multiples of {multiple} (the "
+            f"encoder downsamples {config.encoder_depth} times); resize or pad the images, "
+            f"e.g. with CAiDImageProcessor"
+        )
+
+
 # smp 0.6's decoder blocks are called with the target size (older ones upsample by 2)
 _DECODER_BLOCKS_TAKE_SIZES = "target_height" in inspect.signature(UnetDecoderBlock.forward).parameters
 
@@ -197,7 +232,8 @@ class CAiDModel(CAiDPreTrainedModel):
     """The CAiD U-Net: an smp encoder, the smp U-Net decoder and a 1-channel reconstruction head.
 
     ``state_dict()`` keys equal ``smp.Unet(config.encoder_name)``'s. Inputs are 3-channel
-    images in [0, 1] without mean/std normalisation, H and W divisible by 32.
+    images in [0, 1] without mean/std normalisation, H and W multiples of 32
+    (``2 ** encoder_depth``; other inputs are refused, see :func:`check_pixel_values`).
     """
 
     def __init__(self, config: CAiDConfig, add_decoder: bool = True,
@@ -258,7 +294,13 @@ class CAiDModel(CAiDPreTrainedModel):
 
         Equals ``self.encoder(pixel_values)``; with gradient checkpointing on (training mode),
         every ResNet stage is a checkpointed segment (other smp encoders: the whole encoder
-        is one segment)."""
+        is one segment).
+
+        Raises:
+            ValueError: ``pixel_values`` is not [B, 3, H, W] with H, W multiples of 32
+                (:func:`check_pixel_values`); every model's forward comes through here.
+        """
+        check_pixel_values(pixel_values, self.config)
         if not self._checkpointing_active:
             return self.encoder(pixel_values)
         if not isinstance(self.encoder, ResNetEncoder):
@@ -495,9 +537,16 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
             update_momentum: MoCo only: in training mode, move the key branch towards the query
                 branch before encoding the keys; pass ``False`` for all but the first
                 micro-batch of a gradient-accumulation window.
+
+        Raises:
+            ValueError: either view is not [B, 3, H, W] with H, W multiples of 32.
         """
         if kwargs:
             raise TypeError(f"CAiDForPreTraining.forward() got unexpected arguments {sorted(kwargs)}")
+        # here, not only in caid.encode: MoCo's keys bypass it, and shuffle-BN would report
+        # the shape of a sub-batch
+        check_pixel_values(pixel_values, self.config)
+        check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
         c = self.config
         key_features = None
         if self.is_moco:
