@@ -224,3 +224,22 @@ def test_pretraining_log_file_is_plain_and_ends_with_a_summary(tmp_path):
     assert re.search(r"done: 4 steps in \d+ s \([\d.]+ images/s\)", tail)
     assert re.search(rf"best validation loss \d+\.\d{{4}} at step 4 -> {out / 'best'}", tail)
     assert f"last step 4 -> {out / 'final'}" in tail
+
+
+def test_finetuning_ends_with_a_summary_and_announces_early_stopping(tmp_path, capsys):
+    out = tmp_path / "clf"
+    main(["finetune", *FINETUNE_TINY, "--max_steps", "-1", "--num_train_epochs", "4",
+          "--per_device_train_batch_size", "8", "--eval_steps", "1",
+          "--early_stopping_patience", "1", "--early_stopping_threshold", "1.0",
+          "--output_dir", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("fine-tuning (classification: nodule) from random, resnet18 at "
+                               f"64 px -> {out}")
+    # threshold 1.0: no validation after the first can improve, so patience 1 stops at step 2
+    assert "stopped early at step 2 of 8: validation mean_auc did not improve for 1 " \
+           "validations (best" in "\n".join(lines)
+    assert re.match(r"done: 2 steps in \d+ s \([\d.]+ images/s\)", lines[-4])
+    assert lines[-3].startswith("  best validation mean_auc ") and "at step 1" in lines[-3]
+    assert lines[-2].startswith("  test (8 images): mean_auc ")
+    assert lines[-1] == (f"  model -> {out} (test_results.json, trainer_state.json, "
+                         "README.md)")

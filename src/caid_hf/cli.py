@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .console import ArgumentParser, format_duration, run_command
+from .console import ArgumentParser, format_duration, quiet_loading, run_command
 
 
 def _phantoms(argv: list[str], prog: str) -> None:
@@ -215,7 +215,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
                                         image_size=a.image_size or 224), add_decoder=False)
         name = f"randomly initialised {a.encoder_name}"
     else:
-        backbone = CAiDModel.from_pretrained(a.model)
+        with quiet_loading():
+            backbone = CAiDModel.from_pretrained(a.model)
         name = a.model
     image_size = a.image_size or backbone.config.image_size
     options = LabelledSourceOptions(

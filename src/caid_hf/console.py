@@ -171,6 +171,21 @@ def quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """``from_pretrained`` without transformers' ``Loading weights`` bar and load report
+    (the caller reports what matters, e.g. that a new head was initialised)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with quiet_progress_bars():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def format_duration(seconds: float) -> str:
     """``"42 s"``, ``"3 min 04 s"``, ``"1 h 02 min"``."""
     seconds = round(seconds)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,13 @@ from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
-from ..console import RunConsole, describe_hardware, format_duration, quiet_progress_bars
+from ..console import (
+    RunConsole,
+    describe_hardware,
+    format_duration,
+    quiet_loading,
+    quiet_progress_bars,
+)
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
@@ -227,7 +234,14 @@ def build_model(model_args: FinetuneModelArguments, label_names: list[str]):
             load_encoder_weights(model, init)
     else:
         # a fine-tuned model with other labels: only its head is replaced
-        model = model_class.from_pretrained(init, ignore_mismatched_sizes=True, **settings)
+        with quiet_loading():
+            model, info = model_class.from_pretrained(init, ignore_mismatched_sizes=True,
+                                                      output_loading_info=True, **settings)
+        head = ("classifier.", "segmentation_head.")
+        others = [k for k in info["missing_keys"] if not k.startswith(head)]
+        if others:
+            warnings.warn(f"{init} lacks {len(others)} weights besides the new head, which "
+                          f"start from their initialisation: {sorted(others)[:8]}", stacklevel=2)
     if model_args.freeze_encoder:
         model.caid.encoder.requires_grad_(False)
     return model
@@ -365,8 +379,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     workers = _num_workers(args.dataloader_num_workers)
     loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
                      "pin_memory": accelerator.device.type == "cuda"}
-    batch = min(args.per_device_train_batch_size, len(train_set))  # few labels: one batch
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
+    batch_size = min(args.per_device_train_batch_size, len(train_set))  # few labels: one batch
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
     eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
     val_loader = DataLoader(val_set, batch_size=eval_batch, **loader_kwargs)
@@ -403,7 +417,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         f"{model.config.encoder_name} at {image_size} px -> {output_dir}",
         f"  data: {len(train_set)} train / {len(val_set)} validation / {len(test_set)} "
         f"{splits.test_split} images",
-        f"  plan: {total_steps} steps of batch {batch * accelerator.num_processes}, best model "
+        f"  plan: {total_steps} steps of batch {batch_size * accelerator.num_processes}, best model "
         f"by validation {metric}{stopping_rule}",
         f"  on {describe_hardware(accelerator)}")
 
@@ -501,7 +515,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         write_finetuned_card(output_dir, run, report, state)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
                             if "/" not in k)
-        images = step * batch * accelerator.num_processes
+        images = step * batch_size * accelerator.num_processes
         console.summary(
             f"done: {step} steps in {format_duration(state['training_time_s'])} "
             f"({images / max(state['training_time_s'], 1e-9):.1f} images/s)",

@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
-from ..console import RunConsole, describe_hardware, format_duration, quiet_progress_bars
+from ..console import (
+    RunConsole,
+    describe_hardware,
+    format_duration,
+    quiet_loading,
+    quiet_progress_bars,
+)
 from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.bad_files import BadFileLog
 from ..data.crops import SkipBadImages, TwoCropDataset, collate_crops
@@ -581,7 +587,8 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
 
     if args.init_from:
         check_init_from_architecture(args.init_from, config)
-        model = CAiDForPreTraining.from_pretrained(args.init_from, config=config)
+        with quiet_loading():
+            model = CAiDForPreTraining.from_pretrained(args.init_from, config=config)
     else:
         model = CAiDForPreTraining(config)
     # from here on each process draws its own crops and key shuffles
