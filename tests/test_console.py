@@ -231,6 +231,7 @@ def test_finetuning_ends_with_a_summary_and_announces_early_stopping(tmp_path, c
     main(["finetune", *FINETUNE_TINY, "--max_steps", "-1", "--num_train_epochs", "4",
           "--per_device_train_batch_size", "8", "--eval_steps", "1",
           "--early_stopping_patience", "1", "--early_stopping_threshold", "1.0",
+          "--early_stopping_min_steps", "0",
           "--output_dir", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("fine-tuning (classification: nodule) from random, resnet18 at "

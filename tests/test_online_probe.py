@@ -32,7 +32,7 @@ def test_online_probe_equals_offline_evaluation_of_the_saved_weights(tmp_path, c
 
     cli(["evaluate-features", str(out / "final"), "--source", "phantoms", "--test-source",
          "phantoms", "--num-phantoms", "40", "--num-test-phantoms", "40", "--phantom-size",
-         "96", "--image-size", "64", "--embedding", "stages", "--seed", "42",
+         "64", "--image-size", "64", "--embedding", "stages", "--seed", "42",
          "--out", str(tmp_path / "offline")])
     offline = json.loads((tmp_path / "offline" / "scores.json").read_text())
     assert offline["batch_norm_statistics"] == "model"
@@ -46,6 +46,17 @@ def test_online_probe_equals_offline_evaluation_of_the_saved_weights(tmp_path, c
     logged = events.Scalars("probe/linear_probe_auc")
     assert [e.step for e in logged] == [2, 3]
     assert logged[-1].value == pytest.approx(probes[-1]["probe/linear_probe_auc"], abs=1e-6)
+
+
+def test_probe_does_not_change_the_run(tmp_path):
+    """The same run with and without the probe ends with the same weights."""
+    runs = [main(TINY + ["--output_dir", str(tmp_path / name), "--max_steps", "3",
+                         "--report_to", "none", *flags])
+            for name, flags in (("plain", []), ("probed", ["--probe_steps", "1",
+                                                           "--probe_num_images", "10"]))]
+    plain, probed = (r.model.state_dict() for r in runs)
+    for key, value in plain.items():
+        torch.testing.assert_close(probed[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_probe_leaves_the_encoder_as_it_was(tmp_path):

@@ -161,6 +161,11 @@ class FinetuningArguments:
                 "default), 'iou' or 'loss'."})
     early_stopping_patience: int = field(default=5, metadata={
         "help": "Stop after this many validations without improvement (0: never stop early)."})
+    early_stopping_min_steps: int = field(default=-1, metadata={
+        "help": "Validations before this step never count towards early stopping (-1: the "
+                "first half of the run): a new head sits at chance for tens of steps before "
+                "the network finds a small finding, and stopping on that plateau ends runs "
+                "at chance (measured: docs/finetuning_from_a_backbone.md)."})
     early_stopping_threshold: float = field(default=0.0, metadata={
         "help": "An improvement must exceed this to count."})
     bootstrap_resamples: int = field(default=1000, metadata={

@@ -410,8 +410,11 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for part in run.values() for k, v in part.items()})
     console = RunConsole(enabled=accelerator.is_main_process)
+    min_steps = (args.early_stopping_min_steps if args.early_stopping_min_steps >= 0
+                 else total_steps // 2)
     stopping_rule = (f", early stopping after {args.early_stopping_patience} validations "
-                     "without improvement" if args.early_stopping_patience else "")
+                     f"without improvement from step {min_steps} on"
+                     if args.early_stopping_patience else "")
     console.header(
         f"fine-tuning ({task}: {', '.join(splits.label_names)}) from {model_args.init_from}, "
         f"{model.config.encoder_name} at {image_size} px -> {output_dir}",
@@ -443,7 +446,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
             best_value, best_step, bad_evals = value, step, 0
             best_state = {k: v.detach().to("cpu", copy=True)
                           for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        else:
+        elif step >= min_steps:  # the opening plateau does not count
             bad_evals += 1
         console.say(f"step {step}: validation {metric} {value:.4f}"
                     f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")

@@ -202,8 +202,8 @@ class PretrainingArguments:
     )
     probe_source: str = field(
         default="phantoms", metadata={"help": "Labelled set of the online probe: 'phantoms' "
-                                              "(label 'nodule'; fit on --probe_num_images, "
-                                              "scored on as many others) or a labelled source "
+                                              "(label 'nodule'; drawn at image_size, fit on "
+                                              "--probe_num_images, scored on as many others) or a labelled source "
                                               "fine-tuning reads (CSV, split list with labels, "
                                               "HF dataset; 5-fold cross-validation)."}
     )

@@ -79,6 +79,13 @@ class OnlineProbe:
         restored afterwards, its weights and BatchNorm statistics are not changed."""
         was_training = backbone.training
         device = next(backbone.parameters()).device
+        # the loaders draw their base seed from the global RNG: without the fork, turning
+        # the probe on would change the run's key shuffles and everything after them
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._score(backbone, device, was_training)
+
+    def _score(self, backbone, device: torch.device, was_training: bool) -> ProbeResult:
         try:
             x, y = extract_embeddings(backbone, self.train, self.image_size, self.batch_size,
                                       device, embedding=self.embedding)

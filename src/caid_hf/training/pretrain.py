@@ -631,8 +631,10 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
     if args.probe_steps and accelerator.is_main_process:
         from .online_probe import OnlineProbe
 
+        # probe phantoms are drawn at the view size, as downstream phantoms are: a larger
+        # phantom shrunk to the view would blur its few-pixel nodules
         probe = OnlineProbe(args.probe_source, config.image_size, args.probe_num_images,
-                            data_args.phantom_size, args.probe_images_root,
+                            config.image_size, args.probe_images_root,
                             args.probe_embedding, seed=args.seed)
     train_crops = crop_datasets(train_set)
     new_bad: list = []  # unreadable images met since the last check, this process
