@@ -215,7 +215,7 @@ def line_plot(per_seed: dict, path: Path, title: str) -> None:
         ax.set_ylabel(TASK_METRICS[task])
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=9)
+        ax.legend(loc="best", fontsize=9)  # Dice lines can sit near 0 at few labels
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Labelled phantoms; each label fraction takes a seeded share.")
     parser.add_argument("--validation-phantoms", type=int, default=100)
     parser.add_argument("--test-phantoms", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=150,
+    parser.add_argument("--finetune-steps", type=int, default=300,
                         help="Fine-tuning steps at every fraction (no early stopping).")
-    parser.add_argument("--eval-steps", type=int, default=25)
+    parser.add_argument("--eval-steps", type=int, default=50)
     parser.add_argument("--device", default=None,
                         help="'cpu' or 'cuda' (default: cuda where there is one).")
     parser.add_argument("--workers", type=int, default=1, help="Pre-training loader workers.")
