@@ -24,7 +24,7 @@ Downstream phantoms are drawn at 64 px, the pre-training view size (nodules 1.5-
 radius). Downstream sets are the same for every seed; seeds change the pre-training, the
 initialisation, the labelled subset and the fine-tuning order.
 
-    python benchmarks/phantom_transfer.py              # default size: 3 seeds, about 35 min on 2 cores
+    python benchmarks/phantom_transfer.py              # default size: 3 seeds, about 40 min on 2 cores
     python benchmarks/phantom_transfer.py --quick      # smoke run, a few minutes
     python benchmarks/phantom_transfer.py --pretrain-steps 2000 --device cuda   # on a GPU
 
