@@ -16,9 +16,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 
-__all__ = ["DICOM_EXTRA_HINT", "decode_dicom", "has_dicom_magic"]
+__all__ = ["DICOM_EXTRA_HINT", "check_pixel_count", "decode_dicom", "has_dicom_magic"]
 
 DICOM_EXTRA_HINT = 'pip install "caid-hf[dicom]"'
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -40,6 +41,25 @@ _MALFORMED = (
     RuntimeError,
     struct.error,
 )
+
+
+def _pixel_limit() -> int | None:
+    """The most pixels an image may have: twice PIL's ``Image.MAX_IMAGE_PIXELS``, the size at
+    which PIL refuses a file as a decompression bomb (None: no limit, as in PIL)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_pixel_count(name: str, height: int, width: int, frames: int = 1) -> None:
+    """Refuse an image larger than :func:`_pixel_limit` before decoding it: a small file can
+    declare gigapixels (a decompression bomb). Raises ValueError naming ``name``."""
+    limit = _pixel_limit()
+    if limit is not None and height * width * frames > limit:
+        raise ValueError(
+            f"cannot decode image {name!r}: {width} x {height} px"
+            f"{f' x {frames} frames' if frames > 1 else ''} is more than {limit:,} pixels, "
+            "a possible decompression bomb (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)"
+        )
 
 
 def has_dicom_magic(path: str | os.PathLike) -> bool:
@@ -107,6 +127,8 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
     except _MALFORMED as error:
         raise _cannot_decode(name, error) from error
     _check_decodable(name, dataset)
+    check_pixel_count(name, int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0),
+                      int(dataset.get("NumberOfFrames", 1) or 1))
     try:
         pixels = dataset.pixel_array
         if dataset.PhotometricInterpretation in _MONOCHROME:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import posixpath
+import struct
+import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .dicom import decode_dicom, has_dicom_magic
@@ -47,6 +48,22 @@ class ImageSource(Protocol):
         ...
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """A text file (split list, CSV, YAML) as str: UTF-8, with or without a byte-order mark,
+    any line ending. Not UTF-8 (a Latin-1 list, say): ValueError naming file, line and byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        start = error.start
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ValueError(
+            f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at column "
+            f"{column}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _check_index(i: int, length: int) -> int:
     if not 0 <= i < length:
         raise IndexError(f"image index {i} out of range for a source of {length} images")
@@ -76,27 +93,48 @@ def pil_to_grey(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("L"), dtype=np.uint8)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 
 
-def _decode_grey8_png(path: str | os.PathLike) -> np.ndarray | None:
-    """An 8-bit grey PNG (ChestX-ray14's format) decoded by torchvision's libpng, about 10 %
-    faster than PIL and bit-identical; None for any other PNG or any problem (PIL then reads
-    the file and reports errors)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        return None
-    # IHDR is the first chunk: bit depth at byte 24, colour type at byte 25 (0: grey)
-    if data.size < 33 or data[:8].tobytes() != _PNG_SIGNATURE or data[24] != 8 or data[25] != 0:
-        return None
-    try:
-        from torchvision.io import ImageReadMode, decode_png
+def _png_expected_bytes(width: int, height: int, bits: int, colour: int, interlaced: bool) -> int:
+    """Length of a PNG's inflated image data: a filter byte plus the packed pixels per row,
+    summed over the seven Adam7 passes when interlaced."""
+    def rows(w: int, h: int) -> int:
+        return 0 if w == 0 or h == 0 else h * (1 + (w * bits * _PNG_CHANNELS[colour] + 7) // 8)
 
-        decoded = decode_png(torch.from_numpy(data), ImageReadMode.UNCHANGED)
-    except Exception:  # noqa: BLE001 - any decoder complaint: let PIL read and report it
-        return None
-    return decoded[0].numpy() if decoded.shape[0] == 1 else None
+    if not interlaced:
+        return rows(width, height)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+              (1, 0, 2, 2), (0, 1, 1, 2))
+    return sum(rows((width - x + dx - 1) // dx, (height - y + dy - 1) // dy)
+               for x, y, dx, dy in passes)
+
+
+def _check_png_complete(path: str | os.PathLike, image: Image.Image) -> None:
+    """PIL fills the rows of a PNG whose compressed image data ends early with zeros and
+    reports nothing (libpng stops with "Not enough image data"). So when a decoded PNG's
+    last row is all zero, the image data is inflated once more and its length checked;
+    images with a non-black last row (nearly all) cost nothing. Raises OSError."""
+    last = np.asarray(image.crop((0, image.height - 1, image.width, image.height)))
+    if last.any():
+        return
+    data = Path(path).read_bytes()
+    header = data[16:29]
+    width, height, bits, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if colour not in _PNG_CHANNELS:
+        return
+    inflate = zlib.decompressobj()
+    produced, position = 0, 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        if data[position + 4:position + 8] == b"IDAT":
+            produced += len(inflate.decompress(data[position + 8:position + 8 + length]))
+        position += 12 + length
+    expected = _png_expected_bytes(width, height, bits, colour, bool(interlace))
+    if produced < expected:
+        complete_rows = produced * height // max(expected, 1)
+        raise OSError(f"the image data ends early (about {complete_rows} of {height} rows): a "
+                      "truncated or damaged PNG")
 
 
 def decode_grey(path: str | os.PathLike) -> np.ndarray:
@@ -107,34 +145,39 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     case), and files whose suffix is not an image format PIL knows (``IM0001``,
     ``1.2.840.113619.2.1``) but that carry ``DICM`` at byte offset 128.
 
-    Everything else is read by PIL (8-bit grey PNGs by torchvision's libpng, which
-    is faster and gives the same pixels). 8-bit grey is returned as stored; RGB, RGBA
+    Everything else is read by PIL. 8-bit grey is returned as stored; RGB, RGBA
     (alpha dropped), grey+alpha and palette images are converted with PIL's
     luminance (ITU-R 601). 16-bit (and 32-bit integer) grey is scaled by its
     bit depth, taken as the smallest of 8/10/12/14/16 bits that holds the
     image's maximum: ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps
     4095 to 255.
 
+    Images of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before
+    their pixels are decoded (PIL's decompression-bomb limit, DICOM included). torchvision's
+    libpng decoder is not used: it kills the process (SIGSEGV) on a PNG whose compressed
+    image data ends early.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable image; the message names ``path``.
+        ValueError: the file is not a readable image, or too large; the message names
+            ``path``.
     """
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".dcm", ".dicom") or (
         suffix not in Image.registered_extensions() and has_dicom_magic(path)
     ):
         return decode_dicom(path)
-    if suffix == ".png":
-        grey = _decode_grey8_png(path)
-        if grey is not None:
-            return grey
     try:
         with Image.open(path) as image:
             image.load()
+            if image.format == "PNG":
+                _check_png_complete(path, image)
             return pil_to_grey(image)
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except IsADirectoryError as error:
+        raise ValueError(f"cannot decode image {os.fspath(path)!r}: it is a folder") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         # PIL raises SyntaxError for some malformed headers.
         raise ValueError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
 
@@ -154,7 +197,15 @@ class _FileListSource:
 
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` decoded to grey uint8 [H, W]."""
-        return decode_grey(self.path(i))
+        path = self.path(i)
+        if path.is_symlink() and not path.exists():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise ValueError(f"cannot decode image {os.fspath(path)!r}: a broken symbolic link "
+                             f"(to {target!r}, which does not exist, or a link loop)")
+        return decode_grey(path)
 
     def image_id(self, i: int) -> str:
         """The relative path of image ``i`` (as written in a split list, POSIX for a folder)."""
@@ -204,7 +255,7 @@ class SplitListSource(_FileListSource):
         if not self.images_root.is_dir():
             raise FileNotFoundError(f"images folder not found: {self.images_root}")
         self.relative_paths: list[str] = []
-        lines = self.split_file.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(self.split_file).splitlines()
         for number, line in enumerate(lines, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -236,7 +287,13 @@ class ImageFolderSource(_FileListSource):
 
     Extensions match case-insensitively; hidden files and folders (names
     starting with ``.``, such as macOS ``._x.png`` resource forks) are
-    skipped. ``image_id(i)`` is the POSIX path relative to ``root``.
+    skipped. Links to folders are followed (each real folder once, so a link
+    loop ends). ``image_id(i)`` is the POSIX path relative to ``root``.
+
+    Entries with an image name that are not readable files (dangling links,
+    link loops, folders named ``x.png``) are kept: loading them raises
+    ``ValueError`` with the reason, so a run lists them in ``bad_files.tsv``
+    instead of dropping them silently.
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
@@ -247,18 +304,41 @@ class ImageFolderSource(_FileListSource):
         self.root = self.base = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        found = (path.relative_to(self.root) for path in self.root.rglob("*"))
-        self.relative_paths: list[str] = sorted(
-            relative.as_posix()
-            for relative in found
-            if relative.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in relative.parts)
-            and (self.root / relative).is_file()
-        )
+        self.relative_paths: list[str] = sorted(_image_entries(self.root))
         if not self.relative_paths:
             raise ValueError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {self.root}"
             )
+
+
+def _image_entries(root: Path) -> list[str]:
+    """POSIX paths, relative to ``root``, of the non-hidden entries with an image suffix."""
+    found = []
+    visited = {os.path.realpath(root)}
+
+    def on_error(error: OSError) -> None:  # an unreadable sub-folder: its images cannot load
+        if error.filename and Path(error.filename).suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(Path(error.filename).relative_to(root).as_posix())
+
+    for folder, folders, files in os.walk(root, followlinks=True, onerror=on_error):
+        here = Path(folder)
+        kept = []
+        for name in sorted(folders):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((here / name).relative_to(root).as_posix())  # a folder named x.png
+            real = os.path.realpath(here / name)
+            if real not in visited:  # a link back to a folder already walked: a loop, stop
+                visited.add(real)
+                kept.append(name)
+        folders[:] = kept
+        found.extend(
+            (here / name).relative_to(root).as_posix()
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return found
 
 
 class PhantomSource:

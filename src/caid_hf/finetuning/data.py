@@ -46,7 +46,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..data.source_spec import PHANTOMS, HFOptions, is_hf_spec, open_hf_spec
-from ..data.sources import IMAGE_EXTENSIONS, SplitListSource, _check_index, decode_grey
+from ..data.sources import (
+    IMAGE_EXTENSIONS,
+    SplitListSource,
+    _check_index,
+    decode_grey,
+    read_text_file,
+)
 
 __all__ = [
     "CHESTXRAY14_LABELS",
@@ -110,7 +116,8 @@ def decode_mask(path: str | os.PathLike | io.BytesIO | None = None,
             with Image.open(path) as opened:
                 opened.load()
                 return decode_mask(image=opened, binary=binary, name=name)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        except (UnidentifiedImageError, OSError, SyntaxError,
+                Image.DecompressionBombError) as error:
             if isinstance(error, FileNotFoundError):
                 raise FileNotFoundError(f"mask not found: {name}") from error
             raise ValueError(f"cannot decode mask {name}: {error}") from error
@@ -187,10 +194,9 @@ class SplitListLabelledSource(SplitListSource):
 def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not csv_file.is_file():
         raise FileNotFoundError(f"CSV file not found: {csv_file}")
-    with open(csv_file, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    reader = csv.DictReader(io.StringIO(read_text_file(csv_file), newline=""))
+    rows = list(reader)
+    columns = list(reader.fieldnames or [])
     if not columns or not rows:
         raise ValueError(f"{csv_file}: no header or no rows")
     return columns, rows
