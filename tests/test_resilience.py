@@ -267,3 +267,134 @@ def test_forked_children_die_on_sigterm_while_the_handler_is_installed():
             assert not handler.requested
     finally:
         signal.signal(signal.SIGTERM, outer)
+
+
+def _two_checkpoints(tmp_path, steps=6) -> tuple[Path, list]:
+    """A run saving every 3 steps and at each epoch end (4 steps): for 6 steps, checkpoints
+    3, 4 and 6 (plus final/)."""
+    out = tmp_path / "run"
+    main(TINY + ["--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "3",
+                 "--save_total_limit", "0", "--full_determinism", "true"])
+    return out, checkpointing.list_checkpoints(out)
+
+
+def _resume(out, to_step=8, where="latest"):
+    return main(TINY + ["--output_dir", str(out), "--max_steps", str(to_step),
+                        "--save_steps", "3", "--save_total_limit", "0",
+                        "--full_determinism", "true",
+                        "--resume_from_checkpoint", str(where)])
+
+
+@pytest.mark.parametrize("damage", ["missing", "pickled object", "truncated"])
+def test_resume_with_a_damaged_rng_file_refuses_naming_it(tmp_path, damage):
+    out, checkpoints = _two_checkpoints(tmp_path)
+    rng = checkpoints[-1] / "random_states_0.pkl"
+    if damage == "missing":
+        rng.unlink()
+    elif damage == "pickled object":
+        torch.save({"payload": _Payload()}, rng)
+    else:
+        rng.write_bytes(rng.read_bytes()[:100])
+    with pytest.raises(checkpointing.CheckpointDamagedError,
+                       match=r"checkpoint_6/random_states_0\.pkl is (missing|unreadable)"):
+        _resume(out, where=checkpoints[-1])
+    assert not (out / "checkpoints" / "checkpoint_8").exists()
+
+
+@pytest.mark.slow
+def test_latest_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, capsys):
+    out, checkpoints = _two_checkpoints(tmp_path, steps=8)  # checkpoints 3, 4, 6, 8
+    solo = load_file(out / "final" / "model.safetensors")
+    for folder in checkpoints[-2:]:
+        (folder / "random_states_0.pkl").unlink()
+    capsys.readouterr()
+    result = _resume(out)
+    said = capsys.readouterr().out
+    assert "random_states_0.pkl is missing" in said and "skipping checkpoint_8" in said
+    assert "resuming from checkpoint_4, the newest undamaged" in said
+    assert result.global_step == 8
+    resumed = load_file(out / "final" / "model.safetensors")  # steps 5-8 again, the same
+    assert resumed.keys() == solo.keys() and all(torch.equal(resumed[k], solo[k]) for k in solo)
+
+
+def test_latest_with_every_checkpoint_damaged_refuses_instead_of_restarting(tmp_path):
+    out, checkpoints = _two_checkpoints(tmp_path)
+    for folder in checkpoints:
+        (folder / "random_states_0.pkl").unlink()
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="checkpoint_6/random_states"):
+        _resume(out)
+
+
+@pytest.mark.parametrize("name, damage, reason", [
+    ("optimizer.bin", b"\x80\x02not a torch file", "optimizer.bin is unreadable"),
+    ("model.safetensors", None, r"model\.safetensors is unreadable"),
+])
+def test_resume_names_an_unreadable_optimizer_or_weights_file(tmp_path, name, damage, reason):
+    out, checkpoints = _two_checkpoints(tmp_path)
+    path = checkpoints[-1] / name
+    before = load_file(checkpoints[0] / "model.safetensors")
+    path.write_bytes(damage if damage is not None else path.read_bytes()[:1000])
+    with pytest.raises(checkpointing.CheckpointDamagedError, match=reason):
+        _resume(out, where=checkpoints[-1])
+    # checked before loading anything: the earlier checkpoint still resumes
+    result = _resume(out, to_step=4, where=checkpoints[0])
+    assert result.global_step == 4 and before.keys() == load_file(
+        checkpoints[0] / "model.safetensors").keys()
+
+
+def test_atomic_folder_keeps_the_old_folder_on_a_full_disk(tmp_path):
+    final = tmp_path / "best"
+    with checkpointing.atomic_folder(final) as folder:
+        (folder / "config.json").write_text("old")
+        (folder / "model.safetensors").write_bytes(b"old weights")
+    with pytest.raises(CheckpointSaveError, match=r"best failed \(no space left on the device\); "
+                                                  r"the previous .*best is kept"):
+        with checkpointing.atomic_folder(final) as folder:
+            (folder / "config.json").write_text("new")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (final / "config.json").read_text() == "old"
+    with checkpointing.atomic_folder(final) as folder:  # a success replaces it whole
+        (folder / "config.json").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["config.json"]
+    assert (final / "config.json").read_text() == "new"
+
+
+def test_a_kill_between_the_renames_is_undone_at_the_next_write(tmp_path):
+    old = tmp_path / ".old-final"
+    old.mkdir()
+    (old / "config.json").write_text("previous")
+    checkpointing.recover_folder(tmp_path / "final")  # final/ missing: the copy goes back
+    assert (tmp_path / "final" / "config.json").read_text() == "previous" and not old.exists()
+
+
+def test_disk_full_while_writing_best_leaves_no_half_folder(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    real = transformers.modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if Path(filename).parent.name == ".tmp-best":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(CheckpointSaveError,
+                       match=r"best failed \(no space left on the device\); .*best was not written"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "4"])
+    assert not (tmp_path / "best").exists() and not (tmp_path / ".tmp-best").exists()
+
+
+def test_published_and_checkpoint_files_get_the_umask_mode(tmp_path):
+    previous = os.umask(0o022)
+    checkpointing._UMASK = None
+    try:
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1"])
+    finally:
+        os.umask(previous)
+        checkpointing._UMASK = None
+    for path in [tmp_path / "final" / "model.safetensors", tmp_path / "best" / "model.safetensors",
+                 tmp_path / "best" / "README.md",
+                 latest_checkpoint(tmp_path) / "model.safetensors"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path  # safetensors alone writes 0600
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755

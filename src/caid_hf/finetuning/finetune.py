@@ -40,6 +40,7 @@ from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
 from ..training import performance
+from ..training.checkpointing import default_file_mode
 from .arguments import (
     METRICS,
     FinetuneDataArguments,
@@ -512,6 +513,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         with quiet_progress_bars():
             unwrapped.save_pretrained(output_dir)
         CAiDImageProcessor(size=image_size).save_pretrained(output_dir)
+        for weights in output_dir.glob("model*.safetensors"):  # safetensors writes 0600
+            os.chmod(weights, default_file_mode())
         (output_dir / f"{splits.test_split}_results.json").write_text(json.dumps(report, indent=2))
         (output_dir / "trainer_state.json").write_text(
             json.dumps({**state, "history": history}, indent=2))

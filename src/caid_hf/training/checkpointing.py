@@ -76,6 +76,10 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the previous one is kept."""
 
 
+class CheckpointDamagedError(ValueError):
+    """A file of a checkpoint is missing or unreadable; the message names it."""
+
+
 def checkpoint_number(path: str | Path) -> int:
     """N of a ``checkpoint_N`` folder."""
     match = _NAME.fullmatch(Path(path).name)
@@ -184,6 +188,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
             torch.save(augmentation, tmp / AUGMENTATION_FILE)
             (tmp / STATE_FILE).write_text(state.to_json())
+            fix_permissions(tmp)
             size = _fsync_tree(tmp)
             (tmp / MARKER).write_text(json.dumps({"global_step": state.global_step,
                                                   "bytes": size}))
@@ -212,6 +217,114 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
     return final
 
 
+_UMASK: int | None = None
+
+
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` gives a new file. safetensors
+    and ``tempfile`` create files 0600, which colleagues on a shared cluster cannot read."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def fix_permissions(folder: str | Path) -> None:
+    """Give every file below ``folder`` the mode a plain ``open()`` would (see
+    :func:`default_file_mode`); folders get the same plus the execute (search) bits."""
+    mode = default_file_mode()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, mode | (0o111 & ~(_UMASK or 0)) if path.is_dir() else mode)
+
+
+def recover_folder(final: str | Path) -> None:
+    """Undo an :func:`atomic_folder` replacement cut between its two renames: when ``final``
+    is missing and its ``.old-`` copy is there, put the copy back."""
+    final = Path(final)
+    old = final.with_name(f".old-{final.name}")
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class atomic_folder:  # noqa: N801 - used as a context manager, like tempfile's
+    """Write a folder (``best/``, ``final/``) so that it is either the old or the new one,
+    never half of each: the body writes into ``.tmp-<name>`` next to it, which is flushed
+    to disk and renamed into place on success; on an error (a full disk) the temporary
+    folder is removed, the previous folder is kept and :class:`CheckpointSaveError` says so.
+
+    ``with atomic_folder(output_dir / "best") as folder: model.save_pretrained(folder)``
+    """
+
+    def __init__(self, final: str | Path) -> None:
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".tmp-{self.final.name}")
+        self.old = self.final.with_name(f".old-{self.final.name}")
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(self.final)
+        if self.tmp.exists():  # left by a kill during an earlier write
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None:
+            try:
+                fix_permissions(self.tmp)
+                _fsync_tree(self.tmp)
+                if self.final.exists():
+                    os.replace(self.final, self.old)
+                os.replace(self.tmp, self.final)
+                _fsync_dir(self.final.parent)
+                shutil.rmtree(self.old, ignore_errors=True)
+                return False
+            except OSError as exc:
+                error = exc
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        recover_folder(self.final)
+        if not isinstance(error, (OSError, CheckpointSaveError)):
+            return False  # not a write failure: the caller's error, raised as it is
+        kept = (f"the previous {self.final} is kept" if self.final.is_dir()
+                else f"{self.final} was not written")
+        raise CheckpointSaveError(
+            f"saving {self.final} failed ({_describe(error)}); {kept}. Free space in "
+            f"{self.final.parent} and run the same command again (with "
+            "--resume_from_checkpoint latest it continues from the last checkpoint)"
+        ) from error
+
+
+class atomic_file:  # noqa: N801 - a context manager
+    """Replace one file whole: the body writes the yielded temporary path, which is renamed
+    over ``final`` on success and removed on an error."""
+
+    def __init__(self, final: str | Path) -> None:
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".tmp-{self.final.name}")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None:
+            try:
+                os.chmod(self.tmp, default_file_mode())
+                os.replace(self.tmp, self.final)
+                return False
+            except OSError as exc:
+                error = exc
+        self.tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointSaveError(f"writing {self.final} failed ({_describe(error)}); the "
+                                      "previous file is kept") from error
+        return False
+
+
 def _agree(accelerator, error: BaseException | None):
     """An error on any process becomes an error on every process (so none waits alone)."""
     if accelerator.num_processes == 1:
@@ -235,31 +348,156 @@ def prune_checkpoints(output_dir: str | Path, keep: int, best: str | None = None
     return doomed
 
 
-def load_checkpoint(accelerator, path: str | Path, state: TrainState, scheduler,
-                    augmenter) -> None:
-    """Restore a run from a complete checkpoint folder, reading no pickled objects: model
-    weights from safetensors, tensors and numbers with ``torch.load(weights_only=True)``."""
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
+SCALER_FILE = "scaler.pt"
+
+
+def rng_state_file(process_index: int) -> str:
+    """Accelerate's name for one process's Python, NumPy, torch and CUDA RNG states."""
+    return f"random_states_{process_index}.pkl"
+
+
+def _damaged(path: Path, what: str, reason: object) -> CheckpointDamagedError:
+    return CheckpointDamagedError(
+        f"checkpoint file {path} {what} ({reason}); the checkpoint cannot be resumed "
+        "bit for bit. Resume from an earlier checkpoint (--resume_from_checkpoint "
+        f"{path.parent.parent}/checkpoint_N, or 'latest', which skips damaged ones) or copy "
+        "the file again")
+
+
+def verify_checkpoint(path: str | Path, num_processes: int = 1,
+                      with_scaler: bool = False) -> dict[int, dict]:
+    """Check that every file a resume reads is present and readable, before anything is
+    loaded (so a damaged checkpoint changes no weight): the marker and this package's files,
+    ``model.safetensors`` (its header and size), ``optimizer.bin``, the gradient scaler
+    when used, and each process's RNG file (which Accelerate's ``load_state`` would skip
+    with an INFO line, silently changing the rest of the run).
+
+    Returns the RNG states by process index. Raises :class:`CheckpointDamagedError` naming
+    the first missing or unreadable file, ValueError for a folder without the marker.
+    """
+    from accelerate.utils import load as accelerate_load
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such folder")
     if not is_complete(path):
         raise ValueError(f"--resume_from_checkpoint {path}: the folder has no {MARKER} marker, "
                          "so its save did not finish; use an earlier checkpoint or 'latest'")
-    for name in (STATE_FILE, SCHEDULER_FILE, AUGMENTATION_FILE):
+    required = [STATE_FILE, SCHEDULER_FILE, AUGMENTATION_FILE, MODEL_FILE, OPTIMIZER_FILE,
+                *([SCALER_FILE] if with_scaler else []),
+                *(rng_state_file(i) for i in range(num_processes))]
+    for name in required:
         if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} lacks {name}; it was not written by this "
-                                    "version of caid-hf")
-    accelerator.load_state(str(path))
+            raise _damaged(path / name, "is missing", "the save was not made by this version "
+                           "of caid-hf, or the folder was copied incompletely")
+    try:
+        TrainState.from_json((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise _damaged(path / STATE_FILE, "is unreadable", error) from error
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt") as weights:
+            if not list(weights.keys()):
+                raise _damaged(path / MODEL_FILE, "is unreadable", "it holds no tensor")
+    except (SafetensorError, OSError) as error:
+        raise _damaged(path / MODEL_FILE, "is unreadable", error) from error
+    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, AUGMENTATION_FILE,
+                 *([SCALER_FILE] if with_scaler else [])):
+        try:
+            safe_torch_load(path / name, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any failure: name the file
+            raise _damaged(path / name, "is unreadable", _one_line(error)) from error
+    states = {}
+    for index in range(num_processes):
+        file = path / rng_state_file(index)
+        try:
+            state = accelerate_load(file, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - any failure: name the file
+            raise _damaged(file, "is unreadable", _one_line(error)) from error
+        missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise _damaged(file, "is unreadable", f"no {', '.join(missing)} in it")
+        states[index] = state
+    return states
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def resumable_checkpoint(output_dir: str | Path, num_processes: int = 1,
+                         with_scaler: bool = False, say=None) -> Path | None:
+    """For ``--resume_from_checkpoint latest``: the newest complete checkpoint that
+    :func:`verify_checkpoint` accepts. Each newer damaged one is reported through ``say``
+    (default: a warning) and skipped; when every checkpoint is damaged the newest one's
+    error is raised (never a silent restart from step 0). None when there is no complete
+    checkpoint at all."""
+    complete = list_checkpoints(output_dir)
+    first_error = None
+    for path in reversed(complete):
+        try:
+            verify_checkpoint(path, num_processes, with_scaler)
+        except CheckpointDamagedError as error:
+            first_error = first_error or error
+            message = (f"{error.args[0].split('; the checkpoint cannot')[0]}: skipping "
+                       f"{path.name}")
+            if say is not None:
+                say(message)
+            else:
+                warnings.warn(message, stacklevel=2)
+            continue
+        if path != complete[-1]:
+            (say or print)(f"resuming from {path.name}, the newest undamaged checkpoint")
+        return path
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def load_checkpoint(accelerator, path: str | Path, state: TrainState, scheduler,
+                    augmenter) -> None:
+    """Restore a run from a complete checkpoint folder, reading no pickled objects: model
+    weights from safetensors, tensors and numbers with ``torch.load(weights_only=True)``.
+
+    Every file is checked first (:func:`verify_checkpoint`), and this process's RNG states
+    are set again after Accelerate's ``load_state``, which ignores a failure to set them.
+    """
+    import random
+
+    import numpy as np
+
+    path = Path(path)
+    states = verify_checkpoint(path, accelerator.num_processes,
+                               with_scaler=getattr(accelerator, "scaler", None) is not None)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - verified files that still fail: say where
+        raise CheckpointDamagedError(f"resuming from {path} failed: {_one_line(error)}") from error
+    rng = states[accelerator.process_index]
+    try:
+        random.setstate(rng["random_state"])
+        np.random.set_state(rng["numpy_random_seed"])
+        torch.set_rng_state(rng["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in rng:
+            torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise _damaged(path / rng_state_file(accelerator.process_index), "holds unusable RNG "
+                       "states", _one_line(error)) from error
     scheduler.load_state_dict(safe_torch_load(path / SCHEDULER_FILE))
     augmenter.load_state_dict(safe_torch_load(path / AUGMENTATION_FILE))
     state.load_state_dict(TrainState.from_json((path / STATE_FILE).read_text()).state_dict())
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, numbers, strings
-    and containers only; a file holding any other pickled object is refused with its name."""
+    and containers only; a file holding any other pickled object is refused with its name.
+    ``mmap`` maps the tensors instead of reading them (a cheap check of a large file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             raise ValueError(

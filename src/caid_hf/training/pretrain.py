@@ -46,12 +46,20 @@ from ..data.source_spec import (
 )
 from ..data.streaming import StreamingTwoCrops, take_head
 from ..image_processing_caid import CAiDImageProcessor
-from ..model_card import write_model_card
+from ..model_card import build_model_card, write_model_card
 from ..modeling_caid import CAiDForPreTraining
 from ..publishing import push_folder
 from . import performance
 from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
-from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    TrainState,
+    atomic_file,
+    atomic_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
 
 
@@ -452,10 +460,11 @@ def save_backbone(accelerator, model, folder: Path, card: dict) -> None:
     (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card`)."""
     def work():
         backbone = accelerator.unwrap_model(model).caid
-        with quiet_progress_bars():
-            backbone.save_pretrained(folder)
-        CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(folder)
-        write_model_card(folder, **card)
+        with atomic_folder(folder) as tmp:  # a full disk or a kill keeps the previous folder
+            with quiet_progress_bars():
+                backbone.save_pretrained(tmp)
+            CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(tmp)
+            write_model_card(tmp, **card)
 
     on_main_process(accelerator, work)
 
@@ -653,7 +662,9 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
         if path == "latest":
-            path = latest_checkpoint(output_dir)
+            latest_checkpoint(output_dir)  # warns about newer folders without the marker
+            path = resumable_checkpoint(output_dir, accelerator.num_processes,
+                                        accelerator.scaler is not None, say=console.say)
         if path is None:  # the same command starts a run and continues it after a kill
             console.say(f"--resume_from_checkpoint latest: no complete checkpoint in "
                         f"{output_dir}/checkpoints yet, starting from step 0")
@@ -827,7 +838,8 @@ def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
     final_card = card()
     save_backbone(accelerator, model, output_dir / "final", final_card)
     if accelerator.is_main_process and (output_dir / "best").is_dir():
-        write_model_card(output_dir / "best", **final_card)  # with the whole run's facts
+        with atomic_file(output_dir / "best" / "README.md") as tmp:  # the whole run's facts
+            build_model_card(output_dir / "best", **final_card).save(tmp)
     if args.push_to_hub or args.hub_dry_run:
         push_backbone(accelerator, output_dir / "best", args)
     trained = [r for r in state.history if "train/images_per_second" in r]
