@@ -398,3 +398,69 @@ def test_published_and_checkpoint_files_get_the_umask_mode(tmp_path):
                  latest_checkpoint(tmp_path) / "model.safetensors"]:
         assert path.stat().st_mode & 0o777 == 0o644, path  # safetensors alone writes 0600
     assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755
+
+
+def test_sigterm_during_start_up_exits_75_so_job_scripts_requeue(tmp_path):
+    import signal
+    import time
+
+    command = Path(sys.executable).parent / "caid-hf"
+    process = subprocess.Popen([str(command), "pretrain", *TINY, "--output_dir",
+                                str(tmp_path / "run"), "--max_steps", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # importing torch and transformers: seconds before any training code
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, (process.returncode, stderr[-1000:])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_importing_caid_hf_as_a_library_leaves_sigterm_alone():
+    code = "import signal, caid_hf; print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "True", result.stderr[-500:]
+
+
+def test_output_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+    import socket
+
+    first = checkpointing.OutputLock(tmp_path).acquire()
+    with pytest.raises(checkpointing.OutputDirInUseError,
+                       match=rf"in use by another caid-hf run \(PID {os.getpid()} on host "
+                             rf"{socket.gethostname()}, started 20"):
+        checkpointing.OutputLock(tmp_path).acquire()
+    first.release()
+    checkpointing.OutputLock(tmp_path).acquire().release()  # free again
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    import signal
+
+    code = ("import sys, time\nfrom caid_hf.training.checkpointing import OutputLock\n"
+            "lock = OutputLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(checkpointing.OutputDirInUseError, match=f"PID {holder.pid} "):
+        checkpointing.OutputLock(tmp_path).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    checkpointing.OutputLock(tmp_path).acquire().release()
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_folder_one_runs_one_refuses(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    command = [str(Path(sys.executable).parent / "caid-hf"), "pretrain", *RUN]
+    shared = tmp_path / "shared"
+    runs = [subprocess.Popen([*command, "--output_dir", str(shared)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(run.wait(timeout=900), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(code, err[-800:]) for code, _, err in results]
+    refused = next(err for code, _, err in results if code == 2)
+    assert "is in use by another caid-hf run (PID" in refused and "Traceback" not in refused
+    solo = tmp_path / "solo"
+    assert _run(solo).returncode == 0
+    _assert_identical(shared, solo)

@@ -1,5 +1,9 @@
 """caid-hf: CAiD self-supervised pre-training for medical images, Hugging Face native."""
 
+from ._startup import install_startup_handler
+
+install_startup_handler()  # before the heavy imports below: SIGTERM now exits 75 (see there)
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,

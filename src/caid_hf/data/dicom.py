@@ -14,9 +14,9 @@ import struct
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 
 __all__ = ["DICOM_EXTRA_HINT", "check_pixel_count", "decode_dicom", "has_dicom_magic"]

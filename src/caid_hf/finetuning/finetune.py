@@ -13,6 +13,7 @@ the label names, ``model.safetensors``, ``preprocessor_config.json``, a model ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
 from ..training import performance
-from ..training.checkpointing import default_file_mode
+from ..training.checkpointing import default_file_mode, lock_output_dir
 from .arguments import (
     METRICS,
     FinetuneDataArguments,
@@ -348,9 +349,16 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
              args: FinetuningArguments) -> FinetuneResult:
     """Fine-tune with the given arguments (see :mod:`.arguments`); returns the result and
     writes the model folder to ``args.output_dir``."""
+    with contextlib.ExitStack() as cleanup:
+        return _finetune(model_args, data_args, args, cleanup)
+
+
+def _finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
+              args: FinetuningArguments, cleanup: contextlib.ExitStack) -> FinetuneResult:
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite_output_dir)
     accelerator, args = performance.make_accelerator(args, output_dir)
+    lock_output_dir(accelerator, output_dir, cleanup)
     set_seed(args.seed)
     task, segmentation = model_args.task, model_args.task == "segmentation"
     single_label = not segmentation and model_args.problem_type == "single_label_classification"

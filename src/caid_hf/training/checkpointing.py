@@ -174,14 +174,14 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
             tmp.mkdir()
         except OSError as exc:
             error = exc
-    error = _agree(accelerator, error)
+    error = agree_on_error(accelerator, error)
     augmentation = augmenter.state_dict()  # a collective: every process's stream
     if error is None:
         try:
             accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
         except Exception as exc:  # noqa: BLE001 - reported below with the checkpoint's name
             error = exc
-    error = _agree(accelerator, error)
+    error = agree_on_error(accelerator, error)
     size = 0
     if error is None and accelerator.is_main_process:
         try:
@@ -199,7 +199,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
             _fsync_dir(root)
         except Exception as exc:  # noqa: BLE001 - reported below with the checkpoint's name
             error = exc
-    error = _agree(accelerator, error)
+    error = agree_on_error(accelerator, error)
     if error is not None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -325,7 +325,83 @@ class atomic_file:  # noqa: N801 - a context manager
         return False
 
 
-def _agree(accelerator, error: BaseException | None):
+LOCK_FILE = ".caid-hf.lock"
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+class OutputLock:
+    """An exclusive lock on an output folder, held for the whole run by its main process.
+
+    ``fcntl.flock`` on ``<output_dir>/.caid-hf.lock``, which records the holder's PID, host
+    and start time. The kernel drops the lock when the holder exits, however it exits, so a
+    crashed run leaves no stale lock; a second run on the folder (a duplicate job, two
+    ``--resume_from_checkpoint latest`` started together) refuses at once, naming the
+    holder. (On network file systems without flock support the lock is not taken, with a
+    warning.)
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self._handle = None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that wrote no details"
+            handle.close()
+            raise OutputDirInUseError(
+                f"output_dir {self.path.parent} is in use by another caid-hf run ({holder}); "
+                "wait for it to finish, stop it, or choose another --output_dir"
+            ) from None
+        except OSError as error:  # no flock on this file system
+            warnings.warn(f"cannot lock {self.path} ({error}); make sure no other run uses "
+                          f"{self.path.parent}", stacklevel=2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"PID {os.getpid()} on host {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file drops the lock
+            self._handle = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_output_dir(accelerator, output_dir: Path, cleanup) -> None:
+    """Take the output folder's lock on the main process (released by ``cleanup``); when
+    another run holds it, every process stops with the holder named."""
+    lock, error = OutputLock(output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            cleanup.callback(lock.release)
+        except OutputDirInUseError as exc:
+            error = exc
+    error = agree_on_error(accelerator, error)
+    if error is not None:
+        raise error
+
+
+def agree_on_error(accelerator, error: BaseException | None):
     """An error on any process becomes an error on every process (so none waits alone)."""
     if accelerator.num_processes == 1:
         return error

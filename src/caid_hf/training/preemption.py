@@ -12,8 +12,10 @@ import os
 import signal
 import threading
 
+from .. import _startup
+
 # EX_TEMPFAIL of sysexits.h: "temporary failure, the user is invited to retry"
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = _startup.PREEMPTED_EXIT_CODE
 
 
 class TrainingPreempted(SystemExit):
@@ -32,6 +34,7 @@ def _restore_in_child() -> None:
     pool that terminates its workers would otherwise wait for them forever."""
     for handler in list(_INSTALLED):
         handler.restore()
+    _startup.default_in_child()  # nor by the start-up handler those restored
 
 
 os.register_at_fork(after_in_child=_restore_in_child)

@@ -6,6 +6,7 @@ validate, save. Launch with ``accelerate launch scripts/pretrain.py --config FIL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,6 +58,7 @@ from .checkpointing import (
     atomic_folder,
     latest_checkpoint,
     load_checkpoint,
+    lock_output_dir,
     resumable_checkpoint,
     save_checkpoint,
 )
@@ -580,17 +582,18 @@ def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -
     While it runs, SIGTERM / SIGINT ask for a clean stop (:mod:`.preemption`); the previous
     signal handlers are back when it returns or raises.
     """
-    with PreemptionHandler() as preemption:
-        return _pretrain(model_args, data_args, args, preemption)
+    with PreemptionHandler() as preemption, contextlib.ExitStack() as cleanup:
+        return _pretrain(model_args, data_args, args, preemption, cleanup)
 
 
 def _pretrain(model_args, data_args: DataArguments, args: PretrainingArguments,
-              preemption: PreemptionHandler) -> PretrainResult:
+              preemption: PreemptionHandler, cleanup: contextlib.ExitStack) -> PretrainResult:
     output_dir = Path(args.output_dir)
     accelerator, args = performance.make_accelerator(
         args, output_dir, gradient_accumulation_steps=args.gradient_accumulation_steps)
     config = CAiDConfig(**dataclasses.asdict(model_args))
     check_run_config(config, args, accelerator.num_processes, data_args)
+    lock_output_dir(accelerator, output_dir, cleanup)  # before anything reads or deletes there
     prepare_output_dir(output_dir, args, accelerator)
     set_seed(args.seed, deterministic=args.full_determinism)  # the same initial weights everywhere
 
