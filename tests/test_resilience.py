@@ -464,3 +464,43 @@ def test_two_runs_started_together_on_one_folder_one_runs_one_refuses(tmp_path):
     solo = tmp_path / "solo"
     assert _run(solo).returncode == 0
     _assert_identical(shared, solo)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: [0.1, 0.2]\n", r"run\.yaml: learning_rate: expected a number, got \[0\.1, 0\.2\]"),
+    ("logging_steps: 0\n", r"run\.yaml: logging_steps must be >= 1, got 0"),
+    ("save_steps: -4\n", r"run\.yaml: save_steps must be >= 0, got -4"),
+    ("warmup_steps: -5\n", r"run\.yaml: warmup_steps must be >= 0, got -5"),
+    ("dataloader_num_workers: -1\n", r"run\.yaml: dataloader_num_workers must be >= 0, got -1"),
+    ("num_train_epochs: ten\n", r"run\.yaml: num_train_epochs: expected an integer, got 'ten'"),
+    ("channels_last: maybe\n", r"run\.yaml: channels_last: expected true or false"),
+    ("crop_scale_min: 1.5\n", r"run\.yaml: crop_scale_min must be in \(0, 1\], got 1\.5"),
+    ("mixed_precision: fp8\n", r"run\.yaml: mixed_precision must be 'auto'"),
+    ("", r"run\.yaml is empty"),
+    ("learning_rate: 0.1\n  warmup_steps: [\n", r"run\.yaml:\d+:\d+: invalid YAML"),
+])
+def test_yaml_values_are_checked_before_anything_is_built(tmp_path, monkeypatch, text, message):
+    built = []
+    monkeypatch.setattr("caid_hf.training.pretrain.CAiDForPreTraining.__init__",
+                        lambda *a, **k: built.append(1))
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    key = text.split(":")[0]
+    flags = [a for pair in zip(TINY[::2], TINY[1::2]) if pair[0] != f"--{key}" for a in pair]
+    with pytest.raises(ValueError, match=message):
+        main(["--config", str(config), *flags, "--output_dir", str(tmp_path / "out")])
+    assert not built and not (tmp_path / "out").exists()
+
+
+def test_flags_out_of_range_are_named_as_flags(tmp_path):
+    with pytest.raises(ValueError, match=r"--max_steps must be >= 1 or -1, got 0"):
+        main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "0"])
+
+
+def test_yaml_numbers_written_like_1e_3_are_numbers(tmp_path):
+    from caid_hf.finetuning.arguments import parse_finetuning_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1e-3\nweight_decay: 0\n")  # YAML 1.1 reads 1e-3 as text
+    _, _, args = parse_finetuning_args(["--config", str(config)])
+    assert args.learning_rate == 0.001 and args.weight_decay == 0.0
