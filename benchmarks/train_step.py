@@ -7,7 +7,7 @@ after warm-up; each mode reports the median.
 
 Modes:
   default   the package's fast path, as CAiDForPreTraining and the training loop run it:
-            autocast where the hardware computes in bf16 (caid_hf.training.performance),
+            autocast where the hardware computes in bf16 (caid_hf.performance),
             channels_last, multi-tensor (foreach / fused) SGD, foreach momentum update, no
             decoder on the key view; --compile and --gradient-checkpointing optional.
   baseline  the original implementation's costs on the same model: fp32, contiguous
@@ -47,9 +47,8 @@ import types
 import torch
 from torch import nn
 
-from caid_hf import CAiDConfig, CAiDForPreTraining
+from caid_hf import CAiDConfig, CAiDForPreTraining, performance
 from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
-from caid_hf.training import performance
 
 
 def rss_mib() -> float:

@@ -73,7 +73,7 @@ def test_projector_shapes_and_layers():
     assert [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)] == [
         (512, 64), (64, 32), (32, 16)]
     assert all(m.bias is None for m in layers if isinstance(m, nn.Linear))
-    out = head(torch.randn(6, 512), torch.randn(6, 512))
+    out = head.embeddings_loss(torch.randn(6, 512), torch.randn(6, 512))
     assert out.projections.shape == (6, 16) and out.loss.shape == ()
     assert CAiDConfig().barlow_projector_dims == [8192, 8192, 8192]
     assert CAiDConfig().barlow_off_diagonal_weight == 0.0051
@@ -97,8 +97,8 @@ def test_model_loss_matches_independent_computation():
     mse = F.mse_loss(torch.sigmoid(ref.caid.segmentation_head(ref.caid.decoder(feats))), target)
 
     out = model(q, k, labels=target)
-    torch.testing.assert_close(out.discrimination_loss, bt, rtol=1e-5, atol=1e-5)
-    assert out.contrastive_loss is out.discrimination_loss and out.logits is None
+    torch.testing.assert_close(out.contrastive_loss, bt, rtol=1e-5, atol=1e-5)
+    assert out.logits is None and "discrimination_loss" not in out  # one name per loss
     torch.testing.assert_close(out.reconstruction_loss, mse, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.loss, bt + 10 * mse, rtol=1e-5, atol=1e-5)
     # the collapse indicator reads the projections as the loss sees them (standardised)

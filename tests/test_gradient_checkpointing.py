@@ -16,7 +16,7 @@ from caid_hf import (
     CAiDForSemanticSegmentation,
     CAiDModel,
 )
-from caid_hf.training.performance import enable_gradient_checkpointing
+from caid_hf.performance import enable_gradient_checkpointing
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
 

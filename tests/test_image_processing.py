@@ -88,12 +88,15 @@ def test_twelve_bit_monochrome1_dicom_is_rescaled_windowed_and_inverted(tmp_path
     grey = _grey(native(path, return_tensors="np")).reshape(-1)[: len(STORED)]
 
     displayed = 2.0 * STORED - 1000.0
-    expected = 1.0 - np.clip((displayed - 1000.0) / 2000.0, 0.0, 1.0)
-    np.testing.assert_allclose(grey, expected, atol=1e-3)
+    # pydicom's LINEAR window (PS3.3 C.11.2.1.2.1) over 0..255, inverted, quantised to 8 bits
+    # as pre-training quantises it
+    linear = np.clip(((displayed - 1999.5) / 1999 + 0.5), 0.0, 1.0)
+    expected = np.rint((1.0 - linear) * 255) / 255
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
     assert grey[-1] == 0.0  # brightest stored value (4095) is the darkest output
     assert grey[4] == 0.0  # stored 2100 → 3200, above the window: clipped dark as well
     assert grey[0] == 1.0  # below the window: white (MONOCHROME1 → air dark)
-    assert grey[3] == pytest.approx(0.5, abs=1e-3)  # window centre
+    assert abs(grey[3] - 0.5) <= 0.5 / 255  # window centre: the middle grey level
 
 
 def test_dicom_dataset_and_file_without_extension_give_the_same(tmp_path, native):
@@ -109,7 +112,7 @@ def test_dicom_without_window_uses_the_image_range(native):
     pixels = np.linspace(100, 900, SIDE * SIDE).reshape(SIDE, SIDE).astype(np.uint16)
     grey = _grey(native(_dicom(pixels, BitsStored=12), return_tensors="np"))
     assert grey.min() == 0.0 and grey.max() == 1.0
-    np.testing.assert_allclose(grey, (pixels - 100.0) / 800.0, atol=1e-6)
+    np.testing.assert_allclose(grey, np.rint((pixels - 100.0) / 800.0 * 255) / 255, atol=1e-6)
 
 
 def test_multi_frame_dicom_is_refused(native):
@@ -372,3 +375,30 @@ def test_bad_size_is_refused_naming_the_key(size, match):
         CAiDImageProcessor(size=size)
     with pytest.raises(ValueError, match=match):
         CAiDImageProcessor()(np.zeros((SIDE, SIDE), np.uint8), size=size)
+
+
+def test_processor_and_training_decode_give_equal_pixels(tmp_path, native):
+    """One decoder: every file reaches the model as pre-training read it (decode_grey / 255)."""
+    from caid_hf.data.sources import decode_grey
+
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)
+    files = {"grey8.png": Image.fromarray(grey8),
+             "twelve_bit.png": Image.fromarray(rng.integers(0, 4096, (SIDE, SIDE)).astype(np.uint16)),
+             "rgba.png": Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8))}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    _twelve_bit_monochrome1().save_as(tmp_path / "window_m1.dcm", enforce_file_format=True)
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 100, 16]
+    lut.LUTData = np.array([0, 1000, 3000, 4095]).astype("<u2").tobytes()
+    voi = _dicom(np.resize(np.array([0, 100, 101, 102, 103, 4000], np.uint16), (SIDE, SIDE)),
+                 BitsStored=12, VOILUTSequence=[lut])
+    voi.save_as(tmp_path / "voi_lut.dcm", enforce_file_format=True)
+    for path in sorted(tmp_path.iterdir()):
+        trained = decode_grey(path).astype(np.float32) / 255
+        np.testing.assert_array_equal(_grey(native(path, return_tensors="np")), trained,
+                                      err_msg=path.name)
+    np.testing.assert_array_equal(_grey(native(voi, return_tensors="np")),
+                                  decode_grey(tmp_path / "voi_lut.dcm") / np.float32(255))
+    assert len(set(np.unique(decode_grey(tmp_path / "voi_lut.dcm")))) == 4  # the LUT's levels

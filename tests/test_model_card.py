@@ -34,7 +34,7 @@ def run_dir(backbone_dir):
                                                        num_train_phantoms=1000)),
               "training": training}
     (run / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    state = {"global_step": 192, "best_val_loss": 5.28517, "best_step": 64,
+    state = {"global_step": 192, "metric_for_best_model": "val/loss", "best_metric": 5.28517, "best_step": 64,
              "history": [{"step": 64, "val/loss": 5.28517}]}
     (run / "trainer_state.json").write_text(json.dumps(state))
     return run

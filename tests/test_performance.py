@@ -1,4 +1,4 @@
-"""Speed settings (caid_hf.training.performance), MoCo's multi-tensor momentum update and
+"""Speed settings (caid_hf.performance), MoCo's multi-tensor momentum update and
 the training-step benchmark script."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from caid_hf import CAiDConfig, CAiDForPreTraining
+from caid_hf import CAiDConfig, CAiDForPreTraining, performance
 from caid_hf.objectives.moco import MoCoV2
-from caid_hf.training import performance
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caid_hf import CAiDConfig, CAiDForPreTraining, CAiDModel
+from caid_hf import CAiDConfig, CAiDForPreTraining, CAiDModel, runs
 from caid_hf.training import checkpointing
 from caid_hf.training.checkpointing import (
     MARKER,
@@ -387,12 +387,12 @@ def test_disk_full_while_writing_best_leaves_no_half_folder(tmp_path, monkeypatc
 
 def test_published_and_checkpoint_files_get_the_umask_mode(tmp_path):
     previous = os.umask(0o022)
-    checkpointing._UMASK = None
+    runs._UMASK = None
     try:
         main(TINY + ["--output_dir", str(tmp_path), "--max_steps", "1"])
     finally:
         os.umask(previous)
-        checkpointing._UMASK = None
+        runs._UMASK = None
     for path in [tmp_path / "final" / "model.safetensors", tmp_path / "best" / "model.safetensors",
                  tmp_path / "best" / "README.md",
                  latest_checkpoint(tmp_path) / "model.safetensors"]:
@@ -425,28 +425,28 @@ def test_importing_caid_hf_as_a_library_leaves_sigterm_alone():
 def test_output_lock_refuses_a_second_holder_naming_the_first(tmp_path):
     import socket
 
-    first = checkpointing.OutputLock(tmp_path).acquire()
-    with pytest.raises(checkpointing.OutputDirInUseError,
+    first = runs.OutputLock(tmp_path).acquire()
+    with pytest.raises(runs.OutputDirInUseError,
                        match=rf"in use by another caid-hf run \(PID {os.getpid()} on host "
                              rf"{socket.gethostname()}, started 20"):
-        checkpointing.OutputLock(tmp_path).acquire()
+        runs.OutputLock(tmp_path).acquire()
     first.release()
-    checkpointing.OutputLock(tmp_path).acquire().release()  # free again
+    runs.OutputLock(tmp_path).acquire().release()  # free again
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     import signal
 
-    code = ("import sys, time\nfrom caid_hf.training.checkpointing import OutputLock\n"
+    code = ("import sys, time\nfrom caid_hf.runs import OutputLock\n"
             "lock = OutputLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(checkpointing.OutputDirInUseError, match=f"PID {holder.pid} "):
-        checkpointing.OutputLock(tmp_path).acquire()
+    with pytest.raises(runs.OutputDirInUseError, match=f"PID {holder.pid} "):
+        runs.OutputLock(tmp_path).acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
-    checkpointing.OutputLock(tmp_path).acquire().release()
+    runs.OutputLock(tmp_path).acquire().release()
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_projector_and_predictor_shapes():
     assert (head.predictor[0].in_features, head.predictor[0].out_features) == (16, 8)
     assert head.predictor[0].bias is None and head.predictor[3].bias is not None
     assert (head.predictor[3].in_features, head.predictor[3].out_features) == (8, 16)
-    out = head(torch.randn(6, 512), torch.randn(6, 512))
+    out = head.embeddings_loss(torch.randn(6, 512), torch.randn(6, 512))
     assert out.projections.shape == (6, 16) and -1 <= out.loss.item() <= 1
     c = CAiDConfig()
     assert c.simsiam_projector_dims == [2048, 2048, 2048] and c.simsiam_predictor_hidden_dim == 512
@@ -89,7 +89,7 @@ def test_model_loss_and_gradients_match_independent_computation():
     (simsiam + 10 * mse).backward()
 
     out = model(q, k, labels=target)
-    torch.testing.assert_close(out.discrimination_loss, simsiam, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.contrastive_loss, simsiam, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.loss, simsiam + 10 * mse, rtol=0, atol=1e-5)
     assert out.logits is None
     torch.testing.assert_close(out.embedding_std, F.normalize(z1, dim=1).std(dim=0).mean())
@@ -119,7 +119,7 @@ def test_both_views_reconstructed_average_their_errors():
     first = F.mse_loss(out.reconstruction, target)
     second = F.mse_loss(out.key_reconstruction, key_target)
     torch.testing.assert_close(out.reconstruction_loss, (first + second) / 2)
-    torch.testing.assert_close(out.loss, out.discrimination_loss + 10 * out.reconstruction_loss)
+    torch.testing.assert_close(out.loss, out.contrastive_loss + 10 * out.reconstruction_loss)
     with pytest.raises(ValueError, match="key_labels"):
         model(q, k, labels=target)
     # the default reconstructs the first view only
@@ -140,7 +140,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     ref = torch.load(tmp_path / "reference.pt")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     # SimSiam's loss is each rank's own batch mean; DDP optimises their mean, the global one
-    for key in ("loss", "discrimination_loss", "reconstruction_loss"):
+    for key in ("loss", "contrastive_loss", "reconstruction_loss"):
         torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, ref[key], rtol=0, atol=1e-5)
     for rank in ranks:
         assert rank["grads"].keys() == ref["grads"].keys()

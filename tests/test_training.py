@@ -70,9 +70,10 @@ def test_pretrain_writes_best_and_final_backbones(tmp_path):
     trained = result.model.caid.state_dict()
     assert all(torch.equal(final[k], trained[k]) for k in trained)
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 8 and 0 < state["best_val_loss"] < float("inf")
+    assert state["global_step"] == 8 and state["metric_for_best_model"] == "val/loss"
+    assert 0 < state["best_metric"] < float("inf")
     assert state["num_train_images"] == 32 and state["num_validation_images"] == 8
-    assert f"{state['best_val_loss']:.4f}" in (out / "best" / "README.md").read_text()
+    assert f"{state['best_metric']:.4f}" in (out / "best" / "README.md").read_text()
     vals = [h for h in state["history"] if "val/loss" in h]
     assert len(vals) == 2 and all("val/reconstruction_loss" in h for h in vals)
     trains = [h for h in state["history"] if "train/loss" in h]
@@ -256,7 +257,7 @@ def test_init_from_a_pretraining_folder_checks_its_head_and_queue(tmp_path):
 
 
 def test_a_failed_main_process_step_is_raised_after_the_barrier():
-    from caid_hf.training.pretrain import on_main_process
+    from caid_hf.runs import on_main_process
 
     events = []
 

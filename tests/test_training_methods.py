@@ -12,7 +12,8 @@ import torch
 
 from caid_hf import CAiDConfig, CAiDForPreTraining, CAiDModel
 from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
-from caid_hf.training.pretrain import build_lr_scheduler, main
+from caid_hf.runs import build_lr_scheduler
+from caid_hf.training.pretrain import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+from ._version import __version__ as __version__
 from .configuration_caid import CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
 from .modeling_caid import (
@@ -24,8 +25,6 @@ from .modeling_caid import (
     CAiDModelOutput,
     CAiDPreTrainedModel,
 )
-
-__version__ = "0.1.0"
 
 AutoConfig.register("caid", CAiDConfig)
 AutoModel.register(CAiDConfig, CAiDModel)

@@ -145,10 +145,7 @@ def _finetune(argv: list[str], prog: str) -> None:
     finetune_main(argv, prog=prog)
 
 
-def _evaluate_features(argv: list[str], prog: str) -> None:
-    from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
-    from .finetuning.features import evaluate_features
-
+def _evaluate_features_parser(prog: str) -> ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
         description="Embed a labelled set with a frozen backbone (pooler_output, or every "
@@ -199,7 +196,14 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
                         help="'pooled': the last stage's average (pooler_output, what a "
                              "classifier head sees); 'stages': every encoder stage's average "
                              "side by side, so low and mid-level features count too.")
-    a = parser.parse_args(argv)
+    return parser
+
+
+def _evaluate_features(argv: list[str], prog: str) -> None:
+    from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
+    from .finetuning.features import evaluate_features
+
+    a = _evaluate_features_parser(prog).parse_args(argv)
 
     import time
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-DISCRIMINATION_METHODS = ("moco_v2", "barlow_twins", "simsiam")
 PROJECTION_HEADS = ("mlp", "linear")
 RECONSTRUCTION_ACTIVATIONS = ("sigmoid", "identity")
 RECONSTRUCT_VIEWS = ("first", "both")
@@ -155,20 +154,17 @@ class CAiDConfig(PretrainedConfig):
                 f"image_size must be a positive multiple of 32 (the U-Net downsamples 5 times), "
                 f"got {self.image_size}"
             )
-        if self.discrimination_method not in DISCRIMINATION_METHODS:
-            raise ValueError(
-                f"discrimination_method={self.discrimination_method!r} is unknown; "
-                f"choose one of {DISCRIMINATION_METHODS}"
-            )
+        objective = _objective(self.discrimination_method)  # ValueError when unknown
         if self.reconstruct_views not in RECONSTRUCT_VIEWS:
             raise ValueError(
                 f"reconstruct_views={self.reconstruct_views!r} is unknown; "
                 f"choose one of {RECONSTRUCT_VIEWS}"
             )
-        if self.reconstruct_views == "both" and self.discrimination_method == "moco_v2":
+        if self.reconstruct_views == "both" and not objective.reconstructs_key_view:
             raise ValueError(
                 "reconstruct_views='both' needs a symmetric method (barlow_twins, simsiam): "
-                "MoCo's second view is encoded by the momentum encoder, without decoder or gradient"
+                f"{self.discrimination_method}'s second view is not encoded by the query "
+                "encoder (MoCo's goes through the momentum encoder, without decoder or gradient)"
             )
         if self.queue_size <= 0:
             raise ValueError(f"queue_size must be positive, got {self.queue_size}")
@@ -217,8 +213,11 @@ class CAiDConfig(PretrainedConfig):
     def objective_fields(self) -> tuple[str, ...]:
         """The fields that shape the pre-training objective's weights and buffers (beyond the
         U-Net): a pre-training checkpoint only loads into a model that agrees on all of them."""
-        if self.discrimination_method == "moco_v2":
-            return ("discrimination_method", "projection_head", "projection_dim", "queue_size")
-        if self.discrimination_method == "barlow_twins":
-            return ("discrimination_method", "barlow_projector_dims")
-        return ("discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
+        return _objective(self.discrimination_method).config_fields
+
+
+def _objective(method: str):
+    """The objective class of ``method`` (imported here: the objectives import torch)."""
+    from .objectives import objective_class
+
+    return objective_class(method)

@@ -15,22 +15,16 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydicom.dataset import Dataset as DicomDataset
-from pydicom.errors import InvalidDicomError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
-from .data.sources import _scale_high_bit_depth, decode_grey, pil_to_grey
-
-try:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-except ImportError:  # pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+from .data.dicom import dicom_to_grey as decode_dicom_dataset
+from .data.sources import decode_grey, pil_to_grey, scale_high_bit_depth
 
 __all__ = ["CAiDImageProcessor"]
 
@@ -44,7 +38,6 @@ CAiDSize = int | dict[str, int]
 SIZE_MULTIPLE = 32
 _SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"})
 
-DICOM_EXTENSIONS = (".dcm", ".dicom")
 _CHANNELS = (1, 3, 4)
 # ITU-R 601 luma, the weights PIL's convert("L") uses (and so decode_grey).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -95,13 +88,13 @@ class CAiDImageProcessor(BaseImageProcessor):
       and clipped to it (a warning is logged when values lie well outside);
       non-finite values are refused.
     - RGB/RGBA: luminance (ITU-R 601, PIL's ``convert("L")``), alpha dropped.
-    - DICOM (``pydicom.Dataset`` or a ``.dcm`` path): the modality LUT or
-      RescaleSlope/Intercept, then the VOI LUT or WindowCenter/Width
-      (pydicom's ``apply_modality_lut`` / ``apply_voi_lut``), then min–max to
-      [0, 1] over the displayed range: the VOI output range when a VOI LUT or
-      window is present (so pixels beyond the window clip to 0 or 1), else the
-      image's own minimum and maximum. MONOCHROME1 is inverted so that air is
-      dark. Multi-frame datasets are refused.
+    - DICOM (``pydicom.Dataset`` or a path, by suffix or the ``DICM`` preamble):
+      pre-training's own decoder (``caid_hf.data.dicom.dicom_to_grey``): the modality
+      LUT or RescaleSlope/Intercept, then the VOI LUT or WindowCenter/Width, mapped to
+      0..255 over the displayed range (the VOI output range when there is one, else the
+      image's own minimum and maximum), MONOCHROME1 inverted so that air is dark,
+      quantised to 8 bits as in pre-training and divided by 255. Multi-frame datasets
+      are refused.
 
     Arrays and tensors may be [H, W], [H, W, C] or [C, H, W] with C in 1, 3, 4
     (channels-last wins for numpy when both fit, channels-first for torch);
@@ -318,21 +311,11 @@ def to_grey(image: CAiDImageInput, name: str = "image") -> np.ndarray:
 
 
 def _path_to_grey(path: Path) -> np.ndarray:
+    """A file (image or DICOM, by suffix or the DICM preamble) through pre-training's
+    decoder, :func:`caid_hf.data.sources.decode_grey`."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_preamble(path):
-        try:
-            dataset = pydicom.dcmread(path)
-        except InvalidDicomError as error:
-            raise ValueError(f"cannot read DICOM file {os.fspath(path)!r}: {error}") from error
-        return dicom_to_grey(dataset, repr(os.fspath(path)))
     return decode_grey(path).astype(np.float32) / 255.0
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble, whatever their name."""
-    with open(path, "rb") as file:
-        return file.read(132)[128:] == b"DICM"
 
 
 def _pil_to_grey(image: Image.Image, name: str) -> np.ndarray:
@@ -378,7 +361,7 @@ def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.nda
     elif array.dtype == np.uint8:
         values = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.integer):
-        values = _scale_high_bit_depth(array).astype(np.float32) / 255.0
+        values = scale_high_bit_depth(array).astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)
         if not np.isfinite(values).all():
@@ -400,81 +383,13 @@ def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.nda
 
 
 def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset") -> np.ndarray:
-    """One DICOM image as grey float32 [H, W] in [0, 1], displayed as a viewer would.
-
-    Modality LUT / rescale, then VOI LUT / window, then min–max over the
-    displayed range (the VOI output range, else the image's own range);
-    MONOCHROME1 inverted so that air is dark. Colour DICOMs go to luminance.
+    """One DICOM image as grey float32 [H, W] in [0, 1]: pre-training's decoder
+    (:func:`caid_hf.data.dicom.dicom_to_grey`: modality LUT / rescale, VOI LUT / window,
+    MONOCHROME1 inverted, quantised to 8 bits) divided by 255, so the processor feeds a
+    model exactly the pixels it was trained on.
 
     Raises:
-        ValueError: no pixel data, multi-frame, or compressed pixel data whose
-            decoder is not installed (the message names the pip extra).
+        ValueError: no pixel data, multi-frame, or compressed pixel data whose decoder is
+            not installed (the message names the pip extra).
     """
-    if "PixelData" not in dataset:
-        raise ValueError(f"{name}: DICOM dataset holds no pixel data")
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ValueError(
-            f"{name}: multi-frame DICOM ({frames} frames) is not supported; "
-            f"pass the frames as separate images"
-        )
-    pixels = _decode_dicom_pixels(dataset, name)
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return _array_to_grey(pixels, name, channels_first=False)
-    if pixels.ndim != 2:
-        raise ValueError(
-            f"{name}: expected one grey frame, got pixel array of shape {pixels.shape}"
-        )
-
-    values = apply_modality_lut(pixels, dataset)
-    if _has_voi(dataset):
-        values = apply_voi_lut(values, dataset)
-        low, high = _voi_output_range(dataset)
-    else:
-        low, high = float(values.min()), float(values.max())
-    values = np.asarray(values, dtype=np.float64)
-    if high > low:
-        grey = np.clip((values - low) / (high - low), 0.0, 1.0)
-    else:
-        grey = np.zeros_like(values)
-    if photometric == "MONOCHROME1":
-        grey = 1.0 - grey
-    return grey.astype(np.float32)
-
-
-def _decode_dicom_pixels(dataset: DicomDataset, name: str) -> np.ndarray:
-    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        return dataset.pixel_array
-    except Exception as error:
-        if syntax is not None and syntax.is_compressed:
-            raise ValueError(
-                f"{name}: cannot decode {syntax.name} pixel data: {error}. Install a decoder, "
-                f"e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` or "
-                f"`pip install python-gdcm`"
-            ) from error
-        raise ValueError(f"{name}: cannot decode DICOM pixel data: {error}") from error
-
-
-def _has_voi(dataset: DicomDataset) -> bool:
-    return bool(dataset.get("VOILUTSequence")) or (
-        "WindowCenter" in dataset and "WindowWidth" in dataset
-    )
-
-
-def _voi_output_range(dataset: DicomDataset) -> tuple[float, float]:
-    """Lowest and highest value the dataset's VOI transform can display.
-
-    Found by pushing its input domain through pydicom's own ``apply_voi_lut``
-    rather than restating pydicom's rules: the LUT's whole input range for a
-    VOI LUT, ±inf for a window (LINEAR and SIGMOID both saturate there).
-    """
-    if dataset.get("VOILUTSequence"):
-        descriptor = dataset.VOILUTSequence[0].LUTDescriptor
-        entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
-        domain = np.arange(first, first + entries, dtype=np.int64)
-    else:
-        domain = np.array([-np.inf, np.inf])
-    shown = np.asarray(apply_voi_lut(domain, dataset), dtype=np.float64)
-    return float(shown.min()), float(shown.max())
+    return decode_dicom_dataset(dataset, name).astype(np.float32) / 255.0

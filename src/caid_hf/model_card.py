@@ -186,7 +186,8 @@ def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
         value = section.get(key)
         return NOT_RECORDED if value is None else f"`{value}`"
 
-    best_loss = state.get("best_val_loss")
+    best_loss = state.get("best_metric") if state.get("metric_for_best_model") == "val/loss" \
+        else None
     has_best = isinstance(best_loss, int | float) and math.isfinite(best_loss)
     best_step = state.get("best_step")
     length = NOT_RECORDED

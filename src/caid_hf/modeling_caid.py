@@ -23,14 +23,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_caid import CAiDConfig
-from .distributed import use_global_batch_norm, world_size
-from .objectives import embedding_std
-from .objectives.barlow_twins import BarlowTwins
-from .objectives.moco import MoCoV2, encode_in_splits, global_pool
-from .objectives.simsiam import SimSiam
+from .distributed import use_global_batch_norm
+from .objectives import embedding_std, global_pool, objective_class
+from .objectives.moco import MoCoV2, encode_in_splits
 
 
 @dataclass
@@ -56,12 +54,12 @@ class CAiDForPreTrainingOutput(ModelOutput):
     """Output of :class:`CAiDForPreTraining`.
 
     Args:
-        loss: ``contrastive_weight * discrimination_loss + reconstruction_weight *
+        loss: ``contrastive_weight * contrastive_loss + reconstruction_weight *
             reconstruction_loss`` (fp32 scalar; the reconstruction term only when ``labels``
             are given).
-        contrastive_loss: the instance-discrimination loss; the same tensor as
-            ``discrimination_loss`` (the name predates Barlow Twins and SimSiam, which are not
-            contrastive), kept so MoCo code keeps working.
+        contrastive_loss: the instance-discrimination loss (fp32 scalar): MoCo InfoNCE,
+            Barlow Twins redundancy reduction, SimSiam negative cosine (the name predates the
+            two, which are not contrastive).
         reconstruction_loss: mean squared error of ``reconstruction`` against ``labels``; with
             ``reconstruct_views="both"`` the mean of both views' errors.
         logits: [B, 1 + K] MoCo logits divided by the temperature (column 0 = positive key);
@@ -69,8 +67,6 @@ class CAiDForPreTrainingOutput(ModelOutput):
         reconstruction: [B, 1, H, W] in [0, 1] of the first view, ``None`` for the
             instance-discrimination baseline.
         embeddings: pooled first-view features [B, C].
-        discrimination_loss: the method's loss (fp32 scalar): MoCo InfoNCE, Barlow Twins
-            redundancy reduction, SimSiam negative cosine.
         embedding_std: collapse indicator (detached fp32 scalar,
             :func:`~caid_hf.objectives.embedding_std`) of the first view's projections:
             ≈ 1/sqrt(D) when healthy, → 0 when collapsed.
@@ -83,7 +79,6 @@ class CAiDForPreTrainingOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     embeddings: torch.FloatTensor | None = None
-    discrimination_loss: torch.FloatTensor | None = None
     embedding_std: torch.FloatTensor | None = None
     key_reconstruction: torch.FloatTensor | None = None
 
@@ -339,12 +334,12 @@ class CAiDModel(CAiDPreTrainedModel):
         out = self.segmentation_head(self.decode(features))
         return torch.sigmoid(out) if self.config.reconstruction_activation == "sigmoid" else out
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         compute_reconstruction: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> CAiDModelOutput | tuple:
         """Encode ``pixel_values`` [B, 3, H, W] (float in [0, 1]); also reconstruct the image
@@ -358,7 +353,7 @@ class CAiDModel(CAiDPreTrainedModel):
             reconstruction=self.reconstruct(features) if compute_reconstruction else None,
             hidden_states=tuple(features) if output_hidden_states else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
     def to_torchvision(self, num_classes: int = 1000) -> nn.Module:
         """A torchvision ResNet carrying this encoder's weights (its ``fc`` freshly initialised)."""
@@ -418,50 +413,24 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
     def __init__(self, config: CAiDConfig):
         super().__init__(config)
         self.caid = CAiDModel(config)
-        feature_dim = self.caid.embedding_dim
-        if config.discrimination_method == "moco_v2":
-            self.objective = MoCoV2(
-                self.caid.encoder,
-                feature_dim=feature_dim,
-                projection_dim=config.projection_dim,
-                queue_size=config.queue_size,
-                momentum=config.momentum,
-                temperature=config.contrastive_temperature,
-                head=config.projection_head,
-                shuffle_bn_splits=config.shuffle_bn_splits,
-            )
-            # The queue is identical on every rank by construction: keep DDP from re-broadcasting it.
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, ["objective.queue", "objective.queue_ptr"]
-            )
-        else:
-            # SyncBatchNorm semantics everywhere (the originals convert their whole model):
-            # then a multi-process step equals a one-process step on the global batch.
+        objective = objective_class(config.discrimination_method)
+        if objective.global_batch_norm:
             use_global_batch_norm(self.caid)
-            if config.discrimination_method == "barlow_twins":
-                self.objective = BarlowTwins(feature_dim, config.barlow_projector_dims,
-                                             config.barlow_off_diagonal_weight)
-            else:
-                self.objective = SimSiam(feature_dim, config.simsiam_projector_dims,
-                                         config.simsiam_predictor_hidden_dim)
+        self.objective = objective.from_config(config, self.caid.encoder)
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"objective.{name}" for name in objective.ignored_buffers])
         self.post_init()
-        if self.is_moco:
-            self.objective.reset_momentum_branch(self.caid.encoder)
+        self.objective.reset(self.caid.encoder)
         self.freeze_unused()
 
-    @property
-    def is_moco(self) -> bool:
-        return self.config.discrimination_method == "moco_v2"
-
     def freeze_unused(self) -> None:
-        """Parameters that must not be trained: MoCo's key branch always, the decoder in
-        ID-only mode.
+        """Parameters that must not be trained: the objective's (MoCo's key branch), the
+        decoder in ID-only mode.
 
         DDP raises on trainable parameters without gradients, and ``from_pretrained`` turns
         ``requires_grad`` back on, so this runs after construction and after loading.
         """
-        if self.is_moco:
-            self.objective.freeze_momentum_branch()
+        self.objective.freeze()
         train_decoder = self.config.context_prediction
         for p in [*self.caid.decoder.parameters(), *self.caid.segmentation_head.parameters()]:
             p.requires_grad_(train_decoder)
@@ -476,9 +445,7 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         the flag (torch optimizers keep extra keys in their groups). Frozen parameters (MoCo's
         key branch, the decoder of the ID-only baseline) are left out.
         """
-        predictor = set()
-        if self.config.discrimination_method == "simsiam":
-            predictor = {id(p) for p in self.objective.predictor.parameters()}
+        predictor = {id(p) for p in self.objective.fixed_lr_parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [{"name": "model", "params": [p for p in trainable if id(p) not in predictor],
                    "fix_lr": False}]
@@ -491,17 +458,16 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """Load a pre-training checkpoint, or start pre-training from a published backbone.
 
-        A backbone folder (``CAiDModel``) has no objective: MoCo's key branch is then set to a
-        copy of the loaded query branch and its queue to fresh random keys; the heads of every
-        method are initialised by ``_init_weights``.
+        A backbone folder (``CAiDModel``) has no objective: the objective sets up what it
+        lacks (:meth:`~caid_hf.objectives.Objective.after_loading`: MoCo copies the loaded
+        query branch into its key branch and draws a fresh queue); the heads of every method
+        are initialised by ``_init_weights``.
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = set(info["missing_keys"])
-        if model.is_moco and any(k.startswith("objective.momentum_") for k in missing):
-            model.objective.reset_momentum_branch(model.caid.encoder)
-        if model.is_moco and {"objective.queue", "objective.queue_ptr"} & missing:
-            model.objective.reset_queue()
+        missing = {k.removeprefix("objective.") for k in info["missing_keys"]
+                   if k.startswith("objective.")}
+        model.objective.after_loading(model.caid.encoder, missing)
         model.freeze_unused()
         return (model, info) if want_info else model
 
@@ -515,6 +481,28 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         dtype = torch.promote_types(reconstruction.dtype, torch.float32)
         return F.mse_loss(reconstruction.to(dtype), labels.to(dtype))
 
+    def forward_loss(self, discrimination_loss: torch.Tensor,
+                     reconstruction: torch.Tensor | None, labels: torch.Tensor | None,
+                     key_reconstruction: torch.Tensor | None = None,
+                     key_labels: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CAiD's loss: ``contrastive_weight · L_ID + reconstruction_weight · L_MSE`` (the
+        second term only with ``labels``; with a key reconstruction, L_MSE is the mean of
+        both views' errors). Returns (loss, L_MSE or None)."""
+        c = self.config
+        loss = c.contrastive_weight * discrimination_loss
+        if reconstruction is None or labels is None:
+            return loss, None
+        reconstruction_loss = self._reconstruction_loss(reconstruction, labels, "labels")
+        if key_reconstruction is not None:
+            if key_labels is None:
+                raise ValueError("reconstruct_views='both' needs key_labels, the second "
+                                 "view's reconstruction target, along with labels")
+            key_loss = self._reconstruction_loss(key_reconstruction, key_labels, "key_labels")
+            reconstruction_loss = (reconstruction_loss + key_loss) / 2
+        return loss + c.reconstruction_weight * reconstruction_loss, reconstruction_loss
+
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -522,7 +510,6 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         labels: torch.Tensor | None = None,
         key_labels: torch.Tensor | None = None,
         update_momentum: bool = True,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> CAiDForPreTrainingOutput | tuple:
         """One CAiD step.
@@ -547,48 +534,29 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         # the shape of a sub-batch
         check_pixel_values(pixel_values, self.config)
         check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
-        c = self.config
-        key_features = None
-        if self.is_moco:
-            # One process: emulate per-device BatchNorm (see encode_in_splits); several: real devices.
-            splits = c.shuffle_bn_splits if self.training and world_size() == 1 else 1
-            # (encode_in_splits calls caid.encode like an encoder: checkpointed when enabled)
-            features = encode_in_splits(self.caid.encode, pixel_values, splits)
-            embeddings = global_pool(features[-1])
-            result = self.objective(embeddings, key_pixel_values, self.caid.encoder, update_momentum)
-        else:
-            features = self.caid.encode(pixel_values)
-            key_features = self.caid.encode(key_pixel_values)
-            embeddings = global_pool(features[-1])
-            result = self.objective(embeddings, global_pool(key_features[-1]))
-
-        reconstruction = key_reconstruction = reconstruction_loss = None
-        loss = c.contrastive_weight * result.loss
-        if c.context_prediction:
+        # (encode_in_splits runs caid.encode like an encoder: checkpointed when enabled)
+        features = encode_in_splits(self.caid.encode, pixel_values, self.objective.query_splits())
+        embeddings = global_pool(features[-1])
+        result = self.objective(embeddings, key_pixel_values, self.caid.encoder, self.caid.encode,
+                                update_momentum)
+        reconstruction = key_reconstruction = None
+        if self.config.context_prediction:
             reconstruction = self.caid.reconstruct(features)
-            if c.reconstruct_views == "both":
-                key_reconstruction = self.caid.reconstruct(key_features)
-            if labels is not None:
-                reconstruction_loss = self._reconstruction_loss(reconstruction, labels, "labels")
-                if key_reconstruction is not None:
-                    if key_labels is None:
-                        raise ValueError("reconstruct_views='both' needs key_labels, the second "
-                                         "view's reconstruction target, along with labels")
-                    key_loss = self._reconstruction_loss(key_reconstruction, key_labels, "key_labels")
-                    reconstruction_loss = (reconstruction_loss + key_loss) / 2
-                loss = loss + c.reconstruction_weight * reconstruction_loss
+            if self.config.reconstruct_views == "both":
+                key_reconstruction = self.caid.reconstruct(result.key_features)
+        loss, reconstruction_loss = self.forward_loss(result.loss, reconstruction, labels,
+                                                      key_reconstruction, key_labels)
         output = CAiDForPreTrainingOutput(
             loss=loss,
             contrastive_loss=result.loss,
             reconstruction_loss=reconstruction_loss,
-            logits=getattr(result, "logits", None),
+            logits=result.logits,
             reconstruction=reconstruction,
             embeddings=embeddings,
-            discrimination_loss=result.loss,
             embedding_std=embedding_std(result.projections),
             key_reconstruction=key_reconstruction,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
 
 def _classification_loss(config: CAiDConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -630,12 +598,12 @@ class CAiDForImageClassification(CAiDPreTrainedModel):
         self.classifier._caid_init = "classifier"
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels]; ``labels``: [B] class
@@ -645,7 +613,7 @@ class CAiDForImageClassification(CAiDPreTrainedModel):
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = _classification_loss(self.config, logits, labels) if labels is not None else None
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return output
 
 
 class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
@@ -689,15 +657,15 @@ class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
             dice = DiceLoss("multiclass", from_logits=True, ignore_index=ignore)
         return loss + dice_weight * dice(logits, target) if dice_weight else loss
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels, H, W]."""
         logits = self.classifier(self.caid.decode(self.caid.encode(pixel_values)))
         loss = self.loss(logits, labels) if labels is not None else None
         output = SemanticSegmenterOutput(loss=loss, logits=logits)
-        return output if return_dict is not False else output.to_tuple()
+        return output

@@ -68,6 +68,7 @@ from datasets.utils import logging as datasets_logging
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from .sources import ImageSource, _check_index
 
 __all__ = [
@@ -341,7 +342,6 @@ def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overw
         reasons = "; ".join(entry["reason"] for entry in bad_files[:3])
         raise ValueError(f"none of the {manifest['num_source_images']} images could be read "
                          f"(e.g. {reasons})")
-    from .. import __version__  # here, not at the top: the package may import this module
 
     metadata = {
         "format": "caid-hf decode-once cache",

@@ -19,7 +19,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 
-__all__ = ["DICOM_EXTRA_HINT", "check_pixel_count", "decode_dicom", "has_dicom_magic"]
+__all__ = [
+    "DICOM_EXTRA_HINT",
+    "check_pixel_count",
+    "decode_dicom",
+    "dicom_to_grey",
+    "has_dicom_magic",
+]
 
 DICOM_EXTRA_HINT = 'pip install "caid-hf[dicom]"'
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -126,6 +132,16 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
         raise
     except _MALFORMED as error:
         raise _cannot_decode(name, error) from error
+    return dicom_to_grey(dataset, name)
+
+
+def dicom_to_grey(dataset: Dataset, name: str = "DICOM dataset") -> np.ndarray:
+    """A read DICOM dataset as grey uint8 [H, W], by the rules of :func:`decode_dicom`: the
+    one DICOM decoder of caid-hf, used by training, the cache and ``CAiDImageProcessor``.
+
+    Raises:
+        ValueError: the dataset cannot be decoded; the message names ``name``.
+    """
     _check_decodable(name, dataset)
     check_pixel_count(name, int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0),
                       int(dataset.get("NumberOfFrames", 1) or 1))
@@ -135,13 +151,18 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
             return _monochrome_to_grey(pixels, dataset)
         return _colour_to_grey(pixels, dataset)
     except _MALFORMED as error:
-        transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
+        transfer_syntax = _transfer_syntax(dataset)
         if transfer_syntax is not None and transfer_syntax.is_compressed:
             reason = f"{transfer_syntax.name} pixel data: {error}"
             if importlib.util.find_spec("pylibjpeg") is None:
-                reason += f" (the pylibjpeg decoders may help: {DICOM_EXTRA_HINT})"
+                reason += f" (the pylibjpeg decoders may help: {DICOM_EXTRA_HINT}, or python-gdcm)"
             raise _cannot_decode(name, reason) from error
         raise _cannot_decode(name, error) from error
+
+
+def _transfer_syntax(dataset: Dataset):
+    meta = getattr(dataset, "file_meta", None)
+    return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
 def _cannot_decode(name: str, reason: object) -> ValueError:
@@ -160,7 +181,8 @@ def _check_decodable(name: str, dataset: Dataset) -> None:
     frames = dataset.get("NumberOfFrames")
     if frames not in (None, "", 1, "1"):
         raise _cannot_decode(
-            name, f"Number of Frames is {frames}; single-frame radiographs are expected"
+            name, f"multi-frame DICOM ({frames} frames): single-frame radiographs are "
+                  "expected; pass the frames as separate images"
         )
     photometric = dataset.get("PhotometricInterpretation")
     if photometric not in _MONOCHROME + _COLOUR:
@@ -169,7 +191,7 @@ def _check_decodable(name: str, dataset: Dataset) -> None:
             f"photometric interpretation {photometric!r} is not supported "
             f"(expected {', '.join(_MONOCHROME + _COLOUR)})",
         )
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID")
+    transfer_syntax = _transfer_syntax(dataset)
     if transfer_syntax is None:
         return  # pydicom's own error, raised when decoding, says it best
     try:
@@ -180,7 +202,8 @@ def _check_decodable(name: str, dataset: Dataset) -> None:
         raise _cannot_decode(
             name,
             f"no decoder installed for its transfer syntax {transfer_syntax.name} "
-            f"({transfer_syntax}); install the pylibjpeg decoders with {DICOM_EXTRA_HINT}",
+            f"({transfer_syntax}); install the pylibjpeg decoders with {DICOM_EXTRA_HINT} "
+            "(or python-gdcm)",
         )
 
 

@@ -70,7 +70,7 @@ def _check_index(i: int, length: int) -> int:
     return i
 
 
-def _scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
+def scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
     """Map integer pixels stored in 16 (or 32) bits to uint8 by their bit depth.
 
     The stored bit depth (10, 12, 14 … bits inside a 16-bit container) is not
@@ -89,7 +89,7 @@ def pil_to_grey(image: Image.Image) -> np.ndarray:
     if image.mode == "L":
         return np.array(image, dtype=np.uint8)
     if image.mode in _SIXTEEN_BIT_MODES:
-        return _scale_high_bit_depth(np.asarray(image))
+        return scale_high_bit_depth(np.asarray(image))
     return np.array(image.convert("L"), dtype=np.uint8)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..training import arguments as training_arguments
+from .. import config_parsing
+from ..runs import resolve_precision
 
 TASKS = ("classification", "segmentation")
 PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
@@ -195,6 +196,8 @@ class FinetuningArguments:
             raise ValueError("per_device_train_batch_size and num_train_epochs must be >= 1")
         if not 0 < self.confidence_level < 1:
             raise ValueError(f"confidence_level must be in (0, 1), got {self.confidence_level}")
+        # 'auto' is decided now, so run_config.yaml and the model card say what ran
+        self.mixed_precision = resolve_precision(self.mixed_precision, self.use_cpu)
 
 
 ARGUMENT_CLASSES = (FinetuneModelArguments, FinetuneDataArguments, FinetuningArguments)
@@ -203,14 +206,14 @@ ARGUMENT_CLASSES = (FinetuneModelArguments, FinetuneDataArguments, FinetuningArg
 def load_yaml_config(path: str | Path) -> dict:
     """A flat YAML mapping of fine-tuning argument names; unknown names raise with a
     suggestion, naming the file."""
-    return training_arguments.load_yaml_config(path, ARGUMENT_CLASSES)
+    return config_parsing.load_yaml_config(path, ARGUMENT_CLASSES)
 
 
 def parse_finetuning_args(argv: list[str] | None = None, prog: str | None = None
                           ) -> tuple[FinetuneModelArguments, FinetuneDataArguments,
                                      FinetuningArguments]:
     """Parse ``[--config FILE.yaml] [--field value ...]`` → (model, data, training) arguments."""
-    return training_arguments.parse_config_args(
+    return config_parsing.parse_config_args(
         ARGUMENT_CLASSES, argv, prog=prog,
         description="Fine-tune a classifier or U-Net from a CAiD backbone: a YAML file "
                     "(--config) plus command-line overrides.")

@@ -21,13 +21,12 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..configuration_caid import CAiDConfig
 from ..console import (
@@ -40,8 +39,17 @@ from ..console import (
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
-from ..training import performance
-from ..training.checkpointing import default_file_mode, lock_output_dir
+from ..runs import (
+    build_lr_scheduler,
+    default_file_mode,
+    default_num_workers,
+    lock_output_dir,
+    make_accelerator,
+    prepare_output_dir,
+    run_record,
+    start_run_records,
+    write_run_state,
+)
 from .arguments import (
     METRICS,
     FinetuneDataArguments,
@@ -249,22 +257,6 @@ def build_model(model_args: FinetuneModelArguments, label_names: list[str]):
     return model
 
 
-def build_lr_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
-    return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-
-
-def _num_workers(value: int | None) -> int:
-    if value is not None:
-        return value
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
-
-
 @torch.no_grad()
 def predict(model, loader, accelerator, task: str, single_label: bool = False) -> dict:
     """Run ``model`` over ``loader`` (every process its shard) and gather per-image results.
@@ -323,14 +315,6 @@ def compute_metrics(prediction: dict, label_names: list[str]) -> dict[str, float
     return {"loss": prediction["loss"], **metrics}
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to overwrite a saved model unless asked to."""
-    existing = [name for name in _MODEL_FILES if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"output_dir {output_dir} already holds a model ({', '.join(existing)});"
-                              " choose another --output_dir or pass --overwrite_output_dir true")
-
-
 @dataclasses.dataclass
 class FinetuneResult:
     """What a run leaves: the best model (on the CPU), its folder and its numbers."""
@@ -345,21 +329,51 @@ class FinetuneResult:
     test_report: dict
 
 
-def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
-             args: FinetuningArguments) -> FinetuneResult:
-    """Fine-tune with the given arguments (see :mod:`.arguments`); returns the result and
-    writes the model folder to ``args.output_dir``."""
-    with contextlib.ExitStack() as cleanup:
-        return _finetune(model_args, data_args, args, cleanup)
+@dataclasses.dataclass
+class FinetuneRun:
+    """Everything one process's fine-tuning run works with, built by :func:`setup_finetune`."""
+
+    model_args: FinetuneModelArguments
+    args: FinetuningArguments
+    output_dir: Path
+    accelerator: Any
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    splits: LabelledSplits
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    num_train: int
+    num_validation: int
+    batch_size: int
+    metric: str
+    total_steps: int
+    min_steps: int  # validations before it do not count towards early stopping
+    run: dict  # the arguments, as run_config.yaml holds them
+    console: RunConsole
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best_value: float | None = None
+    best_step: int = 0
+    best_state: dict | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.model_args.task == "segmentation"
+
+    @property
+    def single_label(self) -> bool:
+        return (not self.segmentation
+                and self.model_args.problem_type == "single_label_classification")
 
 
-def _finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
-              args: FinetuningArguments, cleanup: contextlib.ExitStack) -> FinetuneResult:
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir, args.overwrite_output_dir)
-    accelerator, args = performance.make_accelerator(args, output_dir)
-    lock_output_dir(accelerator, output_dir, cleanup)
-    set_seed(args.seed)
+def choose_metric(model_args: FinetuneModelArguments, args: FinetuningArguments) -> str:
+    """``metric_for_best_model``, defaulting to Dice (segmentation) or mean AUC; refused
+    when it does not fit the task."""
     task, segmentation = model_args.task, model_args.task == "segmentation"
     single_label = not segmentation and model_args.problem_type == "single_label_classification"
     metric = args.metric_for_best_model or ("dice" if segmentation else "mean_auc")
@@ -367,25 +381,50 @@ def _finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgumen
             (metric == "accuracy" and not single_label):
         raise ValueError(f"metric_for_best_model={metric!r} does not fit task={task!r}"
                          + ("" if segmentation else f", problem_type={model_args.problem_type!r}"))
-    greater_is_better = METRICS[metric]
+    return metric
 
+
+def build_datasets(model_args, data_args, splits: LabelledSplits, config) -> tuple:
+    """(train, validation, test) datasets of the task at the model's image size."""
+    segmentation = model_args.task == "segmentation"
+    single_label = not segmentation and model_args.problem_type == "single_label_classification"
+
+    def dataset(source, indices, train=False):
+        options = {"train": train, "indices": indices, "crop_scale_min": data_args.crop_scale_min,
+                   "horizontal_flip": data_args.horizontal_flip}
+        if segmentation:
+            return SegmentationDataset(source, config.image_size, config.num_labels, **options)
+        return ClassificationDataset(source, config.image_size, single_label, **options)
+
+    return (dataset(splits.train, splits.train_indices, train=True),
+            dataset(splits.validation, splits.validation_indices),
+            dataset(splits.test, splits.test_indices))
+
+
+def build_optimizer(model, args: FinetuningArguments) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.learning_rate, momentum=0.9,
+                           weight_decay=args.weight_decay)
+
+
+def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
+                   args: FinetuningArguments, cleanup: contextlib.ExitStack) -> FinetuneRun:
+    """Check the arguments, take the output folder, build data, model, optimizer and
+    schedule, write run_config.yaml and start the trackers."""
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    lock_output_dir(accelerator, output_dir, cleanup)
+    prepare_output_dir(output_dir, list(_MODEL_FILES), args.overwrite_output_dir, False,
+                       accelerator, what="a model")
+    set_seed(args.seed)
+    metric = choose_metric(model_args, args)
     splits = build_splits(model_args, data_args, args.seed)
     model = build_model(model_args, splits.label_names)
-    image_size = model.config.image_size
-    if segmentation:
-        def dataset(source, indices, train=False):
-            return SegmentationDataset(source, image_size, model.config.num_labels, train=train,
-                                       indices=indices, crop_scale_min=data_args.crop_scale_min,
-                                       horizontal_flip=data_args.horizontal_flip)
-    else:
-        def dataset(source, indices, train=False):
-            return ClassificationDataset(source, image_size, single_label, train=train,
-                                         indices=indices, crop_scale_min=data_args.crop_scale_min,
-                                         horizontal_flip=data_args.horizontal_flip)
-    train_set = dataset(splits.train, splits.train_indices, train=True)
-    val_set = dataset(splits.validation, splits.validation_indices)
-    test_set = dataset(splits.test, splits.test_indices)
-    workers = _num_workers(args.dataloader_num_workers)
+    train_set, val_set, test_set = build_datasets(model_args, data_args, splits, model.config)
+    workers = (args.dataloader_num_workers if args.dataloader_num_workers is not None
+               else default_num_workers())
     loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
                      "pin_memory": accelerator.device.type == "cuda"}
     batch_size = min(args.per_device_train_batch_size, len(train_set))  # few labels: one batch
@@ -394,157 +433,190 @@ def _finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgumen
     eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
     val_loader = DataLoader(val_set, batch_size=eval_batch, **loader_kwargs)
     test_loader = DataLoader(test_set, batch_size=eval_batch, **loader_kwargs)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
-                                      weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.9,
-                                    weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
-    steps_per_epoch = len(train_loader)
-    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
+    total_steps = (args.max_steps if args.max_steps > 0
+                   else args.num_train_epochs * len(train_loader))
     scheduler = build_lr_scheduler(optimizer, args.lr_scheduler_type, args.warmup_steps,
                                    total_steps)
-
-    run = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-           "training": dataclasses.asdict(args)}
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
-    if args.report_to != "none":
-        accelerator.init_trackers("tensorboard", config={
-            k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for part in run.values() for k, v in part.items()})
-    console = RunConsole(enabled=accelerator.is_main_process)
+    run = run_record(model_args, data_args, args)
+    start_run_records(accelerator, output_dir, run, args.report_to)
     min_steps = (args.early_stopping_min_steps if args.early_stopping_min_steps >= 0
                  else total_steps // 2)
+    return FinetuneRun(model_args=model_args, args=args, output_dir=output_dir,
+                       accelerator=accelerator, model=model, optimizer=optimizer,
+                       scheduler=scheduler, splits=splits, train_loader=train_loader,
+                       val_loader=val_loader, test_loader=test_loader, num_train=len(train_set),
+                       num_validation=len(val_set), batch_size=batch_size, metric=metric,
+                       total_steps=total_steps, min_steps=min_steps, run=run,
+                       console=RunConsole(enabled=accelerator.is_main_process))
+
+
+def show_header(ft: FinetuneRun) -> None:
+    args, config = ft.args, ft.accelerator.unwrap_model(ft.model).config
     stopping_rule = (f", early stopping after {args.early_stopping_patience} validations "
-                     f"without improvement from step {min_steps} on"
+                     f"without improvement from step {ft.min_steps} on"
                      if args.early_stopping_patience else "")
-    console.header(
-        f"fine-tuning ({task}: {', '.join(splits.label_names)}) from {model_args.init_from}, "
-        f"{model.config.encoder_name} at {image_size} px -> {output_dir}",
-        f"  data: {len(train_set)} train / {len(val_set)} validation / {len(test_set)} "
-        f"{splits.test_split} images",
-        f"  plan: {total_steps} steps of batch {batch_size * accelerator.num_processes}, best model "
-        f"by validation {metric}{stopping_rule}",
-        f"  on {describe_hardware(accelerator)}")
+    ft.console.header(
+        f"fine-tuning ({ft.model_args.task}: {', '.join(ft.splits.label_names)}) from "
+        f"{ft.model_args.init_from}, {config.encoder_name} at {config.image_size} px -> "
+        f"{ft.output_dir}",
+        f"  data: {ft.num_train} train / {ft.num_validation} validation / "
+        f"{len(ft.test_loader.dataset)} {ft.splits.test_split} images",
+        f"  plan: {ft.total_steps} steps of batch {ft.batch_size * ft.accelerator.num_processes}, "
+        f"best model by validation {ft.metric}{stopping_rule}",
+        f"  on {describe_hardware(ft.accelerator)}")
+    ft.console.bar(ft.total_steps, desc="fine-tuning")
 
-    step, history, stopped_early = 0, [], False
-    best_value, best_step, best_state, bad_evals = None, 0, None, 0
-    started = time.perf_counter()
-    console.bar(total_steps, desc="fine-tuning")
 
-    def validate() -> bool:
-        """Validate, keep the best weights; True when early stopping says stop."""
-        nonlocal best_value, best_step, best_state, bad_evals
-        metrics = compute_metrics(predict(model, val_loader, accelerator, task, single_label),
-                                  splits.label_names)
-        value = metrics[metric]
-        logs = {f"val/{k}": v for k, v in metrics.items()}
-        accelerator.log(logs, step=step)
-        history.append({"step": step, **logs})
-        margin = args.early_stopping_threshold
-        improved = math.isfinite(value) and (
-            best_value is None or (value > best_value + margin if greater_is_better
-                                   else value < best_value - margin))
-        if improved:
-            best_value, best_step, bad_evals = value, step, 0
-            best_state = {k: v.detach().to("cpu", copy=True)
-                          for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        elif step >= min_steps:  # the opening plateau does not count
-            bad_evals += 1
-        console.say(f"step {step}: validation {metric} {value:.4f}"
-                    f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")
-        return bool(args.early_stopping_patience) and bad_evals >= args.early_stopping_patience
+def validate(ft: FinetuneRun) -> bool:
+    """Validate and keep the best weights (on the CPU); True when early stopping says stop."""
+    metrics = compute_metrics(predict(ft.model, ft.val_loader, ft.accelerator,
+                                      ft.model_args.task, ft.single_label),
+                              ft.splits.label_names)
+    value = metrics[ft.metric]
+    logs = {f"val/{k}": v for k, v in metrics.items()}
+    ft.accelerator.log(logs, step=ft.step)
+    ft.history.append({"step": ft.step, **logs})
+    margin = ft.args.early_stopping_threshold
+    improved = math.isfinite(value) and (
+        ft.best_value is None or (value > ft.best_value + margin if METRICS[ft.metric]
+                                  else value < ft.best_value - margin))
+    if improved:
+        ft.best_value, ft.best_step, ft.bad_evals = value, ft.step, 0
+        ft.best_state = {k: v.detach().to("cpu", copy=True)
+                         for k, v in ft.accelerator.unwrap_model(ft.model).state_dict().items()}
+    elif ft.step >= ft.min_steps:  # the opening plateau does not count
+        ft.bad_evals += 1
+    ft.console.say(f"step {ft.step}: validation {ft.metric} {value:.4f}"
+                   f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")
+    patience = ft.args.early_stopping_patience
+    return bool(patience) and ft.bad_evals >= patience
 
-    def train_mode() -> None:
-        model.train()
-        if model_args.freeze_encoder:  # keep the loaded BatchNorm statistics
-            accelerator.unwrap_model(model).caid.encoder.eval()
 
-    train_mode()
-    validated_at = -1
-    while step < total_steps and not stopped_early:
-        for batch in train_loader:
-            out = model(**batch)
-            accelerator.backward(out.loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            console.update(1)
-            if step % args.logging_steps == 0 or step == 1:
-                logs = {"train/loss": out.loss.item(), "train/lr": scheduler.get_last_lr()[0]}
-                accelerator.log(logs, step=step)
-                history.append({"step": step, **logs})
-                console.update(0, loss=f"{logs['train/loss']:.4f}")
-                console.log(f"step {step}/{total_steps}: loss {logs['train/loss']:.4f}")
-            end_of_epoch = step % steps_per_epoch == 0
-            if (step % args.eval_steps == 0) if args.eval_steps else end_of_epoch:
-                stopped_early, validated_at = validate(), step
-                train_mode()
-            if stopped_early or step >= total_steps:
+def train_mode(ft: FinetuneRun) -> None:
+    ft.model.train()
+    if ft.model_args.freeze_encoder:  # keep the loaded BatchNorm statistics
+        ft.accelerator.unwrap_model(ft.model).caid.encoder.eval()
+
+
+def log_step(ft: FinetuneRun, loss: torch.Tensor) -> None:
+    logs = {"train/loss": loss.item(), "train/lr": ft.scheduler.get_last_lr()[0]}
+    ft.accelerator.log(logs, step=ft.step)
+    ft.history.append({"step": ft.step, **logs})
+    ft.console.update(0, loss=f"{logs['train/loss']:.4f}")
+    ft.console.log(f"step {ft.step}/{ft.total_steps}: loss {logs['train/loss']:.4f}")
+
+
+def train(ft: FinetuneRun) -> None:
+    """Optimizer steps until ``total_steps`` or early stopping, validating at each epoch
+    end (or every ``eval_steps``) and once more after the last step."""
+    args, steps_per_epoch, validated_at = ft.args, len(ft.train_loader), -1
+    train_mode(ft)
+    while ft.step < ft.total_steps and not ft.stopped_early:
+        for batch in ft.train_loader:
+            out = ft.model(**batch)
+            ft.accelerator.backward(out.loss)
+            ft.optimizer.step()
+            ft.scheduler.step()
+            ft.optimizer.zero_grad(set_to_none=True)
+            ft.step += 1
+            ft.console.update(1)
+            if ft.step % args.logging_steps == 0 or ft.step == 1:
+                log_step(ft, out.loss)
+            end_of_epoch = ft.step % steps_per_epoch == 0
+            if (ft.step % args.eval_steps == 0) if args.eval_steps else end_of_epoch:
+                ft.stopped_early, validated_at = validate(ft), ft.step
+                train_mode(ft)
+            if ft.stopped_early or ft.step >= ft.total_steps:
                 break
-    if validated_at != step:  # the steps since the last validation count too
-        validate()
-    console.close()
-    if stopped_early:
-        console.say(f"stopped early at step {step} of {total_steps}: validation {metric} did "
-                    f"not improve for {args.early_stopping_patience} validations (best "
-                    f"{best_value:.4f} at step {best_step}; --early_stopping_patience 0 "
-                    "trains every step)")
+    if validated_at != ft.step:  # the steps since the last validation count too
+        validate(ft)
+    ft.console.close()
+    if ft.stopped_early:
+        ft.console.say(f"stopped early at step {ft.step} of {ft.total_steps}: validation "
+                       f"{ft.metric} did not improve for {args.early_stopping_patience} "
+                       f"validations (best {ft.best_value:.4f} at step {ft.best_step}; "
+                       "--early_stopping_patience 0 trains every step)")
 
-    unwrapped = accelerator.unwrap_model(model)
-    if best_state is None:
-        console.say(f"validation {metric} was never defined; keeping the last weights")
-        best_value, best_step = math.nan, step
+
+def test_best_model(ft: FinetuneRun) -> dict:
+    """Put the best weights back and report the test set, with bootstrap intervals (main
+    process; the others return an empty report)."""
+    if ft.best_state is None:
+        ft.console.say(f"validation {ft.metric} was never defined; keeping the last weights")
+        ft.best_value, ft.best_step = math.nan, ft.step
     else:
-        unwrapped.load_state_dict(best_state)
-    prediction = predict(model, test_loader, accelerator, task, single_label)
-    report_fn = segmentation_report if segmentation else classification_report
-    report = report_fn(prediction["counts"] if segmentation else prediction["labels"],
-                       *(() if segmentation else (prediction["scores"],)), splits.label_names,
-                       num_resamples=args.bootstrap_resamples,
-                       confidence=args.confidence_level, seed=args.seed) \
-        if accelerator.is_main_process else {}
-    report.update(split=splits.test_split, source=splits.test_source, loss=prediction["loss"])
-    state = {"metric_for_best_model": metric, "best_metric": best_value, "best_step": best_step,
-             "global_step": step, "stopped_early": stopped_early,
-             "num_train_images": len(train_set), "num_validation_images": len(val_set),
-             "hardware": describe_hardware(accelerator),
-             "training_time_s": round(time.perf_counter() - started, 1)}
-    if accelerator.is_main_process:
-        with quiet_progress_bars():
-            unwrapped.save_pretrained(output_dir)
-        CAiDImageProcessor(size=image_size).save_pretrained(output_dir)
-        for weights in output_dir.glob("model*.safetensors"):  # safetensors writes 0600
-            os.chmod(weights, default_file_mode())
-        (output_dir / f"{splits.test_split}_results.json").write_text(json.dumps(report, indent=2))
-        (output_dir / "trainer_state.json").write_text(
-            json.dumps({**state, "history": history}, indent=2))
-        write_finetuned_card(output_dir, run, report, state)
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
-                            if "/" not in k)
-        images = step * batch_size * accelerator.num_processes
-        console.summary(
-            f"done: {step} steps in {format_duration(state['training_time_s'])} "
-            f"({images / max(state['training_time_s'], 1e-9):.1f} images/s)",
-            f"  best validation {metric} {best_value:.4f} at step {best_step} (its weights are "
-            "the ones saved and tested)",
-            f"  {splits.test_split} ({report['num_samples']} images): {summary}",
-            f"  model -> {output_dir} ({splits.test_split}_results.json, trainer_state.json, "
-            "README.md)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    # the plain model: without the autocast wrapper Accelerate put around its forward
-    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    return FinetuneResult(model=unwrapped.cpu().eval(), output_dir=output_dir,
-                          best_metric=best_value, best_step=best_step, global_step=step,
-                          stopped_early=stopped_early, history=history, test_report=report)
+        ft.accelerator.unwrap_model(ft.model).load_state_dict(ft.best_state)
+    prediction = predict(ft.model, ft.test_loader, ft.accelerator, ft.model_args.task,
+                         ft.single_label)
+    report = {}
+    if ft.accelerator.is_main_process:
+        options = {"num_resamples": ft.args.bootstrap_resamples,
+                   "confidence": ft.args.confidence_level, "seed": ft.args.seed}
+        if ft.segmentation:
+            report = segmentation_report(prediction["counts"], ft.splits.label_names, **options)
+        else:
+            report = classification_report(prediction["labels"], prediction["scores"],
+                                           ft.splits.label_names, **options)
+    report.update(split=ft.splits.test_split, source=ft.splits.test_source,
+                  loss=prediction["loss"])
+    return report
+
+
+def save_model(ft: FinetuneRun, report: dict, state: dict) -> None:
+    """The model folder (main process): weights, processor, test results, trainer state,
+    model card, and the closing summary."""
+    output_dir, unwrapped = ft.output_dir, ft.accelerator.unwrap_model(ft.model)
+    with quiet_progress_bars():
+        unwrapped.save_pretrained(output_dir)
+    CAiDImageProcessor(size=unwrapped.config.image_size).save_pretrained(output_dir)
+    for weights in output_dir.glob("model*.safetensors"):  # safetensors writes 0600
+        os.chmod(weights, default_file_mode())
+    split = ft.splits.test_split
+    (output_dir / f"{split}_results.json").write_text(json.dumps(report, indent=2))
+    facts = {k: v for k, v in state.items()
+             if k not in ("global_step", "metric_for_best_model", "best_metric", "best_step")}
+    write_run_state(output_dir, ft.step, ft.metric, ft.best_value, ft.best_step, facts,
+                    ft.history)
+    write_finetuned_card(output_dir, ft.run, report, state)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if "/" not in k)
+    images = ft.step * ft.batch_size * ft.accelerator.num_processes
+    ft.console.summary(
+        f"done: {ft.step} steps in {format_duration(state['training_time_s'])} "
+        f"({images / max(state['training_time_s'], 1e-9):.1f} images/s)",
+        f"  best validation {ft.metric} {ft.best_value:.4f} at step {ft.best_step} (its "
+        "weights are the ones saved and tested)",
+        f"  {split} ({report['num_samples']} images): {summary}",
+        f"  model -> {output_dir} ({split}_results.json, trainer_state.json, README.md)")
+
+
+def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
+             args: FinetuningArguments) -> FinetuneResult:
+    """Fine-tune with the given arguments (see :mod:`.arguments`); returns the result and
+    writes the model folder to ``args.output_dir``."""
+    with contextlib.ExitStack() as cleanup:
+        ft = setup_finetune(model_args, data_args, args, cleanup)
+        show_header(ft)
+        train(ft)
+        report = test_best_model(ft)
+        state = {"metric_for_best_model": ft.metric, "best_metric": ft.best_value,
+                 "best_step": ft.best_step, "global_step": ft.step,
+                 "stopped_early": ft.stopped_early, "num_train_images": ft.num_train,
+                 "num_validation_images": ft.num_validation,
+                 "hardware": describe_hardware(ft.accelerator),
+                 "training_time_s": round(time.perf_counter() - ft.started, 1)}
+        if ft.accelerator.is_main_process:
+            save_model(ft, report, state)
+        ft.accelerator.wait_for_everyone()
+        ft.accelerator.end_training()
+        # the plain model: without the autocast wrapper Accelerate put around its forward
+        unwrapped = ft.accelerator.unwrap_model(ft.model, keep_fp32_wrapper=False)
+        return FinetuneResult(model=unwrapped.cpu().eval(), output_dir=ft.output_dir,
+                              best_metric=ft.best_value, best_step=ft.best_step,
+                              global_step=ft.step, stopped_early=ft.stopped_early,
+                              history=ft.history, test_report=report)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> FinetuneResult:

@@ -118,6 +118,25 @@ def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[s
         ("Initialised from", init_text),
         ("Image size", f"{config.get('image_size')} px"),
     ]
+    training_rows = _training_rows(data, training, state)
+    usage = _usage(repo_id or "org/name", segmentation, model.get("problem_type"))
+    return ModelCard.from_template(
+        card_data, template_str=TEMPLATE,
+        title=f"CAiD {encoder} fine-tuned for {'segmentation' if segmentation else 'classification'}",
+        summary=(f"A `{encoder}` model fine-tuned with caid-hf from {init_text} on "
+                 f"`{data.get('train_source')}`. CAiD: Context-Aware instance Discrimination "
+                 "(Hosseinzadeh Taher et al., MIDL 2022)."),
+        model_rows=model_rows, results_intro=results_intro,
+        ci_header=f"{round(level * 100)} % CI", result_rows=result_rows,
+        training_rows=training_rows,
+        run_config_yaml=yaml.safe_dump(_without_secrets(run), sort_keys=False).strip()
+        if run else "", not_recorded=NOT_RECORDED,
+        image_size=config.get("image_size"), usage=usage, citation=CITATION,
+    )
+
+
+def _training_rows(data: dict, training: dict, state: dict) -> list[tuple[str, str]]:
+    """The card's "Training" table: data, optimisation, model selection, hardware, time."""
     best = state.get("best_metric")
     training_rows = [
         ("Training data", f"`{data.get('train_source')}`, {state.get('num_train_images')} images"
@@ -141,13 +160,17 @@ def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[s
         ("Training time", _format_duration(state["training_time_s"])
          if state.get("training_time_s") is not None else "not recorded"),
     ]
-    name = repo_id or "org/name"
+    return training_rows
+
+
+def _usage(name: str, segmentation: bool, problem_type: str | None) -> str:
+    """The card's usage snippet for repo ``name``."""
     auto = "AutoModelForSemanticSegmentation" if segmentation else "AutoModelForImageClassification"
     output = ("logits = model(pixel_values).logits   # [B, num_labels, H, W]" if segmentation
               else "probabilities = model(pixel_values).logits.sigmoid()   # [B, num_labels]"
-              if model.get("problem_type") == "multi_label_classification"
+              if problem_type == "multi_label_classification"
               else "probabilities = model(pixel_values).logits.softmax(-1)   # [B, num_labels]")
-    usage = "\n".join([
+    return "\n".join([
         "import caid_hf  # registers the \"caid\" model type with the Auto classes",
         f"from transformers import AutoImageProcessor, {auto}",
         "",
@@ -156,19 +179,6 @@ def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[s
         'pixel_values = processor(images, return_tensors="pt").pixel_values',
         output,
     ])
-    return ModelCard.from_template(
-        card_data, template_str=TEMPLATE,
-        title=f"CAiD {encoder} fine-tuned for {'segmentation' if segmentation else 'classification'}",
-        summary=(f"A `{encoder}` model fine-tuned with caid-hf from {init_text} on "
-                 f"`{data.get('train_source')}`. CAiD: Context-Aware instance Discrimination "
-                 "(Hosseinzadeh Taher et al., MIDL 2022)."),
-        model_rows=model_rows, results_intro=results_intro,
-        ci_header=f"{round(level * 100)} % CI", result_rows=result_rows,
-        training_rows=training_rows,
-        run_config_yaml=yaml.safe_dump(_without_secrets(run), sort_keys=False).strip()
-        if run else "", not_recorded=NOT_RECORDED,
-        image_size=config.get("image_size"), usage=usage, citation=CITATION,
-    )
 
 
 def write_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[str, Any],

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d, all_reduce_with_grad, world_size
-from . import batch_norm_mlp
+from .common import Objective, ObjectiveOutput, batch_norm_mlp, global_pool
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -60,16 +60,14 @@ class BarlowTwinsLoss(nn.Module):
 
 
 @dataclass
-class BarlowTwinsOutput:
+class BarlowTwinsOutput(ObjectiveOutput):
     """loss: scalar fp32; projections: [B, D] the first view's projections as the loss sees
     them, standardised over this process's batch (detached; the analogue of SimSiam's
     output-BatchNorm projections, on which the collapse indicator is defined)."""
 
-    loss: torch.Tensor
-    projections: torch.Tensor
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(Objective):
     """Barlow Twins projector and loss.
 
     Args:
@@ -79,13 +77,34 @@ class BarlowTwins(nn.Module):
         off_diagonal_weight: λ of :class:`BarlowTwinsLoss`.
     """
 
+    config_fields = ("discrimination_method", "barlow_projector_dims")
+    # SyncBatchNorm semantics everywhere (the originals convert their whole model): then a
+    # multi-process step equals a one-process step on the global batch
+    global_batch_norm = True
+    reconstructs_key_view = True
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> BarlowTwins:
+        return cls(encoder.out_channels[-1], config.barlow_projector_dims,
+                   config.barlow_off_diagonal_weight)
+
     def __init__(self, feature_dim: int, projector_dims: list[int] = (8192, 8192, 8192),
                  off_diagonal_weight: float = 0.0051):
         super().__init__()
         self.projector = batch_norm_mlp(feature_dim, list(projector_dims), output_norm=False)
         self.criterion = BarlowTwinsLoss(projector_dims[-1], off_diagonal_weight)
 
-    def forward(self, embedding: torch.Tensor, key_embedding: torch.Tensor) -> BarlowTwinsOutput:
+    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
+                query_encoder: nn.Module, encode, update_momentum: bool = True) -> BarlowTwinsOutput:
+        """Encode the key views with the query encoder (``encode``), then
+        :meth:`embeddings_loss`; the key features come back for their reconstruction."""
+        key_features = encode(key_pixel_values)
+        output = self.embeddings_loss(query_embedding, global_pool(key_features[-1]))
+        output.key_features = key_features
+        return output
+
+    def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor
+                        ) -> BarlowTwinsOutput:
         """Pooled features [B, C] of the first and second views (with gradient) → loss."""
         z1, z2 = self.projector(embedding), self.projector(key_embedding)
         # the raw projections carry a common offset that the loss ignores (and that would

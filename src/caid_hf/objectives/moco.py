@@ -24,6 +24,7 @@ from ..distributed import (
     unshuffle_across_ranks,
     world_size,
 )
+from .common import Objective, ObjectiveOutput, global_pool
 
 
 def build_projection_head(in_features: int, out_features: int, kind: str = "mlp") -> nn.Module:
@@ -50,24 +51,16 @@ def encode_in_splits(encoder: nn.Module, x: torch.Tensor, splits: int) -> list[t
     return [torch.cat(stage, dim=0) for stage in zip(*chunks)]
 
 
-def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
-    """Global average pool [B, C, h, w] → [B, C]."""
-    return feature_map.mean(dim=(2, 3))
-
-
 @dataclass
-class MoCoOutput:
-    """loss: scalar fp32; logits: [B, 1 + K] fp32 already divided by T (column 0 = positive);
-    keys: [B, D] L2-normalised keys of this rank's batch; projections: [B, D] L2-normalised
-    queries (the first view's projections, as every objective reports them)."""
+class MoCoOutput(ObjectiveOutput):
+    """As :class:`ObjectiveOutput`; logits: [B, 1 + K] fp32 already divided by T (column 0 =
+    positive); projections: [B, D] L2-normalised queries; keys: [B, D] L2-normalised keys of
+    this rank's batch."""
 
-    loss: torch.Tensor
-    logits: torch.Tensor
-    keys: torch.Tensor
-    projections: torch.Tensor
+    keys: torch.Tensor | None = None
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(Objective):
     """MoCo-v2 head, momentum key encoder and queue.
 
     Args:
@@ -81,6 +74,52 @@ class MoCoV2(nn.Module):
         head: ``"mlp"`` or ``"linear"``.
         shuffle_bn_splits: sub-batches of the single-process shuffle-BN emulation.
     """
+
+    config_fields = ("discrimination_method", "projection_head", "projection_dim", "queue_size")
+    # identical on every rank by construction: DDP must not re-broadcast them
+    ignored_buffers = ("queue", "queue_ptr")
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> MoCoV2:
+        return cls(encoder, feature_dim=encoder.out_channels[-1],
+                   projection_dim=config.projection_dim, queue_size=config.queue_size,
+                   momentum=config.momentum, temperature=config.contrastive_temperature,
+                   head=config.projection_head, shuffle_bn_splits=config.shuffle_bn_splits)
+
+    @classmethod
+    def check_run(cls, config, per_device_batch_size: int, num_processes: int) -> None:
+        splits = config.shuffle_bn_splits
+        if num_processes == 1 and per_device_batch_size % splits:
+            raise ValueError(
+                f"shuffle_bn_splits={splits} must divide per_device_train_batch_size="
+                f"{per_device_batch_size}: one process emulates shuffle-BN by encoding the batch "
+                "in that many equal parts"
+            )
+        global_batch = per_device_batch_size * num_processes
+        if config.queue_size % global_batch:
+            raise ValueError(
+                f"queue_size={config.queue_size} must be divisible by the global batch size "
+                f"per_device_train_batch_size × processes = {global_batch}"
+            )
+
+    def query_splits(self) -> int:
+        """One process emulates per-device BatchNorm on the queries too (see
+        :func:`encode_in_splits`); several processes have real devices."""
+        return self.shuffle_bn_splits if self.training and world_size() == 1 else 1
+
+    def reset(self, query_encoder: nn.Module) -> None:
+        self.reset_momentum_branch(query_encoder)
+
+    def after_loading(self, query_encoder: nn.Module, missing_keys: set[str]) -> None:
+        """A backbone folder has no objective: the key branch becomes a copy of the loaded
+        query branch and the queue fresh random keys."""
+        if any(k.startswith("momentum_") for k in missing_keys):
+            self.reset_momentum_branch(query_encoder)
+        if {"queue", "queue_ptr"} & missing_keys:
+            self.reset_queue()
+
+    def freeze(self) -> None:
+        self.freeze_momentum_branch()
 
     def __init__(
         self,
@@ -164,7 +203,8 @@ class MoCoV2(nn.Module):
         self,
         query_embedding: torch.Tensor,
         key_pixel_values: torch.Tensor,
-        encoder: nn.Module,
+        query_encoder: nn.Module,
+        encode=None,
         update_momentum: bool = True,
     ) -> MoCoOutput:
         """InfoNCE of the queries against their keys and the queue.
@@ -172,7 +212,8 @@ class MoCoV2(nn.Module):
         Args:
             query_embedding: pooled query features [B, C] (with gradient).
             key_pixel_values: key views [B, 3, H, W] in [0, 1].
-            encoder: the query encoder, source of the momentum update.
+            query_encoder: the query encoder, source of the momentum update.
+            encode: unused (the keys come from the momentum encoder).
             update_momentum: move the key branch first (training mode only). With gradient
                 accumulation only the first micro-batch of an optimizer step should, or the
                 key branch would move ``accumulation`` times per query update.
@@ -180,7 +221,7 @@ class MoCoV2(nn.Module):
         keys are enqueued after the loss is computed (MoCo's order); eval mode changes nothing.
         """
         if self.training and update_momentum:
-            self.momentum_update(encoder)
+            self.momentum_update(query_encoder)
         q = F.normalize(self.projection_head(query_embedding).float(), dim=1)
         k = self.encode_keys(key_pixel_values)
         positive = (q * k).sum(dim=1, keepdim=True)

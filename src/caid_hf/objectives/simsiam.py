@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d
-from . import batch_norm_mlp
+from .common import Objective, ObjectiveOutput, batch_norm_mlp, global_pool
 
 
 class SimSiamLoss(nn.Module):
@@ -50,14 +50,12 @@ def build_predictor(dim: int, hidden_dim: int) -> nn.Sequential:
 
 
 @dataclass
-class SimSiamOutput:
+class SimSiamOutput(ObjectiveOutput):
     """loss: scalar fp32; projections: [B, D] the first view's projector output z1."""
 
-    loss: torch.Tensor
-    projections: torch.Tensor
 
 
-class SimSiam(nn.Module):
+class SimSiam(Objective):
     """SimSiam projector, predictor and loss.
 
     Args:
@@ -68,6 +66,21 @@ class SimSiam(nn.Module):
         predictor_hidden_dim: the predictor's bottleneck, 512 in SimSiam.
     """
 
+    config_fields = ("discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
+    # SyncBatchNorm semantics everywhere (the originals convert their whole model): then a
+    # multi-process step equals a one-process step on the global batch
+    global_batch_norm = True
+    reconstructs_key_view = True
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> SimSiam:
+        return cls(encoder.out_channels[-1], config.simsiam_projector_dims,
+                   config.simsiam_predictor_hidden_dim)
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """SimSiam trains its predictor at a fixed learning rate."""
+        return list(self.predictor.parameters())
+
     def __init__(self, feature_dim: int, projector_dims: list[int] = (2048, 2048, 2048),
                  predictor_hidden_dim: int = 512):
         super().__init__()
@@ -75,7 +88,17 @@ class SimSiam(nn.Module):
         self.predictor = build_predictor(projector_dims[-1], predictor_hidden_dim)
         self.criterion = SimSiamLoss()
 
-    def forward(self, embedding: torch.Tensor, key_embedding: torch.Tensor) -> SimSiamOutput:
+    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
+                query_encoder: nn.Module, encode, update_momentum: bool = True) -> SimSiamOutput:
+        """Encode the key views with the query encoder (``encode``), then
+        :meth:`embeddings_loss`; the key features come back for their reconstruction."""
+        key_features = encode(key_pixel_values)
+        output = self.embeddings_loss(query_embedding, global_pool(key_features[-1]))
+        output.key_features = key_features
+        return output
+
+    def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor
+                        ) -> SimSiamOutput:
         """Pooled features [B, C] of the first and second views (with gradient) → loss."""
         z1, z2 = self.projector(embedding), self.projector(key_embedding)
         p1, p2 = self.predictor(z1), self.predictor(z2)

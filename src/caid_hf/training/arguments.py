@@ -7,26 +7,23 @@ Precedence: dataclass defaults < YAML file (``--config``) < command line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import inspect
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
-
+from ..config_parsing import load_yaml_config as _load_yaml_config
+from ..config_parsing import parse_config_args
 from ..configuration_caid import CAiDConfig
-from ..console import ConfigurationError, option_strings, unknown_flags_message
-from ..data.sources import read_text_file
+from ..data.augment import AugmentationConfig
+from ..data.source_spec import HFOptions
+from ..runs import resolve_precision
 
 
 @dataclass
-class DataArguments:
-    """Where the images come from and how views are made."""
+class _SourceArguments:
+    """Where the images come from and how crops are cut (the first part of
+    :class:`DataArguments`)."""
 
     train_source: str = field(
         default="phantoms",
@@ -99,6 +96,73 @@ class DataArguments:
         metadata={"help": "Reproduce the original's augmentation exactly: target not flipped with "
                           "the view, distortion sizes in absolute pixels."},
     )
+
+    def hf_options(self) -> HFOptions:
+        """How a Hugging Face dataset source is read."""
+        return HFOptions(split=self.hf_split, config_name=self.hf_config_name,
+                         image_column=self.image_column, id_column=self.id_column)
+
+    def augmentation_config(self) -> AugmentationConfig:
+        """The view augmentation these arguments ask for (checked when they are parsed)."""
+        values = {name: getattr(self, name) for name in _AUGMENTATION_FIELDS}
+        return AugmentationConfig(**values, jitter_p=self.color_jitter_p, blur_p=self.blur_p,
+                                  reference_compat=self.reference_compat)
+
+    def __post_init__(self) -> None:
+        try:
+            self.augmentation_config()
+        except ValueError as error:  # "AugmentationConfig.cutout_p ..." → the flag's name
+            raise ValueError(str(error).replace("AugmentationConfig.", "", 1)) from None
+
+
+# AugmentationConfig fields that DataArguments names itself (jitter_p as color_jitter_p)
+_AUGMENTATION_OWN = {"jitter_p", "blur_p", "reference_compat"}
+_AUGMENTATION_HELP = {
+    "brightness": "Brightness jitter strength (ColorJitter's brightness).",
+    "contrast": "Contrast jitter strength.",
+    "saturation": "Saturation jitter strength (no effect on grey images; kept for parity).",
+    "hue": "Hue jitter strength (no effect on grey images; kept for parity).",
+    "blur_sigma": "Gaussian blur sigma range, two numbers (px of a reference_size view).",
+    "flip_p": "Probability of the horizontal flip of each view.",
+    "cutout_p": "CAiD distortion: probability of cut-out (boxes set to 0).",
+    "outpaint_p": "CAiD distortion: probability of out-painting (all but windows set to 0).",
+    "shuffle_p": "CAiD distortion: probability of local shuffling (block swaps).",
+    "max_boxes": "CAiD distortion: most cut-out boxes / out-painting windows.",
+    "box_stop_p": "CAiD distortion: chance to stop after each box or window.",
+    "cutout_size": "CAiD distortion: cut-out box side range, two integers (px at reference_size).",
+    "outpaint_shrink": "CAiD distortion: out-painting window shrink range, two integers (px).",
+    "shuffle_block": "CAiD distortion: shuffled block side range, two integers (px).",
+    "shuffle_swaps": "CAiD distortion: block swaps of local shuffling.",
+    "margin": "CAiD distortion: margin kept from the border (px).",
+    "reference_size": "View side the pixel sizes above refer to; scaled for other views.",
+    "distort_key_view": "Distort the second (key) view too, as the original does.",
+}
+
+
+def _augmentation_fields() -> list[tuple]:
+    """One field per AugmentationConfig setting DataArguments does not name itself, with
+    AugmentationConfig's default (pairs become two-number lists on the command line)."""
+    fields = []
+    for item in dataclasses.fields(AugmentationConfig):
+        if item.name in _AUGMENTATION_OWN:
+            continue
+        default = item.default
+        help_text = {"help": _AUGMENTATION_HELP[item.name]}
+        if isinstance(default, tuple):
+            fields.append((item.name, list[type(default[0])],
+                           field(default_factory=lambda d=default: list(d), metadata=help_text)))
+        else:
+            fields.append((item.name, type(default), field(default=default, metadata=help_text)))
+    return fields
+
+
+_AUGMENTATION_FIELDS = [name for name, *_ in _augmentation_fields()]
+DataArguments = dataclasses.make_dataclass("DataArguments", _augmentation_fields(),
+                                           bases=(_SourceArguments,))
+DataArguments.__module__ = __name__
+DataArguments.__doc__ = ("Where the images come from, how crops are cut, and every setting of "
+                         "the view augmentation (AugmentationConfig's fields; pixel sizes refer "
+                         "to a reference_size view).")
 
 
 @dataclass
@@ -224,6 +288,8 @@ class PretrainingArguments:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError("mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
                              f"got {self.mixed_precision!r}")
+        # 'auto' is decided now, so run_config.yaml and the model card say what ran
+        self.mixed_precision = resolve_precision(self.mixed_precision, self.use_cpu)
         if self.lr_scheduler_type not in ("cosine", "constant"):
             raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
         if self.report_to not in ("tensorboard", "none"):
@@ -260,194 +326,10 @@ ModelArguments = _model_arguments_class()
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 
-def known_fields(classes: tuple[type, ...] = ARGUMENT_CLASSES) -> list[str]:
-    return [f.name for cls in classes for f in dataclasses.fields(cls)]
-
-
-def _type_name(kind) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        kind, getattr(kind, "__name__", str(kind)))
-
-
-def _coerce(value, annotation):
-    """``value`` (from YAML) as the field type ``annotation``; TypeError when it is not one.
-
-    Numbers written like ``1e-3`` arrive from YAML as strings (YAML 1.1) and become floats;
-    ``true``/``false`` strings become bools; integers are accepted for float fields."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option)
-            except TypeError as error:
-                errors.append(error)
-        raise errors[0] if errors else TypeError("null")
-    if typing.get_origin(annotation) is list:
-        values = value if isinstance(value, list) else None
-        if values is None:
-            raise TypeError(f"expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else str) for v in values]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise TypeError(f"expected {_type_name(annotation)}, got {value!r}")
-
-
-def _field_types(classes: tuple[type, ...]) -> dict[str, object]:
-    return {name: hint for cls in classes
-            for name, hint in typing.get_type_hints(cls).items()
-            if name in {f.name for f in dataclasses.fields(cls)}}
-
-
-def load_yaml_config(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict:
-    """Read a flat YAML mapping of argument names (fields of ``classes``). Unknown names
-    raise with a suggestion, values of the wrong type with the expected one, syntax errors
-    with the line; every message names the file. An empty file is refused (it would start
-    a run of every default)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(read_text_file(path))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"{path}{where}: invalid YAML: {problem}") from None
-    if values is None:
-        raise ValueError(f"{path} is empty: write the run's settings as 'name: value' lines "
-                         "(configs/demo.yaml is an example)")
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
-    names = known_fields(classes)
-    types_by_name = _field_types(classes)
-    checked = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{path}: unknown key {key!r}{hint}")
-        try:
-            checked[key] = _coerce(value, types_by_name[key])
-        except TypeError as error:
-            raise ValueError(f"{path}: {key}: {error}") from None
-    return checked
-
-
-def _at_least(low: float, *also: object):
-    text = f">= {low:g}" + "".join(f" or {a}" for a in also)
-    return (lambda v: v in also or v >= low), text
-
-
-def _between(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    text = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    return (lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high),
-            text)
-
-
-# The range of every numeric argument of pre-training and fine-tuning (None always allowed
-# where the type allows it), checked before any model is built.
-VALUE_RULES = {
-    **dict.fromkeys(("num_train_epochs", "per_device_train_batch_size",
-                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-                     "max_consecutive_nonfinite_steps", "dataloader_prefetch_factor",
-                     "num_train_phantoms", "num_validation_phantoms", "num_test_phantoms",
-                     "max_train_samples", "num_labels", "probe_num_images", "queue_size",
-                     "projection_dim"), _at_least(1)),
-    **dict.fromkeys(("warmup_steps", "save_steps", "save_total_limit", "probe_steps", "seed",
-                     "streaming_shuffle_buffer", "streaming_validation_images",
-                     "dataloader_num_workers", "eval_steps", "early_stopping_patience",
-                     "bootstrap_resamples", "phantom_seed", "weight_decay",
-                     "early_stopping_threshold"), _at_least(0)),
-    "max_steps": _at_least(1, -1),
-    "early_stopping_min_steps": _at_least(0, -1),
-    "learning_rate": _between(0, 10, low_open=True),
-    "sgd_momentum": _between(0, 1, high_open=True),
-    "momentum": _between(0, 1),
-    "contrastive_temperature": _between(0, 100, low_open=True),
-    **dict.fromkeys(("contrastive_weight", "reconstruction_weight", "segmentation_dice_weight",
-                     "barlow_off_diagonal_weight"), _at_least(0)),
-    **dict.fromkeys(("shuffle_bn_splits", "encoder_depth", "in_channels"), _at_least(1)),
-    **dict.fromkeys(("color_jitter_p", "blur_p", "max_bad_fraction", "classifier_dropout"),
-                    _between(0, 1)),
-    "validation_fraction": _between(0, 1, high_open=True),
-    "label_fraction": _between(0, 1, low_open=True),
-    **dict.fromkeys(("crop_scale_min", "crop_scale_max"), _between(0, 1, low_open=True)),
-    "confidence_level": _between(0, 1, low_open=True, high_open=True),
-    "phantom_size": _at_least(32),
-}
-
-
-def check_values(outputs: tuple, yaml_values: dict, config_path: str | None) -> None:
-    """Refuse a value out of its field's range (:data:`VALUE_RULES`), naming the field and
-    where it was set (the YAML file or the command line)."""
-    for output in outputs:
-        for item in dataclasses.fields(output):
-            rule = VALUE_RULES.get(item.name)
-            value = getattr(output, item.name)
-            if rule is None or value is None or isinstance(value, (bool, str, list)):
-                continue
-            accept, text = rule
-            if not accept(value):
-                where = (f"{config_path}: {item.name}" if item.name in yaml_values
-                         else f"--{item.name}")
-                raise ConfigurationError(f"{where} must be {text}, got {value!r}")
-
-
-def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
-                      prog: str | None = None, description: str | None = None) -> tuple:
-    """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
-    ``classes`` (dataclass defaults < YAML file < command line).
-
-    Flags are accepted as ``--snake_case`` and ``--kebab-case``; a flag no field takes
-    stops with argparse's usage line, exit status 2 and "did you mean" (as an unknown YAML
-    key does). Every value is checked for its type and range before anything is built, and
-    a bad one is named with the file (or flag) it came from."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    # the generated usage lists every field (60 lines): too long above an error message
-    parser = HfArgumentParser(classes, prog=prog, description=description,
-                              usage="%(prog)s [--config FILE.yaml] [--field value ...] "
-                                    "(--help lists every field)")
-    parser.add_argument("--config", default=None, help="YAML file of argument values.")
-    yaml_values = load_yaml_config(known.config, classes) if known.config else {}
-    parser.set_defaults(**yaml_values)
-    try:
-        *outputs, remaining = parser.parse_args_into_dataclasses(args=rest,
-                                                                 return_remaining_strings=True)
-    except ValueError as error:  # a __post_init__ check: say where the value came from
-        message = str(error)
-        name = message.split(" ", 1)[0]
-        if known.config and name in yaml_values:
-            raise ConfigurationError(f"{known.config}: {message}") from None
-        raise
-    if remaining:
-        parser.error(unknown_flags_message(remaining, option_strings(parser)))
-    outputs = tuple(outputs[: len(classes)])
-    check_values(outputs, yaml_values, known.config)
-    return outputs
+def load_yaml_config(path: str | Path) -> dict:
+    """A flat YAML mapping of pre-training argument names (see
+    :func:`caid_hf.config_parsing.load_yaml_config`)."""
+    return _load_yaml_config(path, ARGUMENT_CLASSES)
 
 
 def parse_pretraining_args(argv: list[str] | None = None, prog: str | None = None):

@@ -3,7 +3,7 @@
 A checkpoint is the folder ``<output_dir>/checkpoints/checkpoint_<step>``: Accelerate's
 ``save_state`` (model as safetensors, optimizer, gradient scaler, every process's Python,
 NumPy, torch and CUDA RNG) plus this package's own state, written without pickled objects:
-``trainer_state.json`` (counters, best validation loss, skip counts), ``scheduler.pt`` and
+``checkpoint_state.json`` (counters, best validation loss, skip counts), ``scheduler.pt`` and
 ``augmentation.pt`` (plain tensors and numbers, read back with ``weights_only=True``).
 
 Writes are atomic: everything goes to ``checkpoints/.tmp-checkpoint_<step>``, is flushed to
@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
+from ..runs import agree_on_error, default_file_mode, fix_permissions
+
 MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "checkpoint_state.json"  # TrainState; the run-level trainer_state.json differs
 SCHEDULER_FILE = "scheduler.pt"
 AUGMENTATION_FILE = "augmentation.pt"
 _NAME = re.compile(r"checkpoint_(\d+)")
@@ -217,29 +219,6 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, scheduler,
     return final
 
 
-_UMASK: int | None = None
-
-
-def default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` gives a new file. safetensors
-    and ``tempfile`` create files 0600, which colleagues on a shared cluster cannot read."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
-
-
-def fix_permissions(folder: str | Path) -> None:
-    """Give every file below ``folder`` the mode a plain ``open()`` would (see
-    :func:`default_file_mode`); folders get the same plus the execute (search) bits."""
-    mode = default_file_mode()
-    for path in [Path(folder), *Path(folder).rglob("*")]:
-        if path.is_symlink():
-            continue
-        os.chmod(path, mode | (0o111 & ~(_UMASK or 0)) if path.is_dir() else mode)
-
-
 def recover_folder(final: str | Path) -> None:
     """Undo an :func:`atomic_folder` replacement cut between its two renames: when ``final``
     is missing and its ``.old-`` copy is there, put the copy back."""
@@ -323,92 +302,6 @@ class atomic_file:  # noqa: N801 - a context manager
             raise CheckpointSaveError(f"writing {self.final} failed ({_describe(error)}); the "
                                       "previous file is kept") from error
         return False
-
-
-LOCK_FILE = ".caid-hf.lock"
-
-
-class OutputDirInUseError(RuntimeError):
-    """Another run holds the output folder's lock."""
-
-
-class OutputLock:
-    """An exclusive lock on an output folder, held for the whole run by its main process.
-
-    ``fcntl.flock`` on ``<output_dir>/.caid-hf.lock``, which records the holder's PID, host
-    and start time. The kernel drops the lock when the holder exits, however it exits, so a
-    crashed run leaves no stale lock; a second run on the folder (a duplicate job, two
-    ``--resume_from_checkpoint latest`` started together) refuses at once, naming the
-    holder. (On network file systems without flock support the lock is not taken, with a
-    warning.)
-    """
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / LOCK_FILE
-        self._handle = None
-
-    def acquire(self) -> OutputLock:
-        import fcntl
-        import socket
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that wrote no details"
-            handle.close()
-            raise OutputDirInUseError(
-                f"output_dir {self.path.parent} is in use by another caid-hf run ({holder}); "
-                "wait for it to finish, stop it, or choose another --output_dir"
-            ) from None
-        except OSError as error:  # no flock on this file system
-            warnings.warn(f"cannot lock {self.path} ({error}); make sure no other run uses "
-                          f"{self.path.parent}", stacklevel=2)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"PID {os.getpid()} on host {socket.gethostname()}, started "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file drops the lock
-            self._handle = None
-
-    def __enter__(self) -> OutputLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def lock_output_dir(accelerator, output_dir: Path, cleanup) -> None:
-    """Take the output folder's lock on the main process (released by ``cleanup``); when
-    another run holds it, every process stops with the holder named."""
-    lock, error = OutputLock(output_dir), None
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-            cleanup.callback(lock.release)
-        except OutputDirInUseError as exc:
-            error = exc
-    error = agree_on_error(accelerator, error)
-    if error is not None:
-        raise error
-
-
-def agree_on_error(accelerator, error: BaseException | None):
-    """An error on any process becomes an error on every process (so none waits alone)."""
-    if accelerator.num_processes == 1:
-        return error
-    flag = torch.tensor(float(error is not None), device=accelerator.device)
-    if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
-        return RuntimeError("another process failed to write its part")
-    return error
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int, best: str | None = None) -> list[Path]:

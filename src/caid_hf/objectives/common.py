@@ -1,0 +1,121 @@
+"""What every instance-discrimination objective shares: the protocol
+:class:`CAiDForPreTraining <caid_hf.CAiDForPreTraining>` speaks to them, their output, the
+BatchNorm MLP of the projectors, global pooling and the collapse indicator they report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import GlobalBatchNorm1d
+
+
+def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
+    """Global average pool [B, C, h, w] → [B, C]."""
+    return feature_map.mean(dim=(2, 3))
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: scalar fp32; projections: [B, D] the first view's projections (the collapse
+    indicator is computed on them); logits: MoCo's [B, 1 + K] (None for the others);
+    key_features: the second view's encoder stages when the objective encoded it with the
+    query encoder (Barlow Twins, SimSiam), for its reconstruction; None otherwise."""
+
+    loss: torch.Tensor
+    projections: torch.Tensor
+    logits: torch.Tensor | None = None
+    key_features: list[torch.Tensor] | None = None
+
+
+class Objective(nn.Module):
+    """The small interface of an instance-discrimination objective.
+
+    Subclasses set ``config_fields`` (the configuration fields whose change makes a saved
+    objective unusable), and, as needed, ``reconstructs_key_view`` (the key view goes
+    through the query encoder, so the U-Net can reconstruct it too), ``global_batch_norm`` (every BatchNorm of the model
+    normalises over the global batch when several processes train, as the originals' SyncBN
+    does) and ``ignored_buffers`` (buffers identical on every process by construction, which
+    DDP must not broadcast). They implement :meth:`from_config` and :meth:`forward`; the
+    other hooks default to doing nothing.
+    """
+
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    reconstructs_key_view: ClassVar[bool] = False
+    global_batch_norm: ClassVar[bool] = False
+    ignored_buffers: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_config(cls, config, encoder: nn.Module) -> Objective:
+        """The objective of ``config`` for the query ``encoder`` (an smp encoder)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_run(cls, config, per_device_batch_size: int, num_processes: int) -> None:
+        """Refuse, before any compute, a run this objective cannot train (ValueError)."""
+
+    def query_splits(self) -> int:
+        """Sub-batches the query view is encoded in (each its own BatchNorm statistics)."""
+        return 1
+
+    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
+                query_encoder: nn.Module, encode: Callable[[torch.Tensor], list[torch.Tensor]],
+                update_momentum: bool = True) -> ObjectiveOutput:
+        """The loss of the pooled query features [B, C] (with gradient) against the key
+        views [B, 3, H, W]; ``encode`` runs the query encoder (stages), ``query_encoder`` is
+        the encoder itself (MoCo's momentum source)."""
+        raise NotImplementedError
+
+    def reset(self, query_encoder: nn.Module) -> None:
+        """Start of training, after the weights are initialised."""
+
+    def after_loading(self, query_encoder: nn.Module, missing_keys: set[str]) -> None:
+        """After ``from_pretrained``: set up what the checkpoint did not hold (``missing_keys``
+        relative to the objective)."""
+
+    def freeze(self) -> None:
+        """Parameters that must not be trained (after construction and after loading)."""
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """Parameters that keep their initial learning rate (SimSiam's predictor)."""
+        return []
+
+
+def batch_norm_mlp(in_features: int, dims: list[int], output_norm: bool) -> nn.Sequential:
+    """Linear layers of output widths ``dims``, each but the last followed by BatchNorm + ReLU;
+    with ``output_norm`` the last is followed by an affine-free BatchNorm.
+
+    No Linear has a bias: each is followed by a BatchNorm, or (Barlow Twins' last layer) by
+    the loss's standardisation, which would remove it. The BatchNorms use the global batch
+    when several processes train (:class:`~caid_hf.distributed.GlobalBatchNorm1d`).
+    """
+    layers: list[nn.Module] = []
+    for i, width in enumerate(dims):
+        layers.append(nn.Linear(in_features, width, bias=False))
+        if i < len(dims) - 1:
+            layers += [GlobalBatchNorm1d(width), nn.ReLU(inplace=True)]
+        elif output_norm:
+            layers.append(GlobalBatchNorm1d(width, affine=False))
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def embedding_std(embeddings: torch.Tensor) -> torch.Tensor:
+    """Collapse indicator of SimSiam (Chen & He, CVPR 2021, section 4.1): the mean over
+    dimensions of the per-dimension standard deviation, across the batch, of the
+    L2-normalised embeddings.
+
+    Args:
+        embeddings: [B, D] (any float dtype).
+    Returns:
+        detached fp32 scalar: about 1/sqrt(D) for embeddings spread over the sphere, 0 when
+        all collapse to one vector. Bessel-corrected; a one-image batch has no spread (0).
+    """
+    z = F.normalize(embeddings.float(), dim=1)
+    return z.std(dim=0, correction=1 if z.shape[0] > 1 else 0).mean()
