@@ -181,6 +181,8 @@ def test_pretraining_uses_the_fast_path_by_default(tmp_path):
     assert torch.equal(saved["encoder.conv1.weight"], conv.detach())
     # the returned model is plain: Accelerate's autocast wrapper is gone from its forward
     assert result.model.forward.__func__ is CAiDForPreTraining.forward
+    views = torch.rand(2, 3, 64, 64)  # and it keeps transformers' return_dict handling
+    assert isinstance(result.model.eval()(views, views, return_dict=False), tuple)
     losses = [h["train/loss"] for h in result.history if "train/loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 

@@ -133,6 +133,17 @@ def on_main_process(accelerator, work) -> None:
         raise error
 
 
+def plain_model(accelerator, model):
+    """The prepared ``model`` as the user's class left it: without DDP and without the
+    autocast wrapper Accelerate put on its ``forward``. (Accelerate's own
+    ``keep_fp32_wrapper=False`` unwraps every ``functools.wraps`` layer, so it would also strip
+    transformers' ``can_return_tuple`` from the model's forward.)"""
+    model = accelerator.unwrap_model(model)
+    model.__dict__.pop("forward", None)  # the class's forward again
+    model.__dict__.pop("_original_forward", None)
+    return model
+
+
 def agree_on_error(accelerator, error: BaseException | None):
     """An error on any process becomes an error on every process (so none waits alone)."""
     if accelerator.num_processes == 1:

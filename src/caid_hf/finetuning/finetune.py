@@ -45,6 +45,7 @@ from ..runs import (
     default_num_workers,
     lock_output_dir,
     make_accelerator,
+    plain_model,
     prepare_output_dir,
     run_record,
     start_run_records,
@@ -612,7 +613,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         ft.accelerator.wait_for_everyone()
         ft.accelerator.end_training()
         # the plain model: without the autocast wrapper Accelerate put around its forward
-        unwrapped = ft.accelerator.unwrap_model(ft.model, keep_fp32_wrapper=False)
+        unwrapped = plain_model(ft.accelerator, ft.model)
         return FinetuneResult(model=unwrapped.cpu().eval(), output_dir=ft.output_dir,
                               best_metric=ft.best_value, best_step=ft.best_step,
                               global_step=ft.step, stopped_early=ft.stopped_early,

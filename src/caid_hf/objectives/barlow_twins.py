@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d, all_reduce_with_grad, world_size
-from .common import Objective, ObjectiveOutput, batch_norm_mlp, global_pool
+from .common import ObjectiveOutput, SymmetricObjective, batch_norm_mlp
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -67,7 +67,7 @@ class BarlowTwinsOutput(ObjectiveOutput):
 
 
 
-class BarlowTwins(Objective):
+class BarlowTwins(SymmetricObjective):
     """Barlow Twins projector and loss.
 
     Args:
@@ -78,11 +78,6 @@ class BarlowTwins(Objective):
     """
 
     config_fields = ("discrimination_method", "barlow_projector_dims")
-    # SyncBatchNorm semantics everywhere (the originals convert their whole model): then a
-    # multi-process step equals a one-process step on the global batch
-    global_batch_norm = True
-    reconstructs_key_view = True
-
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> BarlowTwins:
         return cls(encoder.out_channels[-1], config.barlow_projector_dims,
@@ -93,15 +88,6 @@ class BarlowTwins(Objective):
         super().__init__()
         self.projector = batch_norm_mlp(feature_dim, list(projector_dims), output_norm=False)
         self.criterion = BarlowTwinsLoss(projector_dims[-1], off_diagonal_weight)
-
-    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
-                query_encoder: nn.Module, encode, update_momentum: bool = True) -> BarlowTwinsOutput:
-        """Encode the key views with the query encoder (``encode``), then
-        :meth:`embeddings_loss`; the key features come back for their reconstruction."""
-        key_features = encode(key_pixel_values)
-        output = self.embeddings_loss(query_embedding, global_pool(key_features[-1]))
-        output.key_features = key_features
-        return output
 
     def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor
                         ) -> BarlowTwinsOutput:

@@ -86,6 +86,31 @@ class Objective(nn.Module):
         return []
 
 
+class SymmetricObjective(Objective):
+    """An objective whose two views both go through the query encoder (Barlow Twins,
+    SimSiam): the key view is encoded with ``encode``, its features come back for its
+    reconstruction, and every BatchNorm of the model normalises over the global batch when
+    several processes train (SyncBatchNorm semantics, as the originals convert their whole
+    model: a multi-process step then equals a one-process step on the global batch).
+    Subclasses implement :meth:`embeddings_loss`."""
+
+    global_batch_norm = True
+    reconstructs_key_view = True
+
+    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
+                query_encoder: nn.Module, encode: Callable[[torch.Tensor], list[torch.Tensor]],
+                update_momentum: bool = True) -> ObjectiveOutput:
+        key_features = encode(key_pixel_values)
+        output = self.embeddings_loss(query_embedding, global_pool(key_features[-1]))
+        output.key_features = key_features
+        return output
+
+    def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor
+                        ) -> ObjectiveOutput:
+        """Pooled features [B, C] of the first and second views (with gradient) → loss."""
+        raise NotImplementedError
+
+
 def batch_norm_mlp(in_features: int, dims: list[int], output_norm: bool) -> nn.Sequential:
     """Linear layers of output widths ``dims``, each but the last followed by BatchNorm + ReLU;
     with ``output_norm`` the last is followed by an affine-free BatchNorm.

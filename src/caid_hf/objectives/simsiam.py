@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d
-from .common import Objective, ObjectiveOutput, batch_norm_mlp, global_pool
+from .common import ObjectiveOutput, SymmetricObjective, batch_norm_mlp
 
 
 class SimSiamLoss(nn.Module):
@@ -55,7 +55,7 @@ class SimSiamOutput(ObjectiveOutput):
 
 
 
-class SimSiam(Objective):
+class SimSiam(SymmetricObjective):
     """SimSiam projector, predictor and loss.
 
     Args:
@@ -67,11 +67,6 @@ class SimSiam(Objective):
     """
 
     config_fields = ("discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
-    # SyncBatchNorm semantics everywhere (the originals convert their whole model): then a
-    # multi-process step equals a one-process step on the global batch
-    global_batch_norm = True
-    reconstructs_key_view = True
-
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> SimSiam:
         return cls(encoder.out_channels[-1], config.simsiam_projector_dims,
@@ -87,15 +82,6 @@ class SimSiam(Objective):
         self.projector = batch_norm_mlp(feature_dim, list(projector_dims), output_norm=True)
         self.predictor = build_predictor(projector_dims[-1], predictor_hidden_dim)
         self.criterion = SimSiamLoss()
-
-    def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
-                query_encoder: nn.Module, encode, update_momentum: bool = True) -> SimSiamOutput:
-        """Encode the key views with the query encoder (``encode``), then
-        :meth:`embeddings_loss`; the key features come back for their reconstruction."""
-        key_features = encode(key_pixel_values)
-        output = self.embeddings_loss(query_embedding, global_pool(key_features[-1]))
-        output.key_features = key_features
-        return output
 
     def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor
                         ) -> SimSiamOutput:

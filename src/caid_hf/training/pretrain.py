@@ -37,6 +37,7 @@ from ..runs import (
     lock_output_dir,
     make_accelerator,
     on_main_process,
+    plain_model,
     prepare_output_dir,
     run_record,
     start_run_records,
@@ -599,7 +600,7 @@ def finish_run(run: PretrainRun) -> PretrainResult:
     run.console.summary(*run_summary(output_dir, state, final_card["training_time_s"], speed,
                                      args.report_to != "none"))
     # the plain model: without the autocast wrapper Accelerate put around its forward
-    result = PretrainResult(model=accelerator.unwrap_model(run.model, keep_fp32_wrapper=False),
+    result = PretrainResult(model=plain_model(accelerator, run.model),
                             output_dir=output_dir, global_step=state.global_step,
                             best_val_loss=state.best_val_loss, best_step=state.best_step,
                             history=state.history)
