@@ -11,8 +11,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from caid_hf.data.dicom import decode_dicom, has_dicom_magic
 from caid_hf.data.sources import ImageFolderSource, decode_grey
+from caid_hf.decoding import decode_dicom, has_dicom_magic
 
 
 def _write_dicom(path, pixels, *, photometric="MONOCHROME2", bits_stored=12, **elements):

@@ -104,7 +104,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 
 def test_a_dicom_declaring_gigapixels_is_refused(tmp_path):
-    from caid_hf.data.dicom import check_pixel_count
+    from caid_hf.decoding import check_pixel_count
 
     check_pixel_count("ok.dcm", 4096, 4096)
     with pytest.raises(ValueError, match=r"huge\.dcm.*30000 x 30000 px.*decompression bomb"):

@@ -1,7 +1,7 @@
 """CAiDImageProcessor: any chest X-ray input → ``pixel_values`` as in pre-training.
 
 Pre-training sees grey images in [0, 1] (decoded to uint8 by
-``data.sources.decode_grey``, divided by 255), replicated to 3 channels,
+``caid_hf.decoding.decode_grey``, divided by 255), replicated to 3 channels,
 without mean/std normalisation. This processor produces exactly that from
 PIL images, numpy arrays, torch tensors, pydicom datasets and paths to image
 or DICOM files, so a published backbone is fed the way it was trained.
@@ -23,8 +23,8 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
-from .data.dicom import dicom_to_grey as decode_dicom_dataset
-from .data.sources import decode_grey, pil_to_grey, scale_high_bit_depth
+from .decoding import decode_grey, pil_to_grey, scale_high_bit_depth
+from .decoding import dicom_to_grey as decode_dicom_dataset
 
 __all__ = ["CAiDImageProcessor"]
 
@@ -89,7 +89,7 @@ class CAiDImageProcessor(BaseImageProcessor):
       non-finite values are refused.
     - RGB/RGBA: luminance (ITU-R 601, PIL's ``convert("L")``), alpha dropped.
     - DICOM (``pydicom.Dataset`` or a path, by suffix or the ``DICM`` preamble):
-      pre-training's own decoder (``caid_hf.data.dicom.dicom_to_grey``): the modality
+      pre-training's own decoder (``caid_hf.decoding.dicom_to_grey``): the modality
       LUT or RescaleSlope/Intercept, then the VOI LUT or WindowCenter/Width, mapped to
       0..255 over the displayed range (the VOI output range when there is one, else the
       image's own minimum and maximum), MONOCHROME1 inverted so that air is dark,
@@ -312,7 +312,7 @@ def to_grey(image: CAiDImageInput, name: str = "image") -> np.ndarray:
 
 def _path_to_grey(path: Path) -> np.ndarray:
     """A file (image or DICOM, by suffix or the DICM preamble) through pre-training's
-    decoder, :func:`caid_hf.data.sources.decode_grey`."""
+    decoder, :func:`caid_hf.decoding.decode_grey`."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     return decode_grey(path).astype(np.float32) / 255.0
@@ -384,7 +384,7 @@ def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.nda
 
 def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset") -> np.ndarray:
     """One DICOM image as grey float32 [H, W] in [0, 1]: pre-training's decoder
-    (:func:`caid_hf.data.dicom.dicom_to_grey`: modality LUT / rescale, VOI LUT / window,
+    (:func:`caid_hf.decoding.dicom_to_grey`: modality LUT / rescale, VOI LUT / window,
     MONOCHROME1 inverted, quantised to 8 bits) divided by 255, so the processor feeds a
     model exactly the pixels it was trained on.
 

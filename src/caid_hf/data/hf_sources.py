@@ -39,7 +39,8 @@ from datasets.utils.file_utils import is_local_path, xopen
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from .sources import _check_index, pil_to_grey
+from ..decoding import pil_to_grey
+from .sources import _check_index
 
 __all__ = ["HFImageSource", "HFStreamingSource", "decode_image_value", "open_hf_dataset"]
 

@@ -1,9 +1,16 @@
-"""DICOM radiographs decoded to grey uint8, the way a viewer would show them.
+"""The one image decoder of caid-hf: any file pre-training reads, and every file or DICOM
+dataset ``CAiDImageProcessor`` is given, becomes grey uint8 [H, W] here.
 
-pydicom reads the file and does the DICOM arithmetic (modality rescale and
-LUT, VOI window and LUT, compressed transfer syntaxes through its decoder
-plugins); this module only chooses which of those steps apply to a chest
-radiograph and maps the result onto 0..255.
+- PNG, JPEG and other PIL formats (:func:`decode_grey`, :func:`pil_to_grey`): 8-bit grey as
+  stored; colour by ITU-R 601 luminance; 16-bit grey scaled by its bit depth.
+- DICOM (:func:`decode_dicom`, :func:`dicom_to_grey`): pydicom reads the file and does the
+  DICOM arithmetic (modality rescale and LUT, VOI window and LUT, compressed transfer
+  syntaxes through its decoder plugins); this module chooses which of those steps apply to
+  a chest radiograph and maps the result onto 0..255.
+
+Standard library, NumPy, PIL and (for DICOM) pydicom only, and no import from the rest of
+caid-hf: a model repository on the Hub ships this file with the image processor, so the
+processor runs where caid-hf is not installed.
 """
 
 from __future__ import annotations
@@ -11,21 +18,38 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
-import pydicom
-from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from PIL import Image, UnidentifiedImageError
+
+try:  # DICOM needs pydicom (a caid-hf dependency; optional for the Hub's remote code)
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+except ImportError:  # pragma: no cover - exercised only without pydicom
+    pydicom = None
+    Dataset = object
+
+    class InvalidDicomError(Exception):
+        """Stands in for pydicom's when it is not installed."""
 
 __all__ = [
     "DICOM_EXTRA_HINT",
+    "IMAGE_EXTENSIONS",
     "check_pixel_count",
     "decode_dicom",
+    "decode_grey",
     "dicom_to_grey",
     "has_dicom_magic",
+    "pil_to_grey",
+    "scale_high_bit_depth",
 ]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 DICOM_EXTRA_HINT = 'pip install "caid-hf[dicom]"'
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -252,3 +276,115 @@ def _colour_to_grey(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     luma = pixels.astype(np.float64) @ _LUMA_WEIGHTS
     peak = 2 ** int(dataset.BitsStored) - 1
     return np.rint(np.clip(luma * (255.0 / peak), 0.0, 255.0)).astype(np.uint8)
+
+
+def scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
+    """Map integer pixels stored in 16 (or 32) bits to uint8 by their bit depth.
+
+    The stored bit depth (10, 12, 14 … bits inside a 16-bit container) is not
+    in the PNG, so it is taken as the smallest of 8/10/12/14/16 bits that
+    holds the image's maximum: a 12-bit image maps 4095 to 255, and a dark
+    16-bit image stays dark instead of being stretched.
+    """
+    values = np.clip(values, 0, None).astype(np.float32)
+    peak = int(values.max(initial=0))
+    bits = next((b for b in (8, 10, 12, 14, 16) if peak < 2**b), peak.bit_length())
+    return np.rint(values * (255.0 / (2**bits - 1))).astype(np.uint8)
+
+
+def pil_to_grey(image: Image.Image) -> np.ndarray:
+    """An open PIL image as grey uint8 [H, W] in 0..255 (the rules of :func:`decode_grey`)."""
+    if image.mode == "L":
+        return np.array(image, dtype=np.uint8)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return scale_high_bit_depth(np.asarray(image))
+    return np.array(image.convert("L"), dtype=np.uint8)
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def _png_expected_bytes(width: int, height: int, bits: int, colour: int, interlaced: bool) -> int:
+    """Length of a PNG's inflated image data: a filter byte plus the packed pixels per row,
+    summed over the seven Adam7 passes when interlaced."""
+    def rows(w: int, h: int) -> int:
+        return 0 if w == 0 or h == 0 else h * (1 + (w * bits * _PNG_CHANNELS[colour] + 7) // 8)
+
+    if not interlaced:
+        return rows(width, height)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+              (1, 0, 2, 2), (0, 1, 1, 2))
+    return sum(rows((width - x + dx - 1) // dx, (height - y + dy - 1) // dy)
+               for x, y, dx, dy in passes)
+
+
+def _check_png_complete(path: str | os.PathLike, image: Image.Image) -> None:
+    """PIL fills the rows of a PNG whose compressed image data ends early with zeros and
+    reports nothing (libpng stops with "Not enough image data"). So when a decoded PNG's
+    last row is all zero, the image data is inflated once more and its length checked;
+    images with a non-black last row (nearly all) cost nothing. Raises OSError."""
+    last = np.asarray(image.crop((0, image.height - 1, image.width, image.height)))
+    if last.any():
+        return
+    data = Path(path).read_bytes()
+    header = data[16:29]
+    width, height, bits, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if colour not in _PNG_CHANNELS:
+        return
+    inflate = zlib.decompressobj()
+    produced, position = 0, 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        if data[position + 4:position + 8] == b"IDAT":
+            produced += len(inflate.decompress(data[position + 8:position + 8 + length]))
+        position += 12 + length
+    expected = _png_expected_bytes(width, height, bits, colour, bool(interlace))
+    if produced < expected:
+        complete_rows = produced * height // max(expected, 1)
+        raise OSError(f"the image data ends early (about {complete_rows} of {height} rows): a "
+                      "truncated or damaged PNG")
+
+
+def decode_grey(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as grey uint8 [H, W] in 0..255.
+
+    DICOM files go to :func:`decode_dicom` (rescale, window,
+    MONOCHROME1 inversion; see there): those named ``.dcm`` or ``.dicom`` (any
+    case), and files whose suffix is not an image format PIL knows (``IM0001``,
+    ``1.2.840.113619.2.1``) but that carry ``DICM`` at byte offset 128.
+
+    Everything else is read by PIL. 8-bit grey is returned as stored; RGB, RGBA
+    (alpha dropped), grey+alpha and palette images are converted with PIL's
+    luminance (ITU-R 601). 16-bit (and 32-bit integer) grey is scaled by its
+    bit depth, taken as the smallest of 8/10/12/14/16 bits that holds the
+    image's maximum: ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps
+    4095 to 255.
+
+    Images of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before
+    their pixels are decoded (PIL's decompression-bomb limit, DICOM included). torchvision's
+    libpng decoder is not used: it kills the process (SIGSEGV) on a PNG whose compressed
+    image data ends early.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable image, or too large; the message names
+            ``path``.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".dcm", ".dicom") or (
+        suffix not in Image.registered_extensions() and has_dicom_magic(path)
+    ):
+        return decode_dicom(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.format == "PNG":
+                _check_png_complete(path, image)
+            return pil_to_grey(image)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError as error:
+        raise ValueError(f"cannot decode image {os.fspath(path)!r}: it is a folder") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        # PIL raises SyntaxError for some malformed headers.
+        raise ValueError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
