@@ -64,12 +64,18 @@ def test_method_fields_defaults_and_choices():
         CAiDConfig(discrimination_method="byol")
     for method in ("barlow_twins", "simsiam"):
         assert CAiDConfig(discrimination_method=method, reconstruct_views="both").reconstruct_views == "both"
-    assert CAiDConfig().objective_fields() == (
+    from caid_hf.configuration_caid import DISCRIMINATION_METHODS, SYMMETRIC_METHODS
+    from caid_hf.objectives import OBJECTIVES, objective_class
+
+    assert objective_class("moco_v2").config_fields == (
         "discrimination_method", "projection_head", "projection_dim", "queue_size")
-    assert CAiDConfig(discrimination_method="barlow_twins").objective_fields() == (
+    assert objective_class("barlow_twins").config_fields == (
         "discrimination_method", "barlow_projector_dims")
-    assert CAiDConfig(discrimination_method="simsiam").objective_fields() == (
+    assert objective_class("simsiam").config_fields == (
         "discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
+    # the configuration's names (torch-free, for the Hub's remote code) match the registry
+    assert DISCRIMINATION_METHODS == tuple(OBJECTIVES)
+    assert SYMMETRIC_METHODS == tuple(m for m, o in OBJECTIVES.items() if o.reconstructs_key_view)
 
 
 def test_method_fields_survive_save_and_load(tmp_path):

@@ -18,13 +18,12 @@ from .configuration_caid import CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
 from .modeling_caid import (
     CAiDForImageClassification,
-    CAiDForPreTraining,
-    CAiDForPreTrainingOutput,
     CAiDForSemanticSegmentation,
     CAiDModel,
     CAiDModelOutput,
     CAiDPreTrainedModel,
 )
+from .modeling_caid_pretraining import CAiDForPreTraining, CAiDForPreTrainingOutput
 
 AutoConfig.register("caid", CAiDConfig)
 AutoModel.register(CAiDConfig, CAiDModel)
@@ -35,6 +34,15 @@ AutoModelForSemanticSegmentation.register(CAiDConfig, CAiDForSemanticSegmentatio
 AutoImageProcessor.register(
     CAiDConfig, image_processor_classes={"torchvision": CAiDImageProcessor, "pil": CAiDImageProcessor}
 )
+# Saved folders also carry the code (configuration_caid.py, modeling_caid.py,
+# image_processing_caid.py, decoding.py) and an auto_map, so a Hub repo loads with
+# trust_remote_code=True where caid-hf is not installed; with caid-hf installed the
+# registrations above win and no remote code runs.
+CAiDConfig.register_for_auto_class()
+CAiDModel.register_for_auto_class("AutoModel")
+CAiDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CAiDForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+CAiDImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "CAiDConfig",

@@ -38,7 +38,8 @@ import torch
 
 from .configuration_caid import CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
-from .modeling_caid import CAiDForPreTraining, CAiDModel, smp_unet
+from .modeling_caid import CAiDModel, smp_unet
+from .modeling_caid_pretraining import CAiDForPreTraining
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydicom.dataset import Dataset as DicomDataset
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from .decoding import decode_grey, pil_to_grey, scale_high_bit_depth
 from .decoding import dicom_to_grey as decode_dicom_dataset
+
+try:  # DICOM datasets as input need pydicom (a caid-hf dependency, optional for remote code)
+    from pydicom.dataset import Dataset as DicomDataset
+except ImportError:  # pragma: no cover - exercised only without pydicom
+
+    class DicomDataset:  # noqa: D101 - no instance can exist without pydicom
+        pass
 
 __all__ = ["CAiDImageProcessor"]
 

@@ -13,11 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d
-
-
-def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
-    """Global average pool [B, C, h, w] → [B, C]."""
-    return feature_map.mean(dim=(2, 3))
+from ..modeling_caid import global_pool
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..data.augment import AugmentationConfig, ViewAugmenter
 from ..data.pipeline import LoaderSettings, PretrainingData
 from ..image_processing_caid import CAiDImageProcessor
 from ..model_card import build_model_card, write_model_card
-from ..modeling_caid import CAiDForPreTraining
+from ..modeling_caid_pretraining import CAiDForPreTraining
 from ..objectives import objective_class
 from ..publishing import push_folder
 from ..runs import (
@@ -63,7 +63,8 @@ def check_init_from_architecture(init_from: str, config: CAiDConfig) -> None:
     saved = CAiDConfig.from_pretrained(init_from)
     fields = ["encoder_name", "encoder_depth", "decoder_channels", "in_channels"]
     if "CAiDForPreTraining" in (saved.architectures or []):  # the objective is loaded too
-        fields += [name for name in config.objective_fields() if name not in fields]
+        objective = objective_class(config.discrimination_method)
+        fields += [name for name in objective.config_fields if name not in fields]
         if saved.discrimination_method != config.discrimination_method:
             fields = ["discrimination_method"]
     for name in fields:
