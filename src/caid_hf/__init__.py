@@ -15,6 +15,7 @@ from transformers import (
 
 from ._version import __version__ as __version__
 from .configuration_caid import CAiDConfig
+from .decoding import register_dicom_with_pil
 from .image_processing_caid import CAiDImageProcessor
 from .modeling_caid import (
     CAiDForImageClassification,
@@ -38,11 +39,12 @@ AutoImageProcessor.register(
 # image_processing_caid.py, decoding.py) and an auto_map, so a Hub repo loads with
 # trust_remote_code=True where caid-hf is not installed; with caid-hf installed the
 # registrations above win and no remote code runs.
+# PIL (and so transformers' pipelines) opens DICOM files the way pre-training decodes them
+register_dicom_with_pil()
 CAiDConfig.register_for_auto_class()
 CAiDModel.register_for_auto_class("AutoModel")
 CAiDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 CAiDForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-CAiDImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "CAiDConfig",

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 try:  # DICOM needs pydicom (a caid-hf dependency; optional for the Hub's remote code)
     import pydicom
@@ -388,3 +388,41 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         # PIL raises SyntaxError for some malformed headers.
         raise ValueError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
+
+
+class _DicomImageFile(ImageFile.ImageFile):
+    """DICOM as a PIL image (mode ``L``, the grey uint8 of :func:`dicom_to_grey`), so that
+    code which opens images with PIL (transformers' pipelines, ``load_image``) reads DICOM
+    files the way pre-training does. Registered by :func:`register_dicom_with_pil`."""
+
+    format = "DICOM"
+    format_description = "DICOM radiograph (caid-hf decoder)"
+
+    def _open(self) -> None:
+        header = self.fp.read(132)
+        self.fp.seek(0)
+        if pydicom is None or header[128:132] != b"DICM":
+            raise SyntaxError("not a DICOM Part 10 file")
+        name = getattr(self.fp, "name", "DICOM file")
+        try:
+            dataset = pydicom.dcmread(self.fp)
+        except _MALFORMED as error:
+            raise SyntaxError(f"cannot read DICOM file {name!r}: {error}") from error
+        self._grey = dicom_to_grey(dataset, os.fspath(name) if isinstance(name, str) else "DICOM")
+        self._mode = "L"
+        self._size = (self._grey.shape[1], self._grey.shape[0])
+        self.tile = []
+
+    def load(self):
+        if getattr(self, "_grey", None) is not None:
+            self.im = Image.frombuffer("L", self.size, self._grey.tobytes(), "raw", "L", 0, 1).im
+            self._grey = None
+        return super().load()
+
+
+def register_dicom_with_pil() -> None:
+    """Let ``PIL.Image.open`` read DICOM Part 10 files through :func:`dicom_to_grey` (tried
+    after PIL's own formats, so nothing else changes)."""
+    if _DicomImageFile.format not in Image.OPEN:
+        Image.register_open(_DicomImageFile.format, _DicomImageFile)
+        Image.register_extensions(_DicomImageFile.format, [".dcm", ".dicom"])

@@ -146,6 +146,26 @@ class CAiDImageProcessor(BaseImageProcessor):
         """The processor matching a ``CAiDConfig``: ``size = config.image_size``."""
         return cls(size=config.image_size, **kwargs)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The saved settings, without ``image_processor_type``: ``AutoImageProcessor`` then
+        finds the processor through the model's ``config.json`` (its ``caid`` model type with
+        caid-hf installed, its ``auto_map`` without), and transformers' ``AutoVideoProcessor``,
+        which pipelines try, does not mistake this processor for remote video code."""
+        values = super().to_dict()
+        values.pop("image_processor_type", None)
+        return values
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``BaseImageProcessor.save_pretrained``, plus this file and ``decoding.py`` copied
+        beside it, so a Hub repo's processor runs without caid-hf (``trust_remote_code``).
+        Its ``auto_map`` entry is the model config's (see
+        ``caid_hf.modeling_caid.REMOTE_CODE_AUTO_MAP``), not this file's."""
+        from transformers.dynamic_module_utils import custom_object_save
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        custom_object_save(self, save_directory)
+        return result
+
     def __call__(
         self, images: CAiDImageInput | Sequence[CAiDImageInput], **kwargs: Any
     ) -> BatchFeature:
@@ -210,6 +230,71 @@ class CAiDImageProcessor(BaseImageProcessor):
                 "one size, e.g. size={'height': H, 'width': W}, or use return_tensors=None"
             )
         return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type=return_tensors)
+
+
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Sequence[tuple[int, int]] | None = None,
+        threshold: float = 0.5,
+    ) -> list[torch.Tensor]:
+        """Label maps [H, W] (long) of a segmentation model's output, one per image.
+
+        Several classes (``logits`` [B, C, h, w], C > 1): each pixel gets its most likely
+        class. One class (C = 1, a binary U-Net): 1 where the sigmoid probability reaches
+        ``threshold``, else 0. ``target_sizes`` ((height, width) per image, e.g. the
+        original images' sizes) resizes the logits (bilinear) first; without it the maps
+        keep the model's output size.
+        """
+        return [label_map for label_map, _ in self._label_maps(outputs, target_sizes, threshold)]
+
+    def post_process_instance_segmentation(
+        self, outputs: Any, threshold: float = 0.5, mask_threshold: float = 0.5,
+        target_sizes: Sequence[tuple[int, int]] | None = None, **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """One segment per class present, in the format of ``pipeline("image-segmentation")``:
+        per image ``{"segmentation": [H, W] segment ids (0: none), "segments_info": [{"id",
+        "label_id", "score"}]}``. The pixels of a segment are those of
+        :meth:`post_process_semantic_segmentation` (``mask_threshold`` is the binary
+        threshold); a binary model's only segment is its foreground (label 0). A segment's
+        ``score`` is the highest probability of its class among its pixels; segments scoring
+        below ``threshold`` are left out.
+        """
+        results = []
+        for label_map, probabilities in self._label_maps(outputs, target_sizes, mask_threshold):
+            binary = probabilities.shape[0] == 1
+            segmentation = torch.zeros_like(label_map)
+            segments = []
+            classes = [0] if binary else label_map.unique().tolist()
+            for label in classes:
+                pixels = label_map == (1 if binary else label)
+                if not pixels.any():
+                    continue
+                score = float(probabilities[label][pixels].max())
+                if score < threshold:
+                    continue
+                segment_id = len(segments) + 1
+                segmentation[pixels] = segment_id
+                segments.append({"id": segment_id, "label_id": int(label), "score": score})
+            results.append({"segmentation": segmentation, "segments_info": segments})
+        return results
+
+    def _label_maps(self, outputs: Any, target_sizes, threshold: float):
+        """(label map [H, W], class probabilities [C, H, W]) per image."""
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        logits = logits.detach().float()
+        if target_sizes is not None and len(target_sizes) != logits.shape[0]:
+            raise ValueError(f"target_sizes has {len(target_sizes)} sizes for "
+                             f"{logits.shape[0]} images")
+        for i, image_logits in enumerate(logits):
+            if target_sizes is not None:
+                size = tuple(int(v) for v in target_sizes[i])
+                image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear",
+                                             align_corners=False)[0]
+            if image_logits.shape[0] == 1:
+                probabilities = image_logits.sigmoid()
+                yield (probabilities[0] >= threshold).long(), probabilities
+            else:
+                probabilities = image_logits.softmax(dim=0)
+                yield probabilities.argmax(dim=0), probabilities
 
 
 def _check_size(size: Any) -> CAiDSize:
