@@ -11,7 +11,8 @@ from caid_hf import CAiDConfig, CAiDModel
 from caid_hf.model_card import CITATION, NOT_RECORDED, write_model_card
 from caid_hf.training.arguments import DataArguments, PretrainingArguments
 
-EXPECTED_TAGS = {"medical-imaging", "self-supervised-learning", "chest-x-ray", "caid", "moco",
+# a run on the embedded phantoms: never a chest-radiograph tag
+EXPECTED_TAGS = {"medical-imaging", "self-supervised-learning", "synthetic-data", "caid", "moco",
                  "image-feature-extraction"}
 
 
@@ -51,7 +52,7 @@ def test_card_metadata_parses_back(backbone_dir, run_dir):
     assert data["license"] == "apache-2.0"
     assert data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "image-feature-extraction"
-    assert EXPECTED_TAGS <= set(data["tags"])
+    assert EXPECTED_TAGS <= set(data["tags"]) and "chest-x-ray" not in data["tags"]
     assert "resnet18" in data["tags"]
     assert data["base_model"] == "org/caid-resnet18-base"
     assert data["datasets"] == ["org/chestxray14"]
@@ -61,8 +62,7 @@ def test_card_body_reports_the_run(backbone_dir, run_dir):
     card = ModelCard.load(write_model_card(backbone_dir, run_dir, hardware="2-core CPU",
                                            training_time_s=282.0))
     body = card.text
-    assert "| Best validation loss | 5.2852 |" in body
-    assert "| Best validation step | 64 |" in body
+    assert "| Validation loss of these weights (best) | 5.2852 at step 64 |" in body
     assert "| Total optimizer steps | 192 |" in body
     assert "1,000 training images, 200 validation images" in body
     assert "192 steps" in body
@@ -84,7 +84,7 @@ def test_card_without_run_files(backbone_dir, tmp_path):
         card = ModelCard.load(write_model_card(backbone_dir, run))
         assert "base_model" not in card.data.to_dict()
         assert card.data.license == "apache-2.0"
-        assert f"| Best validation loss | {NOT_RECORDED} |" in card.text
+        assert f"| Validation loss of these weights (best) | {NOT_RECORDED} |" in card.text
         assert f"| Data size | {NOT_RECORDED} |" in card.text
         assert f"| Hardware | {NOT_RECORDED} |" in card.text
         assert f"Run configuration: {NOT_RECORDED}." in card.text
@@ -110,3 +110,89 @@ def test_usage_uses_repo_id_and_processor_when_saved(backbone_dir):
     text = ModelCard.load(write_model_card(backbone_dir, repo_id="org/caid-r18")).text
     assert 'AutoImageProcessor.from_pretrained("org/caid-r18")' in text
     assert 'AutoModelForSemanticSegmentation.from_pretrained("org/caid-r18", num_labels=1)' in text
+
+
+def _run_files(run, train_source, history):
+    training = dataclasses.asdict(PretrainingArguments(output_dir=str(run), max_steps=8))
+    config = {"model": {"encoder_name": "resnet18", "image_size": 64},
+              "data": dataclasses.asdict(DataArguments(train_source=train_source)),
+              "training": training}
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    state = {"global_step": 8, "metric_for_best_model": "val/loss", "best_metric": 5.1,
+             "best_step": 4, "history": history}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_phantom_run_card_never_claims_chest_radiographs(backbone_dir, run_dir):
+    card = ModelCard.load(write_model_card(backbone_dir, run_dir))
+    assert "synthetic chest phantoms embedded in caid-hf" in card.text
+    assert "on chest radiographs" not in card.text
+    assert "chest-x-ray" not in card.data.tags and "synthetic-data" in card.data.tags
+
+
+def test_folder_run_card_names_its_data_without_the_local_path(tmp_path):
+    run = tmp_path / "run"
+    CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64)).save_pretrained(run / "best")
+    _run_files(run, "/data/hospital/cxr_pngs", [{"step": 4, "val/loss": 5.1}])
+    card = ModelCard.load(write_model_card(run / "best", run, base_model="/data/other/best"))
+    assert "pre-trained without labels on `cxr_pngs`" in card.text
+    assert "chest-x-ray" in card.data.tags and "synthetic-data" not in card.data.tags
+    assert "base_model" not in card.data.to_dict()  # a local path is no Hub id
+
+
+def test_final_and_best_cards_give_the_numbers_of_their_own_weights(tmp_path):
+    run = tmp_path / "run"
+    for name in ("best", "final"):
+        CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64)).save_pretrained(run / name)
+    _run_files(run, "phantoms", [{"step": 4, "val/loss": 5.1}, {"step": 8, "val/loss": 5.3}])
+    best = ModelCard.load(write_model_card(run / "best", run, weights="best")).text
+    final = ModelCard.load(write_model_card(run / "final", run, weights="final")).text
+    assert "| Validation loss of these weights (best) | 5.1000 at step 4 |" in best
+    assert "| Validation loss of these weights (last) | 5.3000 at step 8 |" in final
+    assert "best-validation weights of the run" in best and "last weights of the run" in final
+    assert best != final
+
+
+def test_licence_and_datasets_are_card_metadata(backbone_dir, run_dir):
+    card = ModelCard.load(write_model_card(backbone_dir, run_dir, license="cc-by-nc-4.0",
+                                           datasets=["org/mimic-cxr"]))
+    assert card.data.license == "cc-by-nc-4.0" and card.data.datasets == ["org/mimic-cxr"]
+    other = ModelCard.load(write_model_card(backbone_dir, run_dir, license="other",
+                                            license_name="physionet-credentialed",
+                                            license_link="https://physionet.org/about/licenses/"))
+    assert other.data.license == "other"
+    assert other.data.to_dict()["license_name"] == "physionet-credentialed"
+    with pytest.raises(ValueError, match="license_name and license_link"):
+        write_model_card(backbone_dir, run_dir, license="other")
+
+
+def test_push_fills_the_repo_id_and_licence_into_the_card(backbone_dir, run_dir, capsys):
+    from caid_hf.publishing import push_folder
+
+    write_model_card(backbone_dir, run_dir)
+    assert '"org/name"' in (backbone_dir / "README.md").read_text()
+    push_folder(backbone_dir, "you/caid-demo", dry_run=True, license="mit",
+                datasets=["you/xrays"])
+    card = ModelCard.load(backbone_dir / "README.md")
+    assert '"org/name"' not in card.text and card.text.count('"you/caid-demo"') == 5
+    assert 'AutoModel.from_pretrained("you/caid-demo", trust_remote_code=True)' in card.text
+    assert card.data.license == "mit" and card.data.datasets == ["you/xrays"]
+
+
+def test_card_raw_weights_recipe_loads_into_smp_and_torchvision(backbone_dir, monkeypatch):
+    """The card's lines for loading the raw safetensors run as written."""
+    import huggingface_hub
+    import torch
+
+    torch.manual_seed(0)
+    text = ModelCard.load(write_model_card(backbone_dir, repo_id="you/caid")).text
+    snippet = text.split("The raw weights")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name: str(backbone_dir / name))
+    runnable = snippet.split("import timm")[0]  # timm is not a dependency of the tests
+    scope: dict = {}
+    exec(runnable, scope)  # noqa: S102 - the card's own snippet
+    saved = CAiDModel.from_pretrained(backbone_dir).state_dict()
+    assert all(torch.equal(scope["unet"].state_dict()[k], v) for k, v in saved.items())
+    assert set(scope["missing"]) == {"fc.weight", "fc.bias"} and not scope["unexpected"]
+    assert torch.equal(scope["resnet"].conv1.weight, saved["encoder.conv1.weight"])

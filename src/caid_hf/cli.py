@@ -54,9 +54,18 @@ def _push(argv: list[str], prog: str) -> None:
     parser.add_argument("--revision", default=None, help="Branch to push to (default main).")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--dry-run", action="store_true",
-                        help="Print repo, revision and every file with its size; upload nothing.")
+                        help="Print repo, revision and every file with its size; upload nothing "
+                             "(the card's snippets still get the repo id).")
+    parser.add_argument("--license", default=None,
+                        help="Licence id for the card (e.g. apache-2.0, cc-by-nc-4.0, or other).")
+    parser.add_argument("--license-name", default=None, help="Short name of an 'other' licence.")
+    parser.add_argument("--license-link", default=None, help="URL of an 'other' licence's text.")
+    parser.add_argument("--dataset", action="append", default=None,
+                        help="Hub dataset id the weights were trained on (repeatable).")
     a = parser.parse_args(argv)
-    push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run)
+    push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run,
+                license=a.license, license_name=a.license_name, license_link=a.license_link,
+                datasets=a.dataset)
 
 
 def _convert_original(argv: list[str], prog: str) -> None:

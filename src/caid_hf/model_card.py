@@ -22,12 +22,14 @@ NOT_RECORDED = "not recorded"
 BASE_TAGS = [
     "medical-imaging",
     "self-supervised-learning",
-    "chest-x-ray",
     "caid",
     "moco",
     "image-feature-extraction",
     "u-net",
 ]
+PHANTOMS = "phantoms"
+# the tag of the data: a run on the embedded phantoms never claims chest radiographs
+DATA_TAGS = {PHANTOMS: ["synthetic-data"], None: ["chest-x-ray"]}
 
 CITATION = """\
 @inproceedings{taher2022caid,
@@ -121,8 +123,24 @@ channels), **no mean/std normalisation**, `H` and `W` multiples of 32 (pre-train
 {{ image_size }} px).{% if has_processor %} `AutoImageProcessor` (the saved
 `CAiDImageProcessor`) produces exactly that from PIL images, arrays or DICOM files.{% endif %}
 
+With caid-hf installed (`pip install caid-hf`):
+
 ```python
 {{ usage }}
+```
+
+Without caid-hf (the repo carries its code; only torch, transformers and
+segmentation-models-pytorch are needed):
+
+```python
+{{ remote_usage }}
+```
+
+The raw weights, into segmentation_models_pytorch{% if resnet %}, torchvision or timm{% endif %}
+(`smp.from_pretrained` reads smp's own repo layout, not this one):
+
+```python
+{{ raw_usage }}
 ```
 
 ## Differences from the original implementation
@@ -175,10 +193,37 @@ def _data_size(run: dict[str, Any], state: dict[str, Any], train: int | None,
     return text + (f", {count(val)} validation images" if val is not None else "")
 
 
+def _these_weights(state: dict[str, Any], weights: str | None) -> tuple[float | None, Any]:
+    """(validation loss, step) of the weights in the folder: the best ones for ``best``, the
+    last validation for ``final``."""
+    if weights == "final":
+        validations = [h for h in state.get("history", []) if "val/loss" in h]
+        if validations and validations[-1].get("step") == state.get("global_step"):
+            return validations[-1]["val/loss"], validations[-1]["step"]
+        return None, state.get("global_step")
+    best = state.get("best_metric") if state.get("metric_for_best_model") == "val/loss" else None
+    return best, state.get("best_step")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """A ``namespace/name`` Hub id, not a local path."""
+    return bool(name) and name.count("/") == 1 and not Path(name).exists() and \
+        not name.startswith((".", "/", "~"))
+
+
+def _init_text(init_from: str) -> str:
+    """How a card names the starting point: a Hub id as is, a local folder without its path."""
+    if init_from in ("random", "imagenet"):
+        return {"random": "random initialisation",
+                "imagenet": "ImageNet encoder weights (segmentation_models_pytorch)"}[init_from]
+    return f"`{init_from}`" if _is_hub_id(init_from) else "a local checkpoint (not on the Hub)"
+
+
 def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
                    hardware: str | None, training_time_s: float | None,
                    num_train_images: int | None,
-                   num_validation_images: int | None) -> list[tuple[str, str]]:
+                   num_validation_images: int | None,
+                   weights: str | None = None) -> list[tuple[str, str]]:
     run, state = run or {}, state or {}
     data, training = run.get("data", {}), run.get("training", {})
 
@@ -186,10 +231,9 @@ def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
         value = section.get(key)
         return NOT_RECORDED if value is None else f"`{value}`"
 
-    best_loss = state.get("best_metric") if state.get("metric_for_best_model") == "val/loss" \
-        else None
+    best_loss, best_step = _these_weights(state, weights)
     has_best = isinstance(best_loss, int | float) and math.isfinite(best_loss)
-    best_step = state.get("best_step")
+    which = "last" if weights == "final" else "best"
     length = NOT_RECORDED
     if training:
         max_steps = training.get("max_steps", -1)
@@ -212,13 +256,12 @@ def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
          + (f", warm-up {training['warmup_steps']} steps" if training.get("warmup_steps") else "")),
         ("Mixed precision", get(training, "mixed_precision")),
         ("Seed", get(training, "seed")),
-        ("Initialised from", get(training, "init_from") if training.get("init_from")
+        ("Initialised from", _init_text(training.get("init_from")) if training.get("init_from")
          else ("random initialisation" if training else NOT_RECORDED)),
         ("Total optimizer steps", str(state["global_step"]) if "global_step" in state
          else NOT_RECORDED),
-        ("Best validation loss", f"{best_loss:.4f}" if has_best else NOT_RECORDED),
-        ("Best validation step", str(best_step) if has_best and best_step is not None
-         else NOT_RECORDED),
+        (f"Validation loss of these weights ({which})", f"{best_loss:.4f} at step {best_step}"
+         if has_best else NOT_RECORDED),
         ("Hardware", hardware or NOT_RECORDED),
         ("Training time", _format_duration(training_time_s) if training_time_s is not None
          else NOT_RECORDED),
@@ -228,6 +271,7 @@ def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
 def _usage(model_id: str, has_processor: bool) -> str:
     processor_import = "AutoImageProcessor, " if has_processor else ""
     lines = [
+        "# pip install caid-hf",
         "import caid_hf  # registers the \"caid\" model type with the Auto classes",
         f"from transformers import (AutoModel, {processor_import}AutoModelForImageClassification,",
         "                          AutoModelForSemanticSegmentation)",
@@ -253,6 +297,87 @@ def _usage(model_id: str, has_processor: bool) -> str:
     return "\n".join(lines)
 
 
+def _remote_usage(model_id: str, has_processor: bool) -> str:
+    lines = ["# pip install torch transformers segmentation-models-pytorch  (pydicom for DICOM)",
+             f"from transformers import {'AutoImageProcessor, ' if has_processor else ''}AutoModel",
+             ""]
+    if has_processor:
+        lines.append(f'processor = AutoImageProcessor.from_pretrained("{model_id}", '
+                     "trust_remote_code=True)")
+    lines.append(f'backbone = AutoModel.from_pretrained("{model_id}", trust_remote_code=True)')
+    return "\n".join(lines)
+
+
+def _raw_usage(model_id: str, encoder: str) -> str:
+    """The exact lines that put this repo's safetensors into smp, torchvision and timm."""
+    return "\n".join([
+        "import segmentation_models_pytorch as smp",
+        "from huggingface_hub import hf_hub_download",
+        "from safetensors.torch import load_file",
+        "",
+        f'state = load_file(hf_hub_download("{model_id}", "model.safetensors"))',
+        "# segmentation_models_pytorch: the keys are smp.Unet's (1 output channel here)",
+        f'unet = smp.Unet("{encoder}", encoder_weights=None, classes=1)',
+        "unet.load_state_dict(state)",
+    ] + ([] if not encoder.startswith("resnet") else [
+        "# torchvision / timm ResNet: the encoder's keys without the \"encoder.\" prefix",
+        "encoder = {k.removeprefix(\"encoder.\"): v for k, v in state.items()",
+        "           if k.startswith(\"encoder.\")}",
+        "import torchvision",
+        f"resnet = torchvision.models.{encoder}()",
+        "missing, unexpected = resnet.load_state_dict(encoder, strict=False)  # missing: fc.*",
+        "import timm",
+        f'resnet = timm.create_model("{encoder}", num_classes=0)',
+        "timm_missing, _ = resnet.load_state_dict(encoder, strict=False)  # nothing missing",
+    ]))
+
+
+def _model_rows(config: dict[str, Any], encoder: str, method_name: str, context: bool
+                ) -> list[tuple[str, str]]:
+    """The card's "Model" table."""
+    return [
+        ("Architecture", f"U-Net (segmentation_models_pytorch) with a `{encoder}` encoder"),
+        ("Pre-training", f"CAiD: {method_name} + context prediction" if context
+         else f"{method_name} instance discrimination only (baseline)"),
+        ("Image size", f"{config.get('image_size', NOT_RECORDED)} px"),
+        ("Loss weights", f"instance discrimination {config.get('contrastive_weight')}, "
+                         f"reconstruction {config.get('reconstruction_weight')}"
+         if context else f"instance discrimination {config.get('contrastive_weight')}"),
+        ("MoCo queue / momentum / temperature",
+         f"{config.get('queue_size')} / {config.get('momentum')} / "
+         f"{config.get('contrastive_temperature')}"),
+        ("Outputs", "`pooler_output` [B, C], `last_hidden_state` [B, C, H/32, W/32], "
+                    "`reconstruction` [B, 1, H, W]"),
+    ]
+
+
+def _card_data(run: dict[str, Any] | None, encoder: str, datasets, base_model, license: str,
+               license_name: str | None, license_link: str | None) -> tuple[ModelCardData, str]:
+    """The card's Hub metadata, and what the weights were trained on in words: never a
+    chest-radiograph claim (or tag) for the embedded phantoms."""
+    source = ((run or {}).get("data") or {}).get("train_source")
+    phantoms = source == PHANTOMS
+    extra = {"license_name": license_name, "license_link": license_link} \
+        if license == "other" else {}
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=BASE_TAGS + DATA_TAGS[PHANTOMS if phantoms else None] + [encoder],
+        datasets=datasets or None,
+        base_model=base_model if _is_hub_id(base_model) else None,
+        **extra,
+    )
+    if phantoms:
+        trained_on = ("the synthetic chest phantoms embedded in caid-hf (a demonstration: no "
+                      "real radiograph was seen)")
+    elif source:
+        trained_on = f"`{Path(source).name if not _is_hub_id(source) else source}`"
+    else:
+        trained_on = "images not recorded in this folder"
+    return card_data, trained_on
+
+
 def build_model_card(
     folder: str | Path,
     run_dir: str | Path | None = None,
@@ -263,6 +388,10 @@ def build_model_card(
     repo_id: str | None = None,
     num_train_images: int | None = None,
     num_validation_images: int | None = None,
+    weights: str | None = None,
+    license: str = "apache-2.0",
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> ModelCard:
     """The model card of the saved backbone in ``folder`` (a ``huggingface_hub.ModelCard``).
 
@@ -274,9 +403,17 @@ def build_model_card(
         datasets: Hub dataset ids it was trained on, for the metadata.
         hardware: free text, e.g. ``"4x NVIDIA A100 80GB"``.
         training_time_s: wall-clock training time in seconds.
-        repo_id: Hub id used in the usage snippet (default: the placeholder ``org/name``).
+        repo_id: Hub id used in the usage snippets (default: the placeholder ``org/name``,
+            which ``caid-hf push`` replaces with the repo it pushes to).
         num_train_images, num_validation_images: data size, when the run files lack it.
+        weights: ``"best"`` or ``"final"``: which of the run's weights the folder holds, so
+            the card gives the validation loss of those weights (final ≠ best).
+        license: the Hub licence id (weights trained on MIMIC-CXR or CheXpert usually
+            cannot be apache-2.0); ``"other"`` needs ``license_name`` and ``license_link``.
     """
+    if license == "other" and not (license_name and license_link):
+        raise ValueError("license 'other' needs license_name and license_link (the licence's "
+                         "short name and a URL of its text)")
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     if config is None:
@@ -292,28 +429,10 @@ def build_model_card(
     method_name = {"moco_v2": "MoCo-v2"}.get(method, method)
     has_processor = (folder / "preprocessor_config.json").is_file()
 
-    card_data = ModelCardData(
-        license="apache-2.0",
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        tags=BASE_TAGS + [encoder],
-        datasets=datasets or None,
-        base_model=base_model,
-    )
-    model_rows = [
-        ("Architecture", f"U-Net (segmentation_models_pytorch) with a `{encoder}` encoder"),
-        ("Pre-training", f"CAiD: {method_name} + context prediction" if context
-         else f"{method_name} instance discrimination only (baseline)"),
-        ("Image size", f"{config.get('image_size', NOT_RECORDED)} px"),
-        ("Loss weights", f"instance discrimination {config.get('contrastive_weight')}, "
-                         f"reconstruction {config.get('reconstruction_weight')}"
-         if context else f"instance discrimination {config.get('contrastive_weight')}"),
-        ("MoCo queue / momentum / temperature",
-         f"{config.get('queue_size')} / {config.get('momentum')} / "
-         f"{config.get('contrastive_temperature')}"),
-        ("Outputs", "`pooler_output` [B, C], `last_hidden_state` [B, C, H/32, W/32], "
-                    "`reconstruction` [B, 1, H, W]"),
-    ]
+    card_data, trained_on = _card_data(run, encoder, datasets, base_model, license,
+                                       license_name, license_link)
+    model_id = repo_id or "org/name"
+    model_rows = _model_rows(config, encoder, method_name, context)
     method_note = (
         "The encoder learned global features by instance discrimination while the whole "
         "U-Net learned local detail by restoring the original image from a locally distorted "
@@ -327,21 +446,25 @@ def build_model_card(
         template_str=TEMPLATE,
         title=f"CAiD {encoder} backbone ({config.get('image_size', '?')} px)",
         summary=(
-            f"A `{encoder}` U-Net pre-trained without labels on chest radiographs with "
+            f"A `{encoder}` U-Net pre-trained without labels on {trained_on} with "
             f"CAiD (Context-Aware instance Discrimination, Hosseinzadeh Taher et al., MIDL "
             f"2022), packaged with caid-hf for `from_pretrained`. Use it "
             f"as an image feature extractor or to initialise classifiers and segmentation "
-            f"U-Nets."
+            f"U-Nets. These are the {'last' if weights == 'final' else 'best-validation'} "
+            f"weights of the run."
         ),
         model_rows=model_rows,
         method_note=method_note,
         training_rows=_training_rows(run, state, hardware, training_time_s,
-                                     num_train_images, num_validation_images),
+                                     num_train_images, num_validation_images, weights),
         run_config_yaml=yaml.safe_dump(run, sort_keys=False).strip() if run else "",
         not_recorded=NOT_RECORDED,
         image_size=config.get("image_size", NOT_RECORDED),
         has_processor=has_processor,
-        usage=_usage(repo_id or "org/name", has_processor),
+        usage=_usage(model_id, has_processor),
+        remote_usage=_remote_usage(model_id, has_processor),
+        raw_usage=_raw_usage(model_id, encoder),
+        resnet=encoder.startswith("resnet"),
         differences=DIFFERENCES,
         citation=CITATION,
     )

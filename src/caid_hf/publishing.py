@@ -7,6 +7,7 @@ Credentials are never handled here: ``HfApi`` finds the token itself (``HF_TOKEN
 from __future__ import annotations
 
 import glob
+import os
 import re
 from pathlib import Path
 
@@ -83,6 +84,34 @@ def print_plan(repo_id: str, revision: str | None, plan: list[tuple[str, int]]) 
         print(f"  {path}  {size} bytes ({_format_size(size)})")
 
 
+PLACEHOLDER_REPO = "org/name"
+
+
+def update_card(folder: str | Path, repo_id: str, license: str | None = None,
+                license_name: str | None = None, license_link: str | None = None,
+                datasets: list[str] | None = None) -> Path:
+    """Put ``repo_id`` into every snippet of ``folder/README.md`` (where the card says
+    ``org/name``) and set the licence and data sets of its metadata when given. The card
+    is rewritten whole (temporary file, then rename)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    card = ModelCard.load(path)
+    if license == "other" and not (license_name and license_link):
+        raise ValueError("--license other needs --license-name and --license-link")
+    if license is not None:
+        card.data.license = license
+        if license == "other":
+            card.data.license_name, card.data.license_link = license_name, license_link
+    if datasets:
+        card.data.datasets = list(datasets)
+    card.text = card.text.replace(f'"{PLACEHOLDER_REPO}"', f'"{repo_id}"')
+    tmp = path.with_name(".tmp-README.md")
+    card.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -90,6 +119,11 @@ def push_folder(
     private: bool = False,
     dry_run: bool = False,
     commit_message: str = "Upload CAiD backbone",
+    license: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    datasets: list[str] | None = None,
+    fill_card: bool = True,
 ) -> list[tuple[str, int]]:
     """Upload a saved CAiD folder (config, weights, processor, card) to a Hub model repo.
 
@@ -100,11 +134,19 @@ def push_folder(
         private: visibility of a newly created repo (an existing repo keeps its own).
         dry_run: only print what would be uploaded; no network access at all.
         commit_message: message of the Hub commit.
+        license, license_name, license_link, datasets: set in the card's metadata (see
+            :func:`update_card`); unset ones keep the card's.
+        fill_card: write the repo id into the card's snippets first (the folder's README.md
+            is updated, dry run included, so what is printed is what would be uploaded).
 
     Returns:
         The uploaded (or, with ``dry_run``, the planned) files as ``(path, bytes)``.
     """
     check_repo_id(repo_id)
+    check_folder(folder)
+    if fill_card and (Path(folder) / "README.md").is_file():
+        update_card(folder, repo_id, license=license, license_name=license_name,
+                    license_link=license_link, datasets=datasets)
     plan = check_folder(folder)
     print_plan(repo_id, revision, plan)
     if dry_run:

@@ -22,6 +22,8 @@ from ..model_card import (
     NOT_RECORDED,
     TRAINING_SECTION,
     _format_duration,
+    _init_text,
+    _is_hub_id,
     _without_secrets,
 )
 
@@ -55,9 +57,7 @@ def _number(value: float | None) -> str:
 
 def _hub_id(init_from: str) -> str | None:
     """``init_from`` when it reads as a Hub id (``org/name``) and is no local path."""
-    if init_from in ("random", "imagenet") or Path(init_from).exists():
-        return None
-    return init_from if init_from.count("/") == 1 else None
+    return init_from if _is_hub_id(init_from) else None
 
 
 def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[str, Any],
@@ -84,9 +84,7 @@ def build_finetuned_card(folder: str | Path, run: dict[str, Any], report: dict[s
     encoder = config.get("encoder_name", "?")
     labels = [config["id2label"][k] for k in sorted(config.get("id2label", {}), key=int)]
     init = model["init_from"]
-    init_text = {"random": "random initialisation",
-                 "imagenet": "ImageNet encoder weights (segmentation_models_pytorch)"}.get(
-        init, f"`{init}`")
+    init_text = _init_text(init)
     card_data = ModelCardData(
         license="apache-2.0", library_name="transformers",
         pipeline_tag="image-segmentation" if segmentation else "image-classification",

@@ -245,6 +245,18 @@ class PretrainingArguments:
     hub_push_every_best: bool = field(
         default=False, metadata={"help": "Also push each time the validation loss reaches a new best."}
     )
+    hub_license: str = field(
+        default="apache-2.0", metadata={"help": "Licence id of the pushed weights' card (Hub "
+                                                "ids: apache-2.0, mit, cc-by-nc-4.0 …, or 'other' "
+                                                "with --hub_license_name and --hub_license_link). "
+                                                "Weights trained on MIMIC-CXR or CheXpert usually "
+                                                "fall under those data sets' terms."}
+    )
+    hub_license_name: str | None = field(default=None, metadata={"help": "Short name of an 'other' licence."})
+    hub_license_link: str | None = field(default=None, metadata={"help": "URL of an 'other' licence's text."})
+    hub_datasets: list[str] | None = field(
+        default=None, metadata={"help": "Hub dataset ids the weights were trained on (card metadata)."}
+    )
     hub_dry_run: bool = field(
         default=False, metadata={"help": "Print what would be pushed (repo, revision, files and "
                                          "sizes) without contacting the Hub."}

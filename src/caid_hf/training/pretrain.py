@@ -550,8 +550,11 @@ def card_args(run: PretrainRun) -> dict:
              "training_time_s": round(time.perf_counter() - run.started, 1)}
     if run.accelerator.is_main_process:
         write_trainer_state(run.output_dir, run.state, facts)
+    args = run.args
     return {"run_dir": run.output_dir, "base_model": run.base_model,
-            "repo_id": run.args.hub_model_id, **facts}
+            "repo_id": args.hub_model_id, "license": args.hub_license,
+            "license_name": args.hub_license_name, "license_link": args.hub_license_link,
+            "datasets": args.hub_datasets, **facts}
 
 
 def validate_and_save(run: PretrainRun) -> None:
@@ -574,7 +577,8 @@ def validate_and_save(run: PretrainRun) -> None:
                     + (f"; {bad} unreadable images skipped so far" if bad else ""))
     if is_best:
         state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
-        save_backbone(accelerator, run.model, run.output_dir / "best", card_args(run))
+        save_backbone(accelerator, run.model, run.output_dir / "best",
+                      {**card_args(run), "weights": "best"})
         if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
             push_backbone(accelerator, run.output_dir / "best", args)
     if state.batches_in_epoch == 0 or state.global_step >= run.total_steps:
@@ -590,10 +594,10 @@ def finish_run(run: PretrainRun) -> PretrainResult:
     run.preemption.restore()
     accelerator, output_dir, args, state = run.accelerator, run.output_dir, run.args, run.state
     final_card = card_args(run)
-    save_backbone(accelerator, run.model, output_dir / "final", final_card)
+    save_backbone(accelerator, run.model, output_dir / "final", {**final_card, "weights": "final"})
     if accelerator.is_main_process and (output_dir / "best").is_dir():
         with atomic_file(output_dir / "best" / "README.md") as tmp:  # the whole run's facts
-            build_model_card(output_dir / "best", **final_card).save(tmp)
+            build_model_card(output_dir / "best", **final_card, weights="best").save(tmp)
     if args.push_to_hub or args.hub_dry_run:
         push_backbone(accelerator, output_dir / "best", args)
     trained = [r for r in state.history if "train/images_per_second" in r]
