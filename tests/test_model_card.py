@@ -189,10 +189,31 @@ def test_card_raw_weights_recipe_loads_into_smp_and_torchvision(backbone_dir, mo
     snippet = text.split("The raw weights")[1].split("```python\n")[1].split("```")[0]
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo, name: str(backbone_dir / name))
-    runnable = snippet.split("import timm")[0]  # timm is not a dependency of the tests
     scope: dict = {}
-    exec(runnable, scope)  # noqa: S102 - the card's own snippet
+    exec(snippet, scope)  # noqa: S102 - the card's own snippet (timm comes with smp)
     saved = CAiDModel.from_pretrained(backbone_dir).state_dict()
     assert all(torch.equal(scope["unet"].state_dict()[k], v) for k, v in saved.items())
     assert set(scope["missing"]) == {"fc.weight", "fc.bias"} and not scope["unexpected"]
+    assert scope["timm_missing"] == []
     assert torch.equal(scope["resnet"].conv1.weight, saved["encoder.conv1.weight"])
+
+
+def test_push_with_exports_writes_smp_and_timm_folders_that_load(backbone_dir, capsys):
+    import segmentation_models_pytorch as smp
+    import timm
+    import torch
+
+    from caid_hf.publishing import push_folder
+
+    plan = dict(push_folder(backbone_dir, "you/caid-demo", dry_run=True, with_exports=True))
+    assert {"smp/config.json", "smp/model.safetensors", "smp/README.md",
+            "timm/config.json", "timm/model.safetensors", "timm/README.md"} <= set(plan)
+    saved = CAiDModel.from_pretrained(backbone_dir).state_dict()
+    unet = smp.from_pretrained(str(backbone_dir / "smp"))
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in saved.items())
+    resnet = timm.create_model(f"local-dir:{backbone_dir / 'timm'}", pretrained=True)
+    encoder = {k.removeprefix("encoder."): v for k, v in saved.items() if k.startswith("encoder.")}
+    assert resnet.state_dict().keys() == encoder.keys()
+    assert all(torch.equal(resnet.state_dict()[k], v) for k, v in encoder.items())
+    assert "[you/caid-demo](https://huggingface.co/you/caid-demo)" in (
+        backbone_dir / "smp" / "README.md").read_text()

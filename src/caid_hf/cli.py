@@ -62,10 +62,13 @@ def _push(argv: list[str], prog: str) -> None:
     parser.add_argument("--license-link", default=None, help="URL of an 'other' licence's text.")
     parser.add_argument("--dataset", action="append", default=None,
                         help="Hub dataset id the weights were trained on (repeatable).")
+    parser.add_argument("--with-exports", action="store_true",
+                        help="Also upload smp/ (segmentation_models_pytorch) and, with timm "
+                             "installed, timm/ export folders, each with a short card.")
     a = parser.parse_args(argv)
     push_folder(a.folder, a.repo_id, revision=a.revision, private=a.private, dry_run=a.dry_run,
                 license=a.license, license_name=a.license_name, license_link=a.license_link,
-                datasets=a.dataset)
+                datasets=a.dataset, with_exports=a.with_exports)
 
 
 def _convert_original(argv: list[str], prog: str) -> None:

@@ -353,12 +353,14 @@ class CAiDModel(CAiDPreTrainedModel):
             raise ValueError(f"to_torchvision() supports torchvision ResNets; encoder is {name!r}")
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
         missing, unexpected = model.load_state_dict(self.encoder.state_dict(), strict=False)
-        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+        head = {"fc.weight", "fc.bias"} if num_classes else set()  # num_classes=0: no head
+        if set(missing) != head or unexpected:
             raise RuntimeError(f"encoder does not match torchvision {name}: {missing} {unexpected}")
         return model.to(self.device)
 
     def to_timm(self, num_classes: int = 1000) -> nn.Module:
-        """A timm ResNet (same name as the encoder) carrying this encoder's weights (new ``fc``)."""
+        """A timm ResNet (same name as the encoder) carrying this encoder's weights (a new
+        ``fc``; none with ``num_classes=0``, a feature extractor)."""
         import timm
 
         name = self.config.encoder_name
@@ -366,7 +368,8 @@ class CAiDModel(CAiDPreTrainedModel):
             raise ValueError(f"to_timm() supports timm ResNets; encoder is {name!r}")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
         missing, unexpected = model.load_state_dict(self.encoder.state_dict(), strict=False)
-        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
+        head = {"fc.weight", "fc.bias"} if num_classes else set()  # num_classes=0: no head
+        if set(missing) != head or unexpected:
             raise RuntimeError(f"encoder does not match timm {name}: {missing} {unexpected}")
         return model.to(self.device)
 

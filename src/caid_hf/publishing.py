@@ -112,6 +112,59 @@ def update_card(folder: str | Path, repo_id: str, license: str | None = None,
     return path
 
 
+EXPORT_CARD = """\
+# {library} export of [{repo_id}](https://huggingface.co/{repo_id})
+
+The encoder{what} of the CAiD backbone in the parent folder, saved the way {library} saves
+models. Load it from a download of this folder:
+
+```python
+{snippet}
+```
+
+See the parent folder's card for the training, the data and the licence.
+"""
+
+
+def add_exports(folder: str | Path, repo_id: str) -> list[str]:
+    """Write ``smp/`` (a ``segmentation_models_pytorch`` U-Net folder) and, when timm is
+    installed, ``timm/`` (a timm ResNet folder) inside a saved CAiD backbone folder, each
+    with a short card pointing back. ``smp.from_pretrained`` and ``timm.create_model`` read
+    a local folder or a repo root, not a repo's subfolder, hence the snippets download the
+    subfolder first. Returns the subfolders written."""
+    import importlib.util
+
+    from .modeling_caid import CAiDModel
+
+    folder = Path(folder)
+    backbone = CAiDModel.from_pretrained(folder)
+    written = []
+    download = (f'folder = snapshot_download("{repo_id}", allow_patterns=["{{sub}}/*"])'
+                ' + "/{sub}"')
+    backbone.export_smp(folder / "smp")
+    (folder / "smp" / "README.md").write_text(EXPORT_CARD.format(
+        library="segmentation_models_pytorch", repo_id=repo_id, what=" and U-Net decoder",
+        snippet="\n".join(["import segmentation_models_pytorch as smp",
+                           "from huggingface_hub import snapshot_download",
+                           download.format(sub="smp"),
+                           "unet = smp.from_pretrained(folder)"])))
+    written.append("smp")
+    name = backbone.config.encoder_name
+    if importlib.util.find_spec("timm") is not None and name.startswith(("resnet", "resnext")):
+        import timm.models
+
+        timm.models.save_for_hf(backbone.to_timm(num_classes=0), str(folder / "timm"),
+                                safe_serialization=True)
+        (folder / "timm" / "README.md").write_text(EXPORT_CARD.format(
+            library="timm", repo_id=repo_id, what="",
+            snippet="\n".join(["import timm",
+                               "from huggingface_hub import snapshot_download",
+                               download.format(sub="timm"),
+                               'model = timm.create_model("local-dir:" + folder, pretrained=True)'])))
+        written.append("timm")
+    return written
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -124,6 +177,7 @@ def push_folder(
     license_link: str | None = None,
     datasets: list[str] | None = None,
     fill_card: bool = True,
+    with_exports: bool = False,
 ) -> list[tuple[str, int]]:
     """Upload a saved CAiD folder (config, weights, processor, card) to a Hub model repo.
 
@@ -136,6 +190,8 @@ def push_folder(
         commit_message: message of the Hub commit.
         license, license_name, license_link, datasets: set in the card's metadata (see
             :func:`update_card`); unset ones keep the card's.
+        with_exports: also write and upload the ``smp/`` and ``timm/`` export folders
+            (:func:`add_exports`).
         fill_card: write the repo id into the card's snippets first (the folder's README.md
             is updated, dry run included, so what is printed is what would be uploaded).
 
@@ -147,6 +203,9 @@ def push_folder(
     if fill_card and (Path(folder) / "README.md").is_file():
         update_card(folder, repo_id, license=license, license_name=license_name,
                     license_link=license_link, datasets=datasets)
+    if with_exports:
+        for sub in add_exports(folder, repo_id):
+            print(f"export: {sub}/ written into {folder}")
     plan = check_folder(folder)
     print_plan(repo_id, revision, plan)
     if dry_run:
