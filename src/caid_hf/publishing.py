@@ -138,31 +138,31 @@ def add_exports(folder: str | Path, repo_id: str) -> list[str]:
 
     folder = Path(folder)
     backbone = CAiDModel.from_pretrained(folder)
-    written = []
-    download = (f'folder = snapshot_download("{repo_id}", allow_patterns=["{{sub}}/*"])'
-                ' + "/{sub}"')
     backbone.export_smp(folder / "smp")
-    (folder / "smp" / "README.md").write_text(EXPORT_CARD.format(
-        library="segmentation_models_pytorch", repo_id=repo_id, what=" and U-Net decoder",
-        snippet="\n".join(["import segmentation_models_pytorch as smp",
-                           "from huggingface_hub import snapshot_download",
-                           download.format(sub="smp"),
-                           "unet = smp.from_pretrained(folder)"])))
-    written.append("smp")
+    _export_card(folder / "smp", repo_id, "segmentation_models_pytorch", " and U-Net decoder",
+                 "import segmentation_models_pytorch as smp", "unet = smp.from_pretrained(folder)")
+    written = ["smp"]
     name = backbone.config.encoder_name
     if importlib.util.find_spec("timm") is not None and name.startswith(("resnet", "resnext")):
         import timm.models
 
         timm.models.save_for_hf(backbone.to_timm(num_classes=0), str(folder / "timm"),
                                 safe_serialization=True)
-        (folder / "timm" / "README.md").write_text(EXPORT_CARD.format(
-            library="timm", repo_id=repo_id, what="",
-            snippet="\n".join(["import timm",
-                               "from huggingface_hub import snapshot_download",
-                               download.format(sub="timm"),
-                               'model = timm.create_model("local-dir:" + folder, pretrained=True)'])))
+        _export_card(folder / "timm", repo_id, "timm", "", "import timm",
+                     'model = timm.create_model("local-dir:" + folder, pretrained=True)')
         written.append("timm")
     return written
+
+
+def _export_card(folder: Path, repo_id: str, library: str, what: str, import_line: str,
+                 load_line: str) -> None:
+    """The short README.md of an export subfolder: what it is, how to load it, where from."""
+    download = (f'folder = snapshot_download("{repo_id}", allow_patterns=["{folder.name}/*"])'
+                f' + "/{folder.name}"')
+    snippet = "\n".join([import_line, "from huggingface_hub import snapshot_download", download,
+                         load_line])
+    (folder / "README.md").write_text(EXPORT_CARD.format(library=library, repo_id=repo_id,
+                                                         what=what, snippet=snippet))
 
 
 def push_folder(
