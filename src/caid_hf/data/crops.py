@@ -4,9 +4,9 @@ Everything after the crops (appearance jitter, blur, flip, distortion and the
 reconstruction target) runs batched on the device in ``augment.py``, so a
 DataLoader worker only decodes an image and cuts two views out of it.
 
-The crops are resized with PIL's antialiased bilinear filter on the grey image, as
-the original does (torchvision's ``RandomResizedCrop`` on PIL images), and PIL only
-touches the pixels inside the crop box.
+Each crop is cut out first and then resized with PIL's antialiased bilinear filter on
+the grey image, exactly as the original does (torchvision's ``RandomResizedCrop`` on PIL
+images: ``crop`` then ``resize``), so the filter never reads pixels outside the box.
 """
 
 from __future__ import annotations
@@ -62,15 +62,17 @@ def sample_crop_box(
 def cut_views(image: np.ndarray, boxes, image_size: int,
               reducing_gap: float | None = None) -> torch.Tensor:
     """uint8 [len(boxes), S, S]: each ``(top, left, box_height, box_width)`` box of the grey
-    uint8 [H, W] ``image`` resized to S = ``image_size`` with PIL's antialiased bilinear
-    filter (``reducing_gap``: see :class:`TwoCropDataset`)."""
+    uint8 [H, W] ``image`` cut out, then resized to S = ``image_size`` with PIL's
+    antialiased bilinear filter: bit for bit torchvision's ``resized_crop`` on a PIL image,
+    the original's views (``reducing_gap``: see :class:`TwoCropDataset`). Resizing with
+    ``resize(box=...)`` instead would let the filter read pixels outside the box."""
     picture = Image.fromarray(np.ascontiguousarray(image))
     size = (image_size, image_size)
     views = np.empty((len(boxes), *size), dtype=np.uint8)
     for view, (top, left, box_height, box_width) in zip(views, boxes):
         box = (left, top, left + box_width, top + box_height)
-        view[...] = np.asarray(picture.resize(size, Image.Resampling.BILINEAR, box=box,
-                                              reducing_gap=reducing_gap))
+        view[...] = np.asarray(picture.crop(box).resize(size, Image.Resampling.BILINEAR,
+                                                        reducing_gap=reducing_gap))
     return torch.from_numpy(views)
 
 

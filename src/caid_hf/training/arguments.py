@@ -93,8 +93,12 @@ class _SourceArguments:
     )
     reference_compat: bool = field(
         default=False,
-        metadata={"help": "Reproduce the original's augmentation exactly: target not flipped with "
-                          "the view, distortion sizes in absolute pixels."},
+        metadata={"help": "Two quirks of the original's augmentation: the reconstruction "
+                          "target is not flipped with the view, and distortion sizes are in "
+                          "absolute pixels (for 224 px views) instead of scaled to the view "
+                          "size. (Crops always match the original's crop-then-resize; the "
+                          "views' random draws come from torch generators, not the original's "
+                          "Python random.)"},
     )
 
     def hf_options(self) -> HFOptions:
