@@ -238,3 +238,34 @@ def test_image_folder_finds_dicom(tmp_path):
     assert source.relative_paths == ["a.png", "scans/b.DCM", "scans/c.dicom"]
     assert source.load(1).shape == (3, 4) and source.load(1).dtype == np.uint8
     np.testing.assert_array_equal(source.load(1), source.load(2))
+
+
+def test_presentation_lut_shape_inverse_is_shown_inverted_once(tmp_path):
+    stored = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
+    plain = decode_dicom(_write_dicom(tmp_path / "plain.dcm", stored))
+    inverse = decode_dicom(_write_dicom(tmp_path / "inverse.dcm", stored,
+                                        PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(inverse, 255 - plain)
+    # MONOCHROME1 with INVERSE (what DX requires for MONOCHROME1) is one inversion, not two
+    m1 = decode_dicom(_write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1",
+                                   PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(m1, 255 - plain)
+    identity = decode_dicom(_write_dicom(tmp_path / "id.dcm", stored,
+                                         PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(identity, plain)
+
+
+def test_pixel_padding_is_left_out_of_the_range_and_shown_black(tmp_path):
+    # a 12-bit image inside a padding frame of 4095 (bright stored value outside the body)
+    stored = np.full((4, 4), 4095, dtype=np.uint16)
+    stored[1:3, 1:3] = [[100, 200], [300, 500]]
+    padded = decode_dicom(_write_dicom(tmp_path / "pad.dcm", stored, PixelPaddingValue=4095))
+    inside = padded[1:3, 1:3]
+    assert inside.min() == 0 and inside.max() == 255  # the body's own range, not the frame's
+    np.testing.assert_array_equal(inside, np.rint((stored[1:3, 1:3] - 100) / 400 * 255))
+    assert (padded[0] == 0).all() and (padded[:, 0] == 0).all()  # padding shown as air
+    ranged = decode_dicom(_write_dicom(tmp_path / "range.dcm", stored.clip(max=4000) // 1,
+                                       PixelPaddingValue=3000, PixelPaddingRangeLimit=4095))
+    np.testing.assert_array_equal(ranged[1:3, 1:3], inside)
+    without = decode_dicom(_write_dicom(tmp_path / "none.dcm", stored))
+    assert without[1:3, 1:3].max() < 40  # the frame's 4095 stretched the range

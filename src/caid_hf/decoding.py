@@ -126,8 +126,10 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
     3. Without a VOI, the image's own minimum..maximum of modality values maps
        to 0..255 (a full-contrast stretch, like a viewer's default window); a
        constant image gives zeros.
-    4. MONOCHROME1 is inverted after the VOI, so air is dark and bone bright
-       as in MONOCHROME2.
+    4. MONOCHROME1 (or *Presentation LUT Shape* INVERSE, the same inversion) is
+       inverted after the VOI, so air is dark and bone bright as in MONOCHROME2.
+    5. *Pixel Padding Value* pixels (up to *Pixel Padding Range Limit*) are left out
+       of step 3's minimum..maximum and shown black.
 
     Values are rounded to the nearest integer (``np.rint``), not truncated.
     RGB (and YBR, which pydicom converts to RGB) images skip steps 1-4 and
@@ -231,12 +233,38 @@ def _check_decodable(name: str, dataset: Dataset) -> None:
         )
 
 
+def _padding_mask(pixels: np.ndarray, dataset: Dataset) -> np.ndarray | None:
+    """Pixels outside the patient (*Pixel Padding Value*, up to *Pixel Padding Range
+    Limit* when given; stored values), or None when the file declares no padding."""
+    if not _has_value(dataset, "PixelPaddingValue"):
+        return None
+    pad = int(dataset.PixelPaddingValue)
+    if _has_value(dataset, "PixelPaddingRangeLimit"):
+        limit = int(dataset.PixelPaddingRangeLimit)
+        low, high = min(pad, limit), max(pad, limit)
+        mask = (pixels >= low) & (pixels <= high)
+    else:
+        mask = pixels == pad
+    return mask if mask.any() else None
+
+
+def _inverted(dataset: Dataset) -> bool:
+    """Whether the displayed image is inverted: MONOCHROME1, or *Presentation LUT Shape*
+    INVERSE (the same inversion, never applied twice; PS3.3 C.11.6)."""
+    shape = str(dataset.get("PresentationLUTShape", "") or "").upper()
+    return dataset.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
+
+
 def _monochrome_to_grey(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
-    """Stored grey values [H, W] through modality, VOI and inversion to uint8."""
+    """Stored grey values [H, W] through modality, VOI and inversion to uint8. Padding
+    pixels are left out of the image's own range and shown black (air)."""
     values = apply_modality_lut(pixels, dataset)
+    padding = _padding_mask(pixels, dataset)
     voi = _apply_voi(values, dataset)
     if voi is None:
-        shown, low, high = values, values.min(), values.max()
+        inside = values if padding is None else values[~padding]
+        shown = values
+        low, high = (inside.min(), inside.max()) if inside.size else (0, 0)
     else:
         shown, low, high = voi
     if high == low:
@@ -244,8 +272,10 @@ def _monochrome_to_grey(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     # Division by the signed span also covers a negative rescale slope, where
     # pydicom's window maps "below" to the larger value.
     fraction = np.clip((shown.astype(np.float64) - low) / (float(high) - float(low)), 0.0, 1.0)
-    if dataset.PhotometricInterpretation == "MONOCHROME1":
+    if _inverted(dataset):
         fraction = 1.0 - fraction
+    if padding is not None:
+        fraction[padding] = 0.0
     return np.rint(fraction * 255.0).astype(np.uint8)
 
 
