@@ -207,3 +207,22 @@ def test_cli_convert_original(tmp_path, capsys):
     x = _input()
     with torch.no_grad():
         assert torch.equal(ours(x).reconstruction, unet.eval()(x))
+
+
+def test_moco_temperature_and_momentum_from_flags_or_the_checkpoints_args(tmp_path, capsys):
+    from caid_hf.cli import main
+
+    unet = _source_unet()
+    plain = tmp_path / "current_checkpoint.pth"
+    torch.save(_moco_checkpoint(unet), plain)
+    main(["convert-original", str(plain), "--out", str(tmp_path / "flags"), "--image_size", "64",
+          "--moco-t", "0.07", "--moco-m", "0.99"])
+    config = CAiDForPreTraining.from_pretrained(tmp_path / "flags").config
+    assert (config.contrastive_temperature, config.momentum) == (0.07, 0.99)
+    with_args = tmp_path / "with_args.pth"
+    torch.save({**_moco_checkpoint(unet), "args": {"moco_t": 0.1, "moco_m": 0.995}}, with_args)
+    out = convert_original_checkpoint(with_args, tmp_path / "args", image_size=64)
+    config = CAiDForPreTraining.from_pretrained(out).config
+    assert (config.contrastive_temperature, config.momentum) == (0.1, 0.995)
+    out = convert_original_checkpoint(with_args, tmp_path / "given", image_size=64, momentum=0.9)
+    assert CAiDForPreTraining.from_pretrained(out).config.momentum == 0.9  # a flag wins

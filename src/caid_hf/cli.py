@@ -85,9 +85,17 @@ def _convert_original(argv: list[str], prog: str) -> None:
     parser.add_argument("--encoder_name", default=None,
                         help="Encoder of the checkpoint (default: inferred from the weights).")
     parser.add_argument("--image_size", type=int, default=224, help="Training view size.")
+    parser.add_argument("--temperature", "--moco-t", "--moco_t", type=float, default=None,
+                        help="The original run's --moco-t (default: the checkpoint's 'args' "
+                             "when it has them, else the original's 0.2).")
+    parser.add_argument("--momentum", "--moco-m", "--moco_m", type=float, default=None,
+                        help="The original run's --moco-m (default: the checkpoint's 'args' "
+                             "when it has them, else the original's 0.999).")
     a = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("contrastive_temperature", a.temperature),
+                                   ("momentum", a.momentum)) if v is not None}
     out = convert_original_checkpoint(a.file, a.out, encoder_name=a.encoder_name,
-                                      image_size=a.image_size)
+                                      image_size=a.image_size, **overrides)
     print(f"wrote {out}")
 
 

@@ -217,6 +217,21 @@ def _save_backbone(model: CAiDModel, folder: Path) -> None:
     CAiDImageProcessor.from_caid_config(model.config).save_pretrained(folder)
 
 
+def _moco_hyperparameters(checkpoint: Mapping) -> dict:
+    """``contrastive_temperature`` and ``momentum`` from a checkpoint that stores its run's
+    arguments as a mapping (``args``: ``moco_t`` / ``moco_m``); the original's own
+    ``current_checkpoint.pth`` stores none, so both then keep CAiDConfig's 0.2 / 0.999
+    unless given."""
+    args = checkpoint.get("args")
+    if not isinstance(args, Mapping):
+        return {}
+    found = {}
+    for key, field in (("moco_t", "contrastive_temperature"), ("moco_m", "momentum")):
+        if isinstance(args.get(key), (int, float)) and not isinstance(args.get(key), bool):
+            found[field] = float(args[key])
+    return found
+
+
 def convert_original_checkpoint(
     path: str | Path,
     out_dir: str | Path,
@@ -241,7 +256,10 @@ def convert_original_checkpoint(
         **config_overrides: further :class:`CAiDConfig` fields (``image_size``,
             ``contrastive_temperature`` ...). For a MoCo state ``queue_size``,
             ``projection_dim`` and ``projection_head`` come from the queue and head shapes;
-            ``momentum`` keeps the original's 0.999 unless overridden.
+            ``contrastive_temperature`` and ``momentum`` from the checkpoint's ``args``
+            (``moco_t``, ``moco_m``) when it stores them as a mapping, else CAiDConfig's
+            0.2 / 0.999, unless given here (``caid-hf convert-original --temperature
+            --momentum``).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
@@ -281,6 +299,7 @@ def convert_original_checkpoint(
         fields.update(projection_dim=queue.shape[0], queue_size=queue.shape[1])
     fields["projection_head"] = "mlp" if "objective.projection_head.0.weight" in mapped else "linear"
     arch = checkpoint.get("arch")
+    fields.update(_moco_hyperparameters(checkpoint))  # the run's own --moco-t / --moco-m
     fields.update(config_overrides)
     config = infer_unet_config(backbone_state, encoder_name, **fields)
     if isinstance(arch, str) and arch.startswith("resnet") and arch != config.encoder_name:
