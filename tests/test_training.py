@@ -65,7 +65,8 @@ def test_pretrain_writes_best_and_final_backbones(tmp_path):
         processor = AutoImageProcessor.from_pretrained(out / name)
         assert processor.size == 64  # the run's image_size
         card = ModelCard.load(out / name / "README.md")
-        assert card.data.library_name == "transformers" and "chest-x-ray" in card.data.tags
+        assert card.data.library_name == "transformers" and "synthetic-data" in card.data.tags
+        assert "chest-x-ray" not in card.data.tags  # a phantom run
     final = CAiDModel.from_pretrained(out / "final").state_dict()
     trained = result.model.caid.state_dict()
     assert all(torch.equal(final[k], trained[k]) for k in trained)
@@ -73,7 +74,10 @@ def test_pretrain_writes_best_and_final_backbones(tmp_path):
     assert state["global_step"] == 8 and state["metric_for_best_model"] == "val/loss"
     assert 0 < state["best_metric"] < float("inf")
     assert state["num_train_images"] == 32 and state["num_validation_images"] == 8
-    assert f"{state['best_metric']:.4f}" in (out / "best" / "README.md").read_text()
+    assert f"{state['best_metric']:.4f} at step {state['best_step']}" in (
+        out / "best" / "README.md").read_text()
+    last = [h for h in state["history"] if "val/loss" in h][-1]
+    assert f"{last['val/loss']:.4f} at step 8" in (out / "final" / "README.md").read_text()
     vals = [h for h in state["history"] if "val/loss" in h]
     assert len(vals) == 2 and all("val/reconstruction_loss" in h for h in vals)
     trains = [h for h in state["history"] if "train/loss" in h]

@@ -42,7 +42,7 @@ def step(model, module, part: slice) -> dict:
     out = module(q, k, labels=target, key_labels=key_target)
     out.loss.backward()
     return {
-        "loss": out.loss.detach(), "discrimination_loss": out.contrastive_loss.detach(),
+        "loss": out.loss.detach(), "contrastive_loss": out.contrastive_loss.detach(),
         "reconstruction_loss": out.reconstruction_loss.detach(),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         "running": {n: b.clone() for n, b in model.named_buffers() if "running" in n},
