@@ -49,6 +49,7 @@ from torch import nn
 
 from caid_hf import CAiDConfig, CAiDForPreTraining, performance
 from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
+from caid_hf.objectives.moco import MoCoV2
 
 
 def rss_mib() -> float:
@@ -78,7 +79,7 @@ def add_original_costs(model: CAiDForPreTraining) -> None:
     output (a forward hook, so per shuffle-BN sub-batch, as the original per device), and
     ``objective.momentum_update`` is replaced by that loop.
     """
-    if not model.is_moco:
+    if not isinstance(model.objective, MoCoV2):
         raise ValueError("the baseline mirrors the original MoCo-v2 CAiD; use --method moco_v2")
     objective = model.objective
     key_decoder = copy.deepcopy(model.caid.decoder).requires_grad_(False)

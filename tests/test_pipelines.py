@@ -35,10 +35,12 @@ def _save(model, folder):
     return str(folder)
 
 
-def test_feature_extraction_pipeline_gives_the_backbone_embedding(tmp_path, inputs):
+def test_feature_extraction_pipeline_gives_the_backbone_embedding(tmp_path, inputs, capfd):
     torch.manual_seed(0)
     backbone = CAiDModel(CAiDConfig(**TINY))
     extractor = pipeline("image-feature-extraction", model=_save(backbone, tmp_path / "m"))
+    printed = capfd.readouterr()
+    assert "custom code" not in printed.out + printed.err  # no remote-code prompt
     processor = CAiDImageProcessor(size=64)
     for item in inputs:
         pooled = np.asarray(extractor(item, pool=True))

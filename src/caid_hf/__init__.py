@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForPreTraining,
     AutoModelForSemanticSegmentation,
+    AutoVideoProcessor,
 )
 
 from ._version import __version__ as __version__
@@ -45,6 +46,11 @@ CAiDConfig.register_for_auto_class()
 CAiDModel.register_for_auto_class("AutoModel")
 CAiDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 CAiDForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+CAiDImageProcessor.register_for_auto_class("AutoImageProcessor")
+# transformers' AutoVideoProcessor (which every pipeline tries) reads the processor's auto_map
+# as remote video code and asks to run it; a "caid" entry without classes makes it see local
+# code, find none, and give up quietly
+AutoVideoProcessor.register(CAiDConfig, video_processor_classes={"torchvision": None, "pil": None})
 
 __all__ = [
     "CAiDConfig",

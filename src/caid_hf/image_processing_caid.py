@@ -146,26 +146,6 @@ class CAiDImageProcessor(BaseImageProcessor):
         """The processor matching a ``CAiDConfig``: ``size = config.image_size``."""
         return cls(size=config.image_size, **kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The saved settings, without ``image_processor_type``: ``AutoImageProcessor`` then
-        finds the processor through the model's ``config.json`` (its ``caid`` model type with
-        caid-hf installed, its ``auto_map`` without), and transformers' ``AutoVideoProcessor``,
-        which pipelines try, does not mistake this processor for remote video code."""
-        values = super().to_dict()
-        values.pop("image_processor_type", None)
-        return values
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``BaseImageProcessor.save_pretrained``, plus this file and ``decoding.py`` copied
-        beside it, so a Hub repo's processor runs without caid-hf (``trust_remote_code``).
-        Its ``auto_map`` entry is the model config's (see
-        ``caid_hf.modeling_caid.REMOTE_CODE_AUTO_MAP``), not this file's."""
-        from transformers.dynamic_module_utils import custom_object_save
-
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        custom_object_save(self, save_directory)
-        return result
-
     def __call__(
         self, images: CAiDImageInput | Sequence[CAiDImageInput], **kwargs: Any
     ) -> BatchFeature:

@@ -144,9 +144,6 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_caid.CAiDModel",
     "AutoModelForImageClassification": "modeling_caid.CAiDForImageClassification",
     "AutoModelForSemanticSegmentation": "modeling_caid.CAiDForSemanticSegmentation",
-    # here rather than in preprocessor_config.json: transformers' AutoVideoProcessor (which
-    # pipelines try) turns a processor auto_map into a remote video processor and asks to
-    # run it even where caid-hf is installed
     "AutoImageProcessor": "image_processing_caid.CAiDImageProcessor",
 }
 
