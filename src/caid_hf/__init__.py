@@ -50,7 +50,11 @@ CAiDImageProcessor.register_for_auto_class("AutoImageProcessor")
 # transformers' AutoVideoProcessor (which every pipeline tries) reads the processor's auto_map
 # as remote video code and asks to run it; a "caid" entry without classes makes it see local
 # code, find none, and give up quietly
-AutoVideoProcessor.register(CAiDConfig, video_processor_classes={"torchvision": None, "pil": None})
+try:
+    AutoVideoProcessor.register(CAiDConfig,
+                                video_processor_classes={"torchvision": None, "pil": None})
+except (TypeError, ValueError):  # a transformers that refuses the empty entry: only a prompt lost
+    pass
 
 __all__ = [
     "CAiDConfig",
