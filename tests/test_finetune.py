@@ -241,7 +241,7 @@ def test_csv_sources(tmp_path):
     with pytest.raises(ValueError, match=r"labels.csv: no column 'finding'"):
         CSVLabelledSource(table, label_columns=["finding"])
     table.write_text("image,label\npng/phantom_00000.png,yes\n")
-    with pytest.raises(ValueError, match=r"labels.csv:2 column 'label': label must be 0 or 1"):
+    with pytest.raises(ValueError, match=r"labels.csv:2 column 'label': label must be 1, 0, -1 \(uncertain\) or blank"):
         CSVLabelledSource(table, label_columns=["label", "image"])
     table.write_text("image,mask\npng/phantom_00001.png,png/masks/phantom_00001.png\n")
     options = LabelledSourceOptions(task="segmentation", mask_column="mask")

@@ -157,6 +157,7 @@ VALUE_RULES = {
     **dict.fromkeys(("crop_scale_min", "crop_scale_max"), _between(0, 1, low_open=True)),
     "confidence_level": _between(0, 1, low_open=True, high_open=True),
     "phantom_size": _at_least(32),
+    "bits_stored": _between(1, 32),
 }
 
 

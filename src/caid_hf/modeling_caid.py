@@ -399,7 +399,14 @@ def _classification_loss(config: CAiDConfig, logits: torch.Tensor, labels: torch
             else F.mse_loss(logits, labels.float())
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits, labels.view(-1).long())
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
+    labels = labels.float()
+    known = ~(labels.isnan() | (labels == -100))  # ignored entries (e.g. uncertain findings)
+    if bool(known.all()):
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    # the mean over the known entries; 0 (with a graph) when a batch has none
+    losses = F.binary_cross_entropy_with_logits(logits, labels.nan_to_num(0.0).clamp(0, 1),
+                                                reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)
 
 
 class CAiDForImageClassification(CAiDPreTrainedModel):
@@ -431,7 +438,8 @@ class CAiDForImageClassification(CAiDPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """pixel_values [B, 3, H, W] in [0, 1] → logits [B, num_labels]; ``labels``: [B] class
-        indices (single-label), [B, num_labels] floats in {0, 1} (multi-label) or targets."""
+        indices (single-label), [B, num_labels] floats in {0, 1} (multi-label; NaN or -100
+        entries are ignored: left out of the loss) or targets."""
         out = self.caid(pixel_values, compute_reconstruction=False,
                         output_hidden_states=output_hidden_states)
         logits = self.classifier(self.dropout(out.pooler_output))

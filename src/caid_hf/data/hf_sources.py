@@ -128,13 +128,16 @@ def _resolve_columns(
     return image_column, id_column
 
 
-def _undecoded_view(dataset, image_column: str, id_column: str | None):
+def _undecoded_view(dataset, image_column: str, id_column: str | None,
+                    extra_column: str | None = None):
     """Only the columns we read, the image left as ``{"bytes", "path"}``, rows as Python objects.
 
     Casting an Image column to ``decode=False`` only changes the features, not
     the Arrow data, so this is cheap even for a large memory-mapped dataset.
     """
     columns = [image_column] + ([id_column] if id_column not in (None, image_column) else [])
+    if extra_column is not None and extra_column not in columns:
+        columns.append(extra_column)
     view = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
     return view.with_format(None)
 
@@ -173,6 +176,7 @@ class HFImageSource:
         image_column: str | None = None,
         id_column: str | None = None,
         name: str | None = None,
+        patient_column: str | None = None,
     ) -> None:
         if not isinstance(dataset, Dataset):
             raise TypeError(
@@ -183,7 +187,13 @@ class HFImageSource:
         self.image_column, self.id_column = _resolve_columns(
             dataset.features, image_column, id_column, self.name
         )
-        self.dataset = _undecoded_view(dataset, self.image_column, self.id_column)
+        self.columns = list(dataset.features)
+        if patient_column is not None and patient_column not in dataset.features:
+            raise ValueError(f"dataset {self.name}: no column {patient_column!r} for the "
+                             f"patient ids (columns: {self.columns})")
+        self.patient_column = patient_column
+        self.dataset = _undecoded_view(dataset, self.image_column, self.id_column,
+                                       patient_column)
 
     def __len__(self) -> int:
         return self.dataset.num_rows
@@ -209,6 +219,30 @@ class HFImageSource:
     def image_id(self, i: int) -> str:
         """The id column's value, else the stored path, else ``row_000042``."""
         return self._row_id(self.dataset[int(_check_index(i, len(self)))], i)
+
+    def image_ids(self) -> list[str]:
+        """Every row's :meth:`image_id`, read from the id column or the images' stored paths
+        only (the image bytes stay on disk)."""
+        if self.id_column is not None:
+            return [str(v) for v in self.dataset.select_columns([self.id_column])[self.id_column]]
+        column = self.dataset.with_format("arrow").select_columns([self.image_column])[:]
+        paths = column.column(self.image_column).combine_chunks().field("path").to_pylist()
+        return [p if p else f"row_{i:06d}" for i, p in enumerate(paths)]
+
+    def patient_ids_for(self, rule: str) -> list[str] | None:
+        """Patient ids by ``rule`` (:mod:`caid_hf.data.patients`): ``column:NAME`` reads the
+        column kept when the source was opened (``patient_column``), name rules the ids."""
+        from .patients import patient_ids_from_names
+
+        if rule.startswith("column:"):
+            column = rule[len("column:"):]
+            if self.patient_column != column:
+                raise ValueError(f"dataset {self.name}: patient_id_from {rule!r}: no column "
+                                 f"{column!r} was read (columns: {self.columns})")
+            return [str(v) for v in self.dataset.select_columns([column])[column]]
+        if rule == "none":
+            return None
+        return patient_ids_from_names(self.image_ids(), rule, f"dataset {self.name}")
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from .bad_files import BadFileLog
 from .crops import SkipBadImages, TwoCropDataset, collate_crops
 from .hf_sources import HFStreamingSource
+from .patients import patient_ids_of
 from .source_spec import PHANTOMS, hold_out, is_hf_spec, open_hf_spec, source_from_spec
 from .streaming import StreamingTwoCrops, take_head
 
@@ -101,8 +102,9 @@ class PretrainingData:
         if args.train_source == PHANTOMS:  # held-out phantoms come from another seed
             val = self._source(PHANTOMS, args.num_validation_phantoms, self.seed + 1)
             return train_set, self._crops(val, fixed=True)
+        patients = patient_ids_of(train, args.patient_id_from, args.train_source)
         return hold_out(train_set, self._crops(train, fixed=True), args.validation_fraction,
-                        self.seed)
+                        self.seed, patients)
 
     def _stream(self, rank: int, world: int) -> HFStreamingSource:
         args = self.data_args

@@ -38,6 +38,13 @@ class HFOptions:
     config_name: str | None = None
     image_column: str | None = None
     id_column: str | None = None
+    patient_id_from: str = "auto"  # see caid_hf.data.patients
+
+    @property
+    def patient_column(self) -> str | None:
+        """The column of patient ids ``patient_id_from`` names, if it names one."""
+        kind, _, value = self.patient_id_from.partition(":")
+        return value if kind == "column" else None
 
 
 def is_hf_spec(spec: str) -> bool:
@@ -80,7 +87,8 @@ def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: in
 
         dataset = open_hf_spec(spec, images_root, options)
         return HFImageSource(dataset, image_column=options.image_column,
-                             id_column=options.id_column, name=spec)
+                             id_column=options.id_column, name=spec,
+                             patient_column=options.patient_column)
     if path.is_dir():
         return ImageFolderSource(path)
     if path.is_file():
@@ -91,18 +99,16 @@ def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: in
     )
 
 
-def hold_out(train: Dataset, validation: Dataset, fraction: float, seed: int
-             ) -> tuple[Subset, Subset]:
+def hold_out(train: Dataset, validation: Dataset, fraction: float, seed: int,
+             patients: list[str] | None = None) -> tuple[Subset, Subset]:
     """Hold out ``fraction`` of the indices with a fixed, seeded permutation.
 
     ``train`` and ``validation`` are two views of the same images (e.g. random and
     fixed crops); the training subset comes from the first, the held-out one from the second.
+    With ``patients`` (one id per image, see :mod:`caid_hf.data.patients`), whole patients
+    are held out, so no patient has films on both sides.
     """
-    import torch
+    from .patients import grouped_hold_out
 
-    n = len(train)
-    n_val = max(1, round(n * fraction))
-    if n - n_val < 1:
-        raise ValueError(f"validation_fraction={fraction} leaves no training images out of {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(train, order[n_val:]), Subset(validation, order[:n_val])
+    kept, held = grouped_hold_out(len(train), fraction, seed, patients)
+    return Subset(train, kept), Subset(validation, held)

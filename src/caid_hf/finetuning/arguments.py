@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config_parsing
+from ..data.patients import check_patient_rule
 from ..runs import resolve_precision
+from .label_formats import BLANK_POLICIES, LABEL_FORMATS, UNCERTAIN_POLICIES
 
 TASKS = ("classification", "segmentation")
 PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
@@ -101,6 +103,33 @@ class FinetuneDataArguments:
                 "(default 'mask')."})
     label_names: list[str] | None = field(default=None, metadata={
         "help": "Names of the labels (classes for segmentation), for metrics and config."})
+    label_format: str = field(default="auto", metadata={
+        "help": "Layout of a label CSV: 'auto' (from its header), 'binary' (0/1/-1/blank "
+                "columns), 'names' (|-separated findings, ChestX-ray14's Data_Entry_2017.csv), "
+                "'chexpert', 'mimic' or 'padchest' (docs/data.md)."})
+    uncertain_labels: str = field(default="ignore", metadata={
+        "help": "Uncertain (-1) labels: 'ignore' (left out of the loss and the metrics, "
+                "U-Ignore), 'ones' (U-Ones) or 'zeros' (U-Zeros)."})
+    blank_labels: str = field(default="zeros", metadata={
+        "help": "Blank (not mentioned) labels: 'zeros' (negative, as CheXpert's labeller "
+                "means it) or 'ignore'."})
+    views: list[str] | None = field(default=None, metadata={
+        "help": "Keep only these views: 'frontal', 'lateral' or the data set's codes (PA, AP, "
+                "...), from CheXpert's Frontal/Lateral and AP/PA, MIMIC's ViewPosition, "
+                "PadChest's Projection or --view_column (default: every view)."})
+    view_column: str | None = field(default=None, metadata={
+        "help": "CSV column of view codes for --views (default: the layout's)."})
+    metadata_csv: str | None = field(default=None, metadata={
+        "help": "MIMIC-CXR: the per-image metadata CSV (default: mimic-cxr-2.0.0-metadata.csv"
+                "[.gz] next to the labels CSV)."})
+    patient_id_from: str = field(default="auto", metadata={
+        "help": "Where a film's patient id comes from, so that held-out validation images and "
+                "label fractions are drawn by patient: 'auto' (CheXpert patientNNNNN, MIMIC "
+                "subject_id, PadChest PatientID, ChestX-ray14 file names; else image-level), "
+                "'filename_prefix', 'column:NAME', 'regex:PATTERN' or 'none'."})
+    bits_stored: int | None = field(default=None, metadata={
+        "help": "Bit depth of 16-bit PNG and DICOM pixels (e.g. 12) for every source; default: "
+                "the file's header (DICOM BitsStored, PNG sBIT), else a per-image guess."})
     hf_split: str = field(default="train", metadata={"help": "Training split of a HF dataset."})
     hf_validation_split: str = field(default="validation", metadata={
         "help": "Split of a HF validation_source/test_source naming the same dataset."})
@@ -133,6 +162,12 @@ class FinetuneDataArguments:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        for name, allowed in (("label_format", LABEL_FORMATS),
+                              ("uncertain_labels", UNCERTAIN_POLICIES),
+                              ("blank_labels", BLANK_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_patient_rule(self.patient_id_from)
 
 
 @dataclass

@@ -4,7 +4,9 @@ A labelled source is an image source (``len``, ``load(i)`` → grey uint8 [H, W]
 ``image_id(i)``) that also knows its ``label_names`` and either
 
 - ``targets``: float32 [N, L] in {0, 1}, one row per image (classification; multi-hot for
-  multi-label data, one-hot for single-label data), or
+  multi-label data, one-hot for single-label data; NaN marks an ignored entry, such as an
+  uncertain CheXpert label under ``uncertain_labels=ignore``, left out of the loss and the
+  metrics), or
 - ``load_mask(i)``: int64 [H, W] per image (segmentation; {0, 1} for binary masks, class
   indices for multi-class ones, ``ignore_index`` for unlabelled pixels).
 
@@ -12,10 +14,11 @@ One string names a source, as in pre-training (:func:`labelled_source_from_spec`
 
 - ``phantoms``: the embedded synthetic chest phantoms; label ``nodule`` (present or not) and
   the nodule masks;
-- a ``.csv`` file: an image-path column and label columns (0/1 numbers, or one column of
-  ``|``-separated finding names as in ChestX-ray14's ``Data_Entry_2017.csv``), or an image
-  and a mask column for segmentation; paths relative to ``images_root`` (default: the CSV's
-  folder);
+- a ``.csv`` (or ``.csv.gz``) file: an image-path column and label columns (1, 0, -1 for
+  uncertain, blank), one column of ``|``-separated finding names as in ChestX-ray14's
+  ``Data_Entry_2017.csv``, or CheXpert's, MIMIC-CXR's and PadChest's own layouts (see
+  :mod:`caid_hf.finetuning.label_formats`); or an image and a mask column for
+  segmentation; paths relative to ``images_root`` (default: the CSV's folder);
 - a Hugging Face dataset (``hf:NAME``, a ``save_to_disk`` folder, parquet/arrow files): an
   image column and a label column (``ClassLabel``, a sequence of ``ClassLabel`` or of
   numbers, or several numeric columns), or a mask image column;
@@ -31,7 +34,6 @@ preprocessing, no mean/std normalisation) plus ``labels``.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import posixpath
@@ -45,14 +47,15 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..data.patients import check_patient_rule, patient_ids_from_names
 from ..data.source_spec import PHANTOMS, HFOptions, is_hf_spec, open_hf_spec
 from ..data.sources import (
     IMAGE_EXTENSIONS,
     SplitListSource,
     _check_index,
     decode_grey,
-    read_text_file,
 )
+from .label_formats import read_label_table
 
 __all__ = [
     "CHESTXRAY14_LABELS",
@@ -74,9 +77,6 @@ CHESTXRAY14_LABELS = [
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
     "Hernia",
 ]
-# Columns tried, in order, as the image column of a CSV file.
-_IMAGE_COLUMN_NAMES = ("image", "path", "image_path", "file", "filename", "Image Index")
-_NO_FINDING = "No Finding"
 
 
 @dataclass
@@ -95,6 +95,13 @@ class LabelledSourceOptions:
     phantom_size: int = 128
     phantom_seed: int = 0
     binary_masks: bool = True
+    label_format: str = "auto"
+    uncertain_labels: str = "ignore"
+    blank_labels: str = "zeros"
+    views: list[str] | None = None
+    view_column: str | None = None
+    metadata_csv: str | None = None
+    patient_id_from: str = "auto"
 
 
 def decode_mask(path: str | os.PathLike | io.BytesIO | None = None,
@@ -191,109 +198,95 @@ class SplitListLabelledSource(SplitListSource):
         self._rows.append(values)
 
 
-def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
-    if not csv_file.is_file():
-        raise FileNotFoundError(f"CSV file not found: {csv_file}")
-    reader = csv.DictReader(io.StringIO(read_text_file(csv_file), newline=""))
-    rows = list(reader)
-    columns = list(reader.fieldnames or [])
-    if not columns or not rows:
-        raise ValueError(f"{csv_file}: no header or no rows")
-    return columns, rows
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _names_to_targets(values: list[str], where: str, separator: str = "|"
-                      ) -> tuple[np.ndarray, list[str]]:
-    """``"Effusion|Mass"`` style cells → multi-hot [N, L] over the sorted names seen
-    (``No Finding`` and empty cells are all-zero rows)."""
-    cells = [[n.strip() for n in v.split(separator) if n.strip() and n.strip() != _NO_FINDING]
-             for v in values]
-    names = sorted({n for cell in cells for n in cell})
-    if not names:
-        raise ValueError(f"{where}: the label column names no finding")
-    index = {n: k for k, n in enumerate(names)}
-    targets = np.zeros((len(cells), len(names)), dtype=np.float32)
-    for row, cell in enumerate(cells):
-        targets[row, [index[n] for n in cell]] = 1.0
-    return targets, names
-
-
 class CSVLabelledSource:
     """Images listed in a CSV file, with labels (classification) or mask paths (segmentation).
 
+    The layouts of ChestX-ray14, CheXpert, MIMIC-CXR and PadChest are read as they come,
+    detected from the header or named by ``label_format`` (see
+    :mod:`caid_hf.finetuning.label_formats`): uncertain (-1) and blank cells follow
+    ``uncertain_labels`` / ``blank_labels``, an ignored entry is NaN in ``targets`` (left out
+    of the loss and the metrics), and ``views`` keeps some views only.
+
     Args:
-        csv_file: the CSV file (header row required).
-        images_root: folder the image (and mask) paths are relative to; default the CSV's.
-        image_column: column of image paths; default the first of ``image``, ``path``,
-            ``image_path``, ``file``, ``filename``, ``Image Index`` present, else the first.
-        label_columns: classification: the label columns; default every other column whose
-            cells are all numbers. One non-numeric column holds ``|``-separated finding
-            names (ChestX-ray14's ``Finding Labels``; ``No Finding`` is no label).
+        csv_file: the CSV file (header row required; ``.csv.gz`` too).
+        images_root: folder the image (and mask) paths are relative to; default the CSV's
+            (CheXpert: the folder above it, where its paths start).
+        image_column: column of image paths; default the layout's, else the first of
+            ``image``, ``path``, ``Path``, ``image_path``, ``file``, ``filename``,
+            ``Image Index`` present, else the first.
+        label_columns: classification: the label columns; default the layout's, else every
+            other column whose cells are all 1, 0, -1 or blank. One column of names holds
+            ``|``-separated findings (ChestX-ray14's ``Finding Labels``).
         mask_column: segmentation: column of mask paths.
+        label_names: the label names; for a column of finding names (ChestX-ray14, PadChest)
+            the findings to keep, in this order.
         binary_masks: read masks as {0, 1} (non-zero = foreground).
+        patient_id_from: how ``patient_ids`` are read (:mod:`caid_hf.data.patients`).
 
     Raises:
         FileNotFoundError: the CSV file or ``images_root`` does not exist.
         ValueError: a named column is missing (the columns are listed), a label cell that is
-            not 0 or 1, or an absolute / escaping path; messages name file, row and column.
+            not 1, 0, -1 or blank, or an absolute / escaping path; messages name file, row
+            and column.
     """
 
     def __init__(self, csv_file: str | os.PathLike, images_root: str | os.PathLike | None = None,
                  image_column: str | None = None, label_columns: list[str] | None = None,
                  mask_column: str | None = None, label_names: list[str] | None = None,
-                 binary_masks: bool = True) -> None:
+                 binary_masks: bool = True, label_format: str = "auto",
+                 uncertain_labels: str = "ignore", blank_labels: str = "zeros",
+                 views: list[str] | None = None, view_column: str | None = None,
+                 metadata_csv: str | None = None, patient_id_from: str = "auto") -> None:
         self.csv_file = Path(csv_file)
-        columns, rows = _read_csv(self.csv_file)
-        self.base = Path(images_root) if images_root is not None else self.csv_file.parent
+        segmentation = mask_column is not None
+        table = read_label_table(
+            self.csv_file, None if images_root is None else str(images_root), image_column,
+            label_columns, label_names, "binary" if segmentation and label_format == "auto"
+            else label_format, uncertain_labels, blank_labels, views, view_column,
+            metadata_csv, with_labels=not segmentation)
+        self.base, self.label_format = table.base, table.label_format
         if not self.base.is_dir():
             raise FileNotFoundError(f"images folder not found: {self.base}")
-        if image_column is None:
-            image_column = next((c for c in _IMAGE_COLUMN_NAMES if c in columns), columns[0])
-        for name in [image_column, *(label_columns or []), *([mask_column] if mask_column else [])]:
-            if name not in columns:
-                raise ValueError(f"{self.csv_file}: no column {name!r} (columns: {columns})")
 
         def where(row: int, column: str) -> str:  # row 1 is the header
             return f"{self.csv_file}:{row + 2} column {column!r}"
 
-        self.relative_paths = [_checked_relative_path(r[image_column], self.base,
-                                                      where(k, image_column))
-                               for k, r in enumerate(rows)]
+        self.relative_paths = [_checked_relative_path(p, self.base, where(k, "image path"))
+                               for k, p in enumerate(table.paths)]
         self.binary_masks = binary_masks
         self.mask_paths = None
-        self.targets, self.label_names = None, label_names
-        if mask_column is not None:
+        self.targets, self.label_names = table.targets, table.label_names
+        self.dropped_views = table.dropped_views
+        self.patient_ids = self._patient_ids(table, patient_id_from)
+        if segmentation:
+            if mask_column not in table.rows[0]:
+                raise ValueError(f"{self.csv_file}: no column {mask_column!r} (columns: "
+                                 f"{list(table.rows[0])})")
             self.mask_paths = [_checked_relative_path(r[mask_column], self.base,
                                                       where(k, mask_column))
-                               for k, r in enumerate(rows)]
-            return
-        if label_columns is None:
-            label_columns = [c for c in columns if c not in (image_column,)
-                             and all(_is_number(r[c]) for r in rows)]
-            if not label_columns:
-                raise ValueError(f"{self.csv_file}: no numeric label column besides "
-                                 f"{image_column!r} (columns: {columns}); name them with "
-                                 "label_columns")
-        if len(label_columns) == 1 and not all(_is_number(r[label_columns[0]]) for r in rows):
-            self.targets, names = _names_to_targets([r[label_columns[0]] for r in rows],
-                                                    f"{self.csv_file} column {label_columns[0]!r}")
-        else:
-            values = np.zeros((len(rows), len(label_columns)), dtype=np.float32)
-            for k, r in enumerate(rows):
-                for j, c in enumerate(label_columns):
-                    if r[c].strip() not in ("0", "1", "0.0", "1.0"):
-                        raise ValueError(f"{where(k, c)}: label must be 0 or 1, got {r[c]!r}")
-                    values[k, j] = float(r[c])
-            self.targets, names = values, list(label_columns)
-        self.label_names = _check_names(label_names, len(names), str(self.csv_file)) or names
+                               for k, r in enumerate(table.rows)]
+
+    def _patient_ids(self, table, rule: str) -> list[str] | None:
+        check_patient_rule(rule)
+        if rule == "auto" and table.patient_rule is not None:
+            rule = table.patient_rule
+        if rule.startswith("column:"):
+            column = rule[len("column:"):]
+            if column not in table.rows[0]:
+                raise ValueError(f"{self.csv_file}: patient_id_from {rule!r}: no column "
+                                 f"{column!r} (columns: {list(table.rows[0])})")
+            return [(r[column] or "").strip() or f"row {k + 2}"
+                    for k, r in enumerate(table.rows)]
+        return patient_ids_from_names(table.paths, rule, str(self.csv_file))
+
+    def patient_ids_for(self, rule: str) -> list[str] | None:
+        """The patient ids read when the source was opened (its ``patient_id_from``); a
+        name rule asked for now is read from the paths."""
+        if rule == "none":
+            return None
+        if rule == "auto" or rule.startswith("column:"):
+            return self.patient_ids
+        return patient_ids_from_names(self.relative_paths, rule, str(self.csv_file))
 
     def __len__(self) -> int:
         return len(self.relative_paths)
@@ -432,7 +425,9 @@ class HFLabelledSource:
 
     def __init__(self, dataset, name: str, image_column: str | None = None,
                  label_columns: list[str] | None = None, mask_column: str | None = None,
-                 label_names: list[str] | None = None, binary_masks: bool = True) -> None:
+                 label_names: list[str] | None = None, binary_masks: bool = True,
+                 uncertain_labels: str = "ignore", blank_labels: str = "zeros",
+                 patient_id_from: str = "auto") -> None:
         from datasets import ClassLabel, Sequence, Value
         from datasets import Image as ImageFeature
 
@@ -443,6 +438,7 @@ class HFLabelledSource:
         features, columns = dataset.features, list(dataset.features)
         self.binary_masks = binary_masks
         self.targets, self.label_names, self.masks = None, label_names, None
+        self.patient_ids = self._patient_ids(dataset, patient_id_from)
         if mask_column is not None:
             if mask_column not in features or not isinstance(features[mask_column], ImageFeature):
                 raise ValueError(f"dataset {name}: mask_column {mask_column!r} must be a "
@@ -493,9 +489,8 @@ class HFLabelledSource:
                     raise ValueError(f"{where} {c!r} is {features[c]}, not a number")
             targets = np.stack([np.asarray(table[c], dtype=np.float32) for c in label_columns], 1)
             names = list(label_columns)
-        if not np.isin(targets, (0.0, 1.0)).all():
-            raise ValueError(f"{where}(s) {label_columns}: labels must be 0 or 1")
-        self.targets = targets
+        self.targets = _apply_label_policies(targets, f"{where}(s) {label_columns}",
+                                             uncertain_labels, blank_labels)
         self.label_names = _check_names(label_names, targets.shape[1], f"dataset {name}") or names
 
     def __len__(self) -> int:
@@ -503,6 +498,27 @@ class HFLabelledSource:
 
     def load(self, i: int) -> np.ndarray:
         return self.images.load(i)
+
+    def _patient_ids(self, dataset, rule: str) -> list[str] | None:
+        check_patient_rule(rule)
+        if rule.startswith("column:"):
+            column = rule[len("column:"):]
+            if column not in dataset.features:
+                raise ValueError(f"dataset {self.name}: patient_id_from {rule!r}: no column "
+                                 f"{column!r} (columns: {list(dataset.features)})")
+            return [str(v) for v in dataset.select_columns([column]).with_format(None)[column]]
+        if rule == "none":
+            return None
+        return patient_ids_from_names(self.images.image_ids(), rule, f"dataset {self.name}")
+
+    def patient_ids_for(self, rule: str) -> list[str] | None:
+        """The patient ids read when the source was opened (its ``patient_id_from``); a
+        name rule asked for now is read from the image ids."""
+        if rule == "none":
+            return None
+        if rule == "auto" or rule.startswith("column:"):
+            return self.patient_ids
+        return patient_ids_from_names(self.images.image_ids(), rule, f"dataset {self.name}")
 
     def load_mask(self, i: int) -> np.ndarray:
         """Mask of row ``i`` as int64 [H, W] (see :func:`decode_mask`)."""
@@ -517,6 +533,21 @@ class HFLabelledSource:
 
     def image_id(self, i: int) -> str:
         return self.images.image_id(i)
+
+
+def _apply_label_policies(targets: np.ndarray, where: str, uncertain: str, blank: str
+                          ) -> np.ndarray:
+    """Numeric labels with -1 (uncertain) and NaN (missing) → {0, 1, NaN} by the policies."""
+    targets = np.array(targets, dtype=np.float32)
+    known = np.isin(targets, (0.0, 1.0, -1.0)) | np.isnan(targets)
+    if not known.all():
+        bad = targets[~known][0]
+        raise ValueError(f"{where}: labels must be 1, 0, -1 (uncertain) or missing, got {bad}")
+    uncertain_entries, missing_entries = targets == -1.0, np.isnan(targets)
+    targets[uncertain_entries] = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain]
+    if blank == "zeros":
+        targets[missing_entries] = 0.0
+    return targets
 
 
 def labelled_source_from_spec(spec: str, options: LabelledSourceOptions, split: str | None = None,
@@ -549,7 +580,10 @@ def labelled_source_from_spec(spec: str, options: LabelledSourceOptions, split: 
                                 label_columns=None if segmentation else options.label_columns,
                                 mask_column=(options.mask_column or "mask") if segmentation
                                 else None,
-                                label_names=options.label_names, binary_masks=binary)
+                                label_names=options.label_names, binary_masks=binary,
+                                uncertain_labels=options.uncertain_labels,
+                                blank_labels=options.blank_labels,
+                                patient_id_from=options.patient_id_from)
     path = Path(spec)
     if path.is_dir():
         if not segmentation:
@@ -561,14 +595,20 @@ def labelled_source_from_spec(spec: str, options: LabelledSourceOptions, split: 
     if not path.is_file():
         raise FileNotFoundError(f"data source {spec!r} is neither 'phantoms', 'hf:NAME', a "
                                 "CSV file, a split-list file, a parquet/arrow file nor a folder")
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".csv" or path.name.lower().endswith(".csv.gz"):
         if segmentation and not options.mask_column:
             raise ValueError(f"{spec}: segmentation from a CSV file needs mask_column, the "
                              "column of mask paths")
         return CSVLabelledSource(path, options.images_root, image_column=options.image_column,
                                  label_columns=options.label_columns,
                                  mask_column=options.mask_column if segmentation else None,
-                                 label_names=options.label_names, binary_masks=binary)
+                                 label_names=options.label_names, binary_masks=binary,
+                                 label_format=options.label_format,
+                                 uncertain_labels=options.uncertain_labels,
+                                 blank_labels=options.blank_labels, views=options.views,
+                                 view_column=options.view_column,
+                                 metadata_csv=options.metadata_csv,
+                                 patient_id_from=options.patient_id_from)
     if segmentation:
         raise ValueError(f"{spec}: a split list carries class labels, not masks; for "
                          "segmentation give a folder with masks/, a CSV with mask_column, or a "
@@ -636,6 +676,12 @@ class ClassificationDataset(_LabelledDataset):
         super().__init__(source, image_size, **kwargs)
         self.targets = source.targets[self.indices]
         self.single_label = single_label
+        if single_label and np.isnan(self.targets).any():
+            bad = int(np.flatnonzero(np.isnan(self.targets).any(axis=1))[0])
+            raise ValueError(
+                f"single_label_classification needs a known label for every image; "
+                f"{source.image_id(self.indices[bad])} has ignored (uncertain or blank) entries; "
+                "use problem_type multi_label_classification or uncertain_labels ones/zeros")
         if single_label and not (self.targets.sum(axis=1) == 1).all():
             bad = int(np.flatnonzero(self.targets.sum(axis=1) != 1)[0])
             raise ValueError(

@@ -129,7 +129,8 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str
     """k-NN and linear-probe scores of embeddings, per label and on average.
 
     Args:
-        train_x, train_y: embeddings [N, C] and labels [N, L] in {0, 1} the probes learn.
+        train_x, train_y: embeddings [N, C] and labels [N, L] in {0, 1} the probes learn
+            (NaN entries are ignored: left out of that label's fit and score).
         test_x, test_y: a held-out set scored by probes fit on all of ``train``; without it,
             out-of-fold predictions of ``folds``-fold stratified cross-validation on ``train``.
         k: neighbours of the k-NN classifier (cosine distance, distance-weighted votes).
@@ -141,7 +142,8 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str
     """
     scores: dict[str, dict[str, float]] = {"linear_probe": {}, "knn": {}}
     for j, name in enumerate(label_names):
-        y = train_y[:, j].astype(int)
+        known = np.isfinite(train_y[:, j])  # ignored (NaN) entries are left out, per label
+        fit_x, y = train_x[known], train_y[known, j].astype(int)
         if np.bincount(y, minlength=2).min() < 2:
             for method in scores:
                 scores[method][f"auc/{name}"] = scores[method][f"accuracy/{name}"] = math.nan
@@ -152,12 +154,13 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str
         for method, probe in probes.items():
             if test_x is None:
                 cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
-                probability = cross_val_predict(probe, train_x, y, cv=cv,
+                probability = cross_val_predict(probe, fit_x, y, cv=cv,
                                                 method="predict_proba")[:, 1]
                 truth = y
             else:
-                probability = probe.fit(train_x, y).predict_proba(test_x)[:, 1]
-                truth = test_y[:, j].astype(int)
+                scored = np.isfinite(test_y[:, j])
+                probability = probe.fit(fit_x, y).predict_proba(test_x[scored])[:, 1]
+                truth = test_y[scored, j].astype(int)
             defined = 0 < truth.sum() < len(truth)
             scores[method][f"auc/{name}"] = (float(roc_auc_score(truth, probability))
                                              if defined else math.nan)
@@ -177,8 +180,9 @@ def point_categories(targets: np.ndarray, label_names: list[str],
 
     One label (or ``color_label``): ``name`` / ``no name``. Single-label data (one-hot
     rows): the class. Several labels: the one finding of an image, ``no finding`` or
-    ``several findings``.
+    ``several findings``. An ignored (NaN) entry counts as absent here.
     """
+    targets = np.nan_to_num(np.asarray(targets, dtype=np.float32))
     if color_label is not None or len(label_names) == 1:
         name = color_label or label_names[0]
         if name not in label_names:

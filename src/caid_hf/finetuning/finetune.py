@@ -36,6 +36,7 @@ from ..console import (
     quiet_loading,
     quiet_progress_bars,
 )
+from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
@@ -92,17 +93,15 @@ class LabelledSplits:
     label_names: list[str]
 
 
-def _seeded_order(n: int, seed: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
                  seed: int) -> LabelledSplits:
     """Open the training, validation and test sources and pick their images.
 
     Without a validation source, phantoms get their own (phantom_seed + 1) and other sources
     hold out ``validation_fraction`` of the training images (seeded). Then
-    ``label_fraction`` and ``max_train_samples`` shrink the training images (seeded). Without
+    ``label_fraction`` and ``max_train_samples`` shrink the training images (seeded). Both
+    draw whole patients when the images have patient ids (``patient_id_from``, see
+    :mod:`caid_hf.data.patients`), so no patient is on both sides. Without
     a test source, phantoms get their own (phantom_seed + 2), others report on validation.
     """
     segmentation = model_args.task == "segmentation"
@@ -113,7 +112,10 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         label_names=data_args.label_names,
         hf=HFOptions(split=data_args.hf_split, config_name=data_args.hf_config_name),
         phantom_size=data_args.phantom_size, phantom_seed=data_args.phantom_seed,
-        binary_masks=(model_args.num_labels or 1) == 1)
+        binary_masks=(model_args.num_labels or 1) == 1, label_format=data_args.label_format,
+        uncertain_labels=data_args.uncertain_labels, blank_labels=data_args.blank_labels,
+        views=data_args.views, view_column=data_args.view_column,
+        metadata_csv=data_args.metadata_csv, patient_id_from=data_args.patient_id_from)
 
     def open_source(spec: str, num_phantoms: int, offset: int, split: str | None):
         options.num_phantoms = num_phantoms
@@ -122,6 +124,7 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
 
     train = open_source(data_args.train_source, data_args.num_train_phantoms, 0, None)
     train_indices = list(range(len(train)))
+    patients = patient_ids_of(train, data_args.patient_id_from, data_args.train_source)
     if data_args.validation_source is not None:
         validation = open_source(data_args.validation_source, data_args.num_validation_phantoms,
                                  1, data_args.hf_validation_split)
@@ -130,19 +133,13 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         validation = open_source(PHANTOMS, data_args.num_validation_phantoms, 1, None)
         validation_indices = list(range(len(validation)))
     else:
-        order = _seeded_order(len(train), seed)
-        n_val = max(1, round(len(train) * data_args.validation_fraction))
-        if len(train) - n_val < 1:
-            raise ValueError(f"validation_fraction={data_args.validation_fraction} leaves no "
-                             f"training images out of {len(train)} in {data_args.train_source}")
-        validation, validation_indices = train, sorted(order[:n_val])
-        train_indices = sorted(order[n_val:])
-    keep = max(1, math.ceil(len(train_indices) * data_args.label_fraction))
-    if data_args.max_train_samples is not None:
-        keep = min(keep, data_args.max_train_samples)
-    if keep < len(train_indices):
-        picked = _seeded_order(len(train_indices), seed + 1)[:keep]
-        train_indices = sorted(train_indices[k] for k in picked)
+        train_indices, validation_indices = grouped_hold_out(
+            len(train), data_args.validation_fraction, seed, patients,
+            what=f"images in {data_args.train_source}")
+        validation, validation_indices = train, sorted(validation_indices)
+        train_indices = sorted(train_indices)
+    train_indices = take_patients(train_indices, data_args.label_fraction, seed + 1, patients,
+                                  data_args.max_train_samples)
     if data_args.test_source is not None:
         test = open_source(data_args.test_source, data_args.num_test_phantoms, 2,
                            data_args.hf_test_split)

@@ -2,7 +2,8 @@
 
 Classification: per-class ROC-AUC (scikit-learn's ``roc_auc_score``) and their mean over
 the classes where it is defined (both outcomes present), as the paper reports for
-ChestX-ray14. Segmentation: Dice and IoU per class, pooled over all pixels of the set
+ChestX-ray14. Ignored label entries (NaN, e.g. CheXpert's uncertain labels under
+``uncertain_labels=ignore``) are left out of their class's AUC. Segmentation: Dice and IoU per class, pooled over all pixels of the set
 (``2·TP / (2·TP + FP + FN)`` and ``TP / (TP + FP + FN)``, which equal scikit-learn's
 ``f1_score`` and ``jaccard_score`` on the flattened masks: tests check that), and their
 mean over the foreground classes. Pooling over pixels keeps images without any foreground
@@ -41,7 +42,8 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """ROC-AUC of every column, float64 [L]; NaN where a column has one outcome only.
 
     Args:
-        labels: [N, L] in {0, 1} (multi-hot, or one-hot for single-label data).
+        labels: [N, L] in {0, 1} (multi-hot, or one-hot for single-label data); NaN entries
+            are ignored (each column's AUC is over its known entries only).
         scores: [N, L] real (probabilities or logits; only their order matters).
     """
     labels, scores = np.asarray(labels), np.asarray(scores)
@@ -49,8 +51,10 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must both be [N, L]")
     auc = np.full(labels.shape[1], np.nan)
     for k in range(labels.shape[1]):
-        if 0 < labels[:, k].sum() < len(labels):
-            auc[k] = roc_auc_score(labels[:, k], scores[:, k])
+        known = np.isfinite(labels[:, k])
+        truth = labels[known, k]
+        if 0 < truth.sum() < len(truth):
+            auc[k] = roc_auc_score(truth, scores[known, k])
     return auc
 
 
@@ -62,7 +66,7 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray,
     metrics = {"mean_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else math.nan}
     metrics.update({f"auc/{name}": float(value) for name, value in zip(label_names, auc)})
     labels = np.asarray(labels)
-    if labels.shape[1] > 1 and (labels.sum(axis=1) == 1).all():
+    if labels.shape[1] > 1 and np.isfinite(labels).all() and (labels.sum(axis=1) == 1).all():
         metrics["accuracy"] = float((np.asarray(scores).argmax(1) == labels.argmax(1)).mean())
     return metrics
 

@@ -16,6 +16,7 @@ from ..config_parsing import load_yaml_config as _load_yaml_config
 from ..config_parsing import parse_config_args
 from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig
+from ..data.patients import check_patient_rule
 from ..data.source_spec import HFOptions
 from ..runs import resolve_precision
 
@@ -68,6 +69,18 @@ class _SourceArguments:
         default=0.05, metadata={"help": "Share of the training images held out when there is no "
                                         "validation_source (phantoms excepted)."}
     )
+    patient_id_from: str = field(
+        default="auto", metadata={"help": "Where a film's patient id comes from, so that held-out "
+                                          "validation images share no patient with training: "
+                                          "'auto' (ChestX-ray14 file names 00000001_000.png, "
+                                          "else image-level), 'filename_prefix', 'column:NAME' "
+                                          "(HF datasets), 'regex:PATTERN' or 'none'."}
+    )
+    bits_stored: int | None = field(
+        default=None, metadata={"help": "Bit depth of 16-bit PNG and DICOM pixels (e.g. 12), "
+                                        "for the whole source; default: the file's header "
+                                        "(DICOM BitsStored, PNG sBIT), else a per-image guess."}
+    )
     num_train_phantoms: int = field(default=1000, metadata={"help": "Phantoms to train on."})
     num_validation_phantoms: int = field(default=200, metadata={"help": "Held-out phantoms."})
     phantom_size: int = field(default=256, metadata={"help": "Side of the generated phantoms (px)."})
@@ -104,7 +117,8 @@ class _SourceArguments:
     def hf_options(self) -> HFOptions:
         """How a Hugging Face dataset source is read."""
         return HFOptions(split=self.hf_split, config_name=self.hf_config_name,
-                         image_column=self.image_column, id_column=self.id_column)
+                         image_column=self.image_column, id_column=self.id_column,
+                         patient_id_from=self.patient_id_from)
 
     def augmentation_config(self) -> AugmentationConfig:
         """The view augmentation these arguments ask for (checked when they are parsed)."""
@@ -113,6 +127,7 @@ class _SourceArguments:
                                   reference_compat=self.reference_compat)
 
     def __post_init__(self) -> None:
+        check_patient_rule(self.patient_id_from)
         try:
             self.augmentation_config()
         except ValueError as error:  # "AugmentationConfig.cutout_p ..." → the flag's name

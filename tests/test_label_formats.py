@@ -1,0 +1,377 @@
+"""CheXpert, MIMIC-CXR and PadChest label files as they come, patient-level splits, and
+metrics that leave ignored labels out (checked against scikit-learn)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from caid_hf.data.patients import (
+    check_patient_rule,
+    grouped_hold_out,
+    patient_ids_from_names,
+    take_patients,
+)
+from caid_hf.data.phantoms import generate_phantom
+from caid_hf.finetuning.arguments import parse_finetuning_args
+from caid_hf.finetuning.data import (
+    ClassificationDataset,
+    CSVLabelledSource,
+    labelled_source_from_spec,
+)
+from caid_hf.finetuning.finetune import build_splits, finetune
+from caid_hf.finetuning.label_formats import CHEXPERT_LABELS, detect_label_format
+from caid_hf.finetuning.metrics import classification_metrics, per_class_auc
+
+RNG_SEED = 7
+
+
+def _image(path: Path, index: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(generate_phantom(index, size=32)[0]).save(path)
+
+
+def _cells(rng, n: int, width: int) -> list[list[str]]:
+    """CheXpert-style cells: 1.0, 0.0, -1.0 and blank, all four in every column."""
+    choices = np.array(["1.0", "0.0", "-1.0", ""])
+    cells = rng.choice(choices, size=(n, width), p=[0.3, 0.3, 0.2, 0.2])
+    cells[:4] = np.array(["1.0", "0.0", "-1.0", ""])[:, None]  # every value occurs
+    cells[4:6] = np.array(["1.0", "0.0"])[:, None]
+    return cells.tolist()
+
+
+def write_chexpert(root: Path, patients: int = 12, seed: int = RNG_SEED) -> Path:
+    """CheXpert-v1.0-small/train.csv: 2 studies × (frontal, lateral) per patient."""
+    rng = np.random.default_rng(seed)
+    folder = root / "CheXpert-v1.0-small"
+    rows, k = [], 0
+    for p in range(1, patients + 1):
+        for study in (1, 2):
+            for view, (fl, appa) in enumerate((("Frontal", "AP" if p % 2 else "PA"),
+                                               ("Lateral", ""))):
+                path = (f"CheXpert-v1.0-small/train/patient{p:05d}/study{study}/"
+                        f"view{view + 1}_{fl.lower()}.jpg")
+                _image(root / path, k)
+                rows.append([path, "Female" if p % 2 else "Male", str(40 + p), fl, appa])
+                k += 1
+    labels = _cells(rng, len(rows), len(CHEXPERT_LABELS))
+    table = folder / "train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS])
+        writer.writerows(r + c for r, c in zip(rows, labels))
+    return table
+
+
+def write_mimic(root: Path, subjects: int = 10, seed: int = RNG_SEED) -> Path:
+    """MIMIC-CXR-JPG: per-study chexpert labels (.csv.gz) and per-image metadata."""
+    rng = np.random.default_rng(seed)
+    studies, images, k = [], [], 0
+    for s in range(subjects):
+        subject = f"1{s:07d}"
+        for t in range(2):
+            study = f"5{s:04d}{t:03d}"
+            studies.append([subject, study])
+            for view in ("PA", "LATERAL") if t == 0 else ("AP",):
+                dicom = f"{k:08x}-dicom"
+                _image(root / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg", k)
+                images.append([dicom, subject, study, view])
+                k += 1
+    labels = _cells(rng, len(studies), len(CHEXPERT_LABELS))
+    labels_csv = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    lines = [",".join(["subject_id", "study_id", *CHEXPERT_LABELS])]
+    lines += [",".join(r + c) for r, c in zip(studies, labels)]
+    labels_csv.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with (root / "mimic-cxr-2.0.0-metadata.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dicom_id", "subject_id", "study_id", "ViewPosition"])
+        writer.writerows(images)
+    return labels_csv
+
+
+PADCHEST_FINDINGS = ["pneumonia", "nodule", "cardiomegaly"]
+
+
+def write_padchest(root: Path, patients: int = 10) -> Path:
+    """PADCHEST_...csv: ImageDir/ImageID, PatientID, Projection, Labels as list literals."""
+    rows, k = [], 0
+    for p in range(patients):
+        for projection in ("PA", "L", "AP_horizontal"):
+            image_id = f"{p:03d}_{projection}.png"
+            _image(root / str(p % 3) / image_id, k)
+            found = [PADCHEST_FINDINGS[j] for j in range(3) if (k + j) % 3 == 0]
+            labels = repr([f" {n}" for n in found] or ["normal"])
+            rows.append([image_id, str(p % 3), f"study{p}", f"patient{p}", projection, labels])
+            k += 1
+    table = root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "Labels"])
+        writer.writerows(rows)
+    return table
+
+
+def _raw_cells(table: Path, column: str) -> list[str]:
+    opener = gzip.open if table.suffix == ".gz" else open
+    with opener(table, "rt", newline="") as f:
+        return [r[column] for r in csv.DictReader(f)]
+
+
+def test_chexpert_layout_is_detected_and_policies_apply(tmp_path):
+    table = write_chexpert(tmp_path)
+    raw = np.array([[{"1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": -2.0}[c]
+                     for c in _raw_cells(table, name)] for name in CHEXPERT_LABELS]).T
+    source = CSVLabelledSource(table)  # images_root: the folder above, where paths start
+    assert source.label_format == "chexpert" and source.label_names == CHEXPERT_LABELS
+    assert len(source) == 48 and source.load(0).shape == (32, 32)
+    targets = source.targets
+    assert np.isnan(targets[raw == -1.0]).all()  # uncertain: ignored by default
+    assert (targets[raw == -2.0] == 0).all()  # blank: negative by default
+    assert (targets[raw == 1.0] == 1).all() and (targets[raw == 0.0] == 0).all()
+    ones = CSVLabelledSource(table, uncertain_labels="ones", blank_labels="ignore").targets
+    assert (ones[raw == -1.0] == 1).all() and np.isnan(ones[raw == -2.0]).all()
+    zeros = CSVLabelledSource(table, uncertain_labels="zeros").targets
+    assert (zeros[raw == -1.0] == 0).all() and not np.isnan(zeros).any()
+    frontal = CSVLabelledSource(table, views=["frontal"])
+    assert len(frontal) == 24 and frontal.dropped_views == 24
+    assert all("frontal" in frontal.image_id(i) for i in range(len(frontal)))
+    assert len(CSVLabelledSource(table, views=["PA"])) == 12  # even patients are PA
+    # patients from the path: patientNNNNN, 4 films each
+    ids = source.patient_ids
+    assert len(set(ids)) == 12 and all(ids.count(p) == 4 for p in ids)
+    assert ids[0] == "patient00001"
+
+
+def test_chexpert_bad_cells_name_file_row_and_column(tmp_path):
+    table = write_chexpert(tmp_path, patients=2)
+    text = table.read_text().splitlines()
+    fields = text[3].split(",")
+    fields[-1] = "2.0"
+    text[3] = ",".join(fields)
+    table.write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match=r"train.csv:4 column 'Support Devices': label must be "
+                                         r"1, 0, -1 \(uncertain\) or blank"):
+        CSVLabelledSource(table)
+    with pytest.raises(ValueError, match=r"uncertain_labels must be one of"):
+        CSVLabelledSource(table, uncertain_labels="u-ones")
+
+
+def test_mimic_labels_join_the_metadata_and_views(tmp_path):
+    labels_csv = write_mimic(tmp_path)
+    source = labelled_source_from_spec(str(labels_csv), _options())
+    assert source.label_format == "mimic" and len(source) == 30  # 3 images per subject
+    assert source.image_id(0).startswith("files/p10/p10000000/s50000000/")
+    assert source.load(0).shape == (32, 32)
+    # a study's label row is repeated for each of its images
+    assert np.array_equal(source.targets[0], source.targets[1], equal_nan=True)
+    assert len(set(source.patient_ids)) == 10  # subject_id
+    frontal = CSVLabelledSource(labels_csv, views=["frontal"])
+    assert len(frontal) == 20 and frontal.dropped_views == 10
+    (tmp_path / "mimic-cxr-2.0.0-metadata.csv").unlink()
+    with pytest.raises(ValueError, match=r"mimic-cxr-2.0.0-metadata.csv.*metadata_csv"):
+        CSVLabelledSource(labels_csv)
+
+
+def test_padchest_list_literals_and_projection(tmp_path):
+    table = write_padchest(tmp_path)
+    source = CSVLabelledSource(table)
+    assert source.label_format == "padchest"
+    assert source.label_names == sorted(PADCHEST_FINDINGS)  # 'normal' is no finding
+    k = 4
+    expected = {PADCHEST_FINDINGS[j] for j in range(3) if (k + j) % 3 == 0}
+    assert {n for n, v in zip(source.label_names, source.targets[k]) if v} == expected
+    chosen = CSVLabelledSource(table, label_names=["nodule", "pneumonia"])
+    assert chosen.targets.shape == (30, 2)
+    with pytest.raises(ValueError, match=r"'pnemonia' \(did you mean 'pneumonia'\?\) never occur"):
+        CSVLabelledSource(table, label_names=["pnemonia"])
+    assert len(CSVLabelledSource(table, views=["frontal"])) == 20  # PA and AP_horizontal
+    assert len(CSVLabelledSource(table, views=["lateral"])) == 10
+    assert source.patient_ids[:3] == ["patient0"] * 3
+    text = table.read_text().replace("]", "", 1)  # an unclosed list
+    table.write_text(text)
+    with pytest.raises(ValueError, match=r"PADCHEST.*\.csv:\d+ column 'Labels': Labels must be "
+                                         r"a list"):
+        CSVLabelledSource(table)
+
+
+def test_detect_label_format():
+    assert detect_label_format(["Path", "Frontal/Lateral", *CHEXPERT_LABELS]) == "chexpert"
+    assert detect_label_format(["subject_id", "study_id", *CHEXPERT_LABELS]) == "mimic"
+    assert detect_label_format(["ImageID", "ImageDir", "Labels"]) == "padchest"
+    assert detect_label_format(["Image Index", "Finding Labels"]) == "names"
+    assert detect_label_format(["path", "effusion"]) == "binary"
+
+
+def test_patient_rules():
+    names = ["images/00000001_000.png", "images/00000001_001.png", "images/00000002_000.png"]
+    assert patient_ids_from_names(names, "auto", "x") == ["00000001", "00000001", "00000002"]
+    assert patient_ids_from_names(["a/b.png"], "auto", "x") is None  # not ChestX-ray14 names
+    assert patient_ids_from_names(names, "regex:(\\d{8})_", "x")[2] == "00000002"
+    assert patient_ids_from_names(names, "none", "x") is None
+    with pytest.raises(ValueError, match=r"x: patient_id_from filename_prefix needs a '_'.*'a/b.png' has none"):
+        patient_ids_from_names(["a/b.png"], "filename_prefix", "x")
+    with pytest.raises(ValueError, match=r"does not match image 'a/b.png'"):
+        patient_ids_from_names(["a/b.png"], "regex:patient(\\d+)", "x")
+    with pytest.raises(ValueError, match=r"patient_id_from must be"):
+        check_patient_rule("column:")
+    with pytest.raises(ValueError, match=r"not a regular expression"):
+        check_patient_rule("regex:(")
+
+
+def test_grouped_splits_keep_every_patient_on_one_side():
+    rng = np.random.default_rng(0)
+    groups = [f"p{g}" for g in rng.integers(0, 40, size=300)]
+    for seed in range(20):
+        train, held = grouped_hold_out(300, 0.2, seed, groups)
+        assert sorted(train + held) == list(range(300))
+        assert not {groups[i] for i in train} & {groups[i] for i in held}
+        assert abs(len(held) - 60) <= max(groups.count(g) for g in set(groups))
+        few = take_patients(sorted(train), 0.1, seed, groups)
+        picked = {groups[i] for i in few}
+        assert all(i in few for i in train if groups[i] in picked)  # whole patients
+    # image-level when there are no patients: the seeded permutation, as before
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert grouped_hold_out(10, 0.3, 3, None) == (order[3:], order[:3])
+    with pytest.raises(ValueError, match=r"all 5 images belong to one patient"):
+        grouped_hold_out(5, 0.2, 0, ["a"] * 5)
+
+
+def test_metrics_skip_ignored_labels_as_scikit_learn_does_on_the_kept_entries():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=(200, 4)).astype(np.float32)
+    labels[rng.random((200, 4)) < 0.3] = np.nan
+    scores = rng.random((200, 4)) + 0.3 * np.nan_to_num(labels)
+    auc = per_class_auc(labels, scores)
+    for k in range(4):
+        kept = np.isfinite(labels[:, k])
+        assert auc[k] == pytest.approx(roc_auc_score(labels[kept, k], scores[kept, k]), abs=1e-12)
+    metrics = classification_metrics(labels, scores, list("abcd"))
+    assert metrics["mean_auc"] == pytest.approx(np.mean(auc), abs=1e-12)
+
+
+def test_the_model_loss_leaves_ignored_entries_out(tiny_config):
+    from caid_hf import CAiDForImageClassification
+
+    config = tiny_config.__class__(**{**tiny_config.to_dict(), "num_labels": 3,
+                                      "problem_type": "multi_label_classification"})
+    model = CAiDForImageClassification(config).eval()
+    pixels = torch.rand(4, 3, 64, 64)
+    labels = torch.tensor([[1, 0, float("nan")], [0, 1, 1], [float("nan")] * 3, [1, -100, 0]])
+    out = model(pixel_values=pixels, labels=labels)
+    known = ~(labels.isnan() | (labels == -100))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        out.logits[known], labels[known])
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _options():
+    from caid_hf.finetuning.data import LabelledSourceOptions
+
+    return LabelledSourceOptions()
+
+
+def _args(tmp_path: Path, train_source: Path, *extra: str):
+    return parse_finetuning_args([
+        "--train_source", str(train_source), "--init_from", "random",
+        "--encoder_name", "resnet18", "--image_size", "64", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--bootstrap_resamples", "20",
+        "--report_to", "none", "--dataloader_num_workers", "0", "--use_cpu",
+        "--mixed_precision", "no",
+        "--validation_fraction", "0.3", "--output_dir", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize("layout", ["chexpert", "mimic", "padchest"])
+def test_finetune_a_tiny_model_on_each_layout(tmp_path, layout):
+    writer = {"chexpert": write_chexpert, "mimic": write_mimic, "padchest": write_padchest}
+    table = writer[layout](tmp_path / "data")
+    model_args, data_args, args = _args(tmp_path, table, "--views", "frontal")
+    splits = build_splits(model_args, data_args, args.seed)
+    patients = splits.train.patient_ids
+    train = {patients[i] for i in splits.train_indices}
+    validation = {patients[i] for i in splits.validation_indices}
+    assert train and validation and not train & validation  # no patient on both sides
+    result = finetune(model_args, data_args, args)
+    assert result.global_step == 3
+    report = result.test_report
+    # the reported AUCs are scikit-learn's over each label's known entries
+    names = splits.label_names
+    assert report["num_samples"] == len(splits.validation_indices)
+    dataset = ClassificationDataset(splits.validation, 64, indices=splits.validation_indices)
+    with torch.no_grad():
+        scores = result.model(torch.stack([dataset[i]["pixel_values"]
+                                           for i in range(len(dataset))])).logits.sigmoid()
+    truth = dataset.targets
+    checked = 0
+    for k, name in enumerate(names):
+        kept = np.isfinite(truth[:, k])
+        value = report["metrics"][f"auc/{name}"]
+        if 0 < truth[kept, k].sum() < kept.sum():
+            assert value == pytest.approx(roc_auc_score(truth[kept, k], scores[kept, k]),
+                                          abs=1e-6)
+            checked += 1
+        else:
+            assert math.isnan(value)
+    assert checked >= 1
+    if layout != "padchest":  # uncertain entries were there, and were left out
+        assert np.isnan(truth).any()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def _chestxray14_list(tmp_path: Path, patients: int = 15) -> tuple[Path, list[str]]:
+    names = [f"{p:08d}_{f:03d}.png" for p in range(1, patients + 1) for f in range(p % 3 + 1)]
+    for k, name in enumerate(names):
+        _image(tmp_path / "images" / name, k)
+    split = tmp_path / "train_val_list.txt"
+    split.write_text("".join(f"{n}\n" for n in names))
+    return split, names
+
+
+def test_pretraining_holds_out_chestxray14_patients(tmp_path):
+    from accelerate import Accelerator
+
+    from caid_hf.data.pipeline import LoaderSettings, PretrainingData
+    from caid_hf.training.arguments import parse_pretraining_args
+
+    split, names = _chestxray14_list(tmp_path)
+
+    def held_out_patients(*extra):
+        _, data_args, _ = parse_pretraining_args([
+            "--train_source", str(split), "--images_root", str(tmp_path / "images"),
+            "--validation_fraction", "0.3", "--image_size", "32", *extra])
+        data = PretrainingData(data_args, 32, 0, LoaderSettings(4, None, 0, 2, False, 0),
+                               Accelerator(cpu=True), tmp_path)
+        train = {names[i][:8] for i in data.train_set.indices}
+        held = {names[i][:8] for i in data.val_set.indices}
+        return train, held, len(data.val_set)
+
+    train, held, n_val = held_out_patients()
+    assert train and held and not train & held and n_val >= round(0.3 * len(names))
+    # image-level on request: with this seed some patient lands on both sides
+    train, held, _ = held_out_patients("--patient_id_from", "none")
+    assert train & held
+    with pytest.raises(ValueError, match=r"patient_id_from must be"):
+        held_out_patients("--patient_id_from", "subject")
+
+
+def test_finetuning_label_fraction_takes_whole_chestxray14_patients(tmp_path):
+    split, names = _chestxray14_list(tmp_path, patients=30)
+    lines = [f"{n} {k % 2} {(k // 2) % 2}\n" for k, n in enumerate(names)]
+    split.write_text("".join(lines))
+    model_args, data_args, args = _args(tmp_path, split, "--images_root",
+                                        str(tmp_path / "images"), "--label_fraction", "0.25")
+    splits = build_splits(model_args, data_args, args.seed)
+    train = [names[i][:8] for i in splits.train_indices]
+    held = {names[i][:8] for i in splits.validation_indices}
+    assert not set(train) & held
+    for patient in set(train):  # every film of a chosen patient comes along
+        assert train.count(patient) == sum(n.startswith(patient) for n in names)
