@@ -100,30 +100,45 @@ def test_first_of_several_windows_and_sigmoid(tmp_path):
     np.testing.assert_array_equal(decode_dicom(sigmoid), expected)
 
 
-# no window: the image's own range
+# no window: the stored bit range (Bits Stored) through the rescale
 
 
-def test_no_window_16bit_min_max_monochrome2(tmp_path):
+def test_no_window_16bit_stored_range_monochrome2(tmp_path):
     stored = np.array([[1000, 2000, 31000], [40000, 61000, 5000]], dtype=np.uint16)
     path = _write_dicom(
         tmp_path / "deep.dcm", stored, bits_stored=16, RescaleSlope=0.5, RescaleIntercept=100
     )
     decoded = decode_dicom(path)
     value = stored * 0.5 + 100
-    expected = np.rint(255 * (value - value.min()) / (value.max() - value.min()))
+    low, high = 0 * 0.5 + 100, 65535 * 0.5 + 100
+    expected = np.rint(255 * (value - low) / (high - low))
     np.testing.assert_array_equal(decoded, expected)
-    assert decoded.tolist() == [[0, 4, 128], [166, 255, 17]]
+    assert decoded.tolist() == [[4, 8, 121], [156, 237, 19]]
+
+
+def test_two_films_of_one_scanner_share_one_scale_and_bits_stored_overrides(tmp_path):
+    bright = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
+    dark = bright // 4  # the same 12-bit detector, a thinner patient
+    a = decode_dicom(_write_dicom(tmp_path / "a.dcm", bright))
+    b = decode_dicom(_write_dicom(tmp_path / "b.dcm", dark))
+    np.testing.assert_array_equal(a, np.rint(bright / 4095 * 255))
+    np.testing.assert_array_equal(b, np.rint(dark / 4095 * 255))  # not stretched to 255
+    # a header that declares 16 bits of 12-bit data: the override puts it right
+    wrong = _write_dicom(tmp_path / "wrong.dcm", bright, bits_stored=16)
+    assert decode_dicom(wrong).max() == round(4095 / 65535 * 255)
+    np.testing.assert_array_equal(decode_dicom(wrong, bits_stored=12), a)
+    assert decode_grey(wrong, bits_stored=12).tolist() == a.tolist()
 
 
 def test_no_window_monochrome1_signed_and_constant(tmp_path):
     stored = np.array([[-2048, -1000, 0], [500, 1023, 2047]], dtype=np.int16)
     path = _write_dicom(tmp_path / "signed.dcm", stored, photometric="MONOCHROME1")
-    expected = np.rint(255 * (1 - (stored + 2048.0) / 4095.0))
+    expected = np.rint(255 * (1 - (stored + 2048.0) / 4095.0))  # the signed 12-bit range
     np.testing.assert_array_equal(decode_dicom(path), expected)
     assert decode_dicom(path)[0].tolist() == [255, 190, 127]  # 0: 255 * 2047 / 4095 = 127.5 - 0.03
 
     flat = _write_dicom(tmp_path / "flat.dcm", np.full((3, 3), 700, np.uint16))
-    np.testing.assert_array_equal(decode_dicom(flat), np.zeros((3, 3), np.uint8))
+    np.testing.assert_array_equal(decode_dicom(flat), np.full((3, 3), round(700 / 4095 * 255)))
 
 
 # VOI LUT Sequence
@@ -255,17 +270,16 @@ def test_presentation_lut_shape_inverse_is_shown_inverted_once(tmp_path):
     np.testing.assert_array_equal(identity, plain)
 
 
-def test_pixel_padding_is_left_out_of_the_range_and_shown_black(tmp_path):
+def test_pixel_padding_is_shown_black(tmp_path):
     # a 12-bit image inside a padding frame of 4095 (bright stored value outside the body)
     stored = np.full((4, 4), 4095, dtype=np.uint16)
     stored[1:3, 1:3] = [[100, 200], [300, 500]]
     padded = decode_dicom(_write_dicom(tmp_path / "pad.dcm", stored, PixelPaddingValue=4095))
     inside = padded[1:3, 1:3]
-    assert inside.min() == 0 and inside.max() == 255  # the body's own range, not the frame's
-    np.testing.assert_array_equal(inside, np.rint((stored[1:3, 1:3] - 100) / 400 * 255))
+    np.testing.assert_array_equal(inside, np.rint(stored[1:3, 1:3] / 4095 * 255))
     assert (padded[0] == 0).all() and (padded[:, 0] == 0).all()  # padding shown as air
     ranged = decode_dicom(_write_dicom(tmp_path / "range.dcm", stored.clip(max=4000) // 1,
                                        PixelPaddingValue=3000, PixelPaddingRangeLimit=4095))
     np.testing.assert_array_equal(ranged[1:3, 1:3], inside)
     without = decode_dicom(_write_dicom(tmp_path / "none.dcm", stored))
-    assert without[1:3, 1:3].max() < 40  # the frame's 4095 stretched the range
+    assert (without[0] == 255).all()  # without the padding value the frame shows white

@@ -162,12 +162,12 @@ def test_split_list_in_latin1_names_file_and_line(tmp_path):
 
 
 def test_csv_in_latin1_names_file_and_line(tmp_path):
-    from caid_hf.finetuning.data import _read_csv
+    from caid_hf.finetuning.data import CSVLabelledSource
 
     table = tmp_path / "labels.csv"
     table.write_bytes("path,label\n\xe9.png,1\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"labels\.csv:2: not UTF-8"):
-        _read_csv(table)
+        CSVLabelledSource(table)
 
 
 @pytest.mark.slow

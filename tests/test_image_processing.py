@@ -108,11 +108,10 @@ def test_dicom_dataset_and_file_without_extension_give_the_same(tmp_path, native
     )
 
 
-def test_dicom_without_window_uses_the_image_range(native):
+def test_dicom_without_window_uses_the_stored_bit_range(native):
     pixels = np.linspace(100, 900, SIDE * SIDE).reshape(SIDE, SIDE).astype(np.uint16)
     grey = _grey(native(_dicom(pixels, BitsStored=12), return_tensors="np"))
-    assert grey.min() == 0.0 and grey.max() == 1.0
-    np.testing.assert_allclose(grey, np.rint((pixels - 100.0) / 800.0 * 255) / 255, atol=1e-6)
+    np.testing.assert_allclose(grey, np.rint(pixels / 4095.0 * 255) / 255, atol=1e-6)
 
 
 def test_multi_frame_dicom_is_refused(native):
@@ -402,3 +401,17 @@ def test_processor_and_training_decode_give_equal_pixels(tmp_path, native):
     np.testing.assert_array_equal(_grey(native(voi, return_tensors="np")),
                                   decode_grey(tmp_path / "voi_lut.dcm") / np.float32(255))
     assert len(set(np.unique(decode_grey(tmp_path / "voi_lut.dcm")))) == 4  # the LUT's levels
+
+
+def test_bits_stored_is_a_saved_setting_applied_to_deep_integers(tmp_path, native):
+    pixels = np.linspace(0, 1000, SIDE * SIDE).reshape(SIDE, SIDE).astype(np.uint16)
+    guessed = _grey(native(pixels, return_tensors="np"))  # 10 bits hold 1000
+    np.testing.assert_allclose(guessed, np.rint(pixels / 1023.0 * 255) / 255, atol=1e-6)
+    processor = CAiDImageProcessor(do_resize=False, bits_stored=12)
+    processor.save_pretrained(tmp_path)
+    reloaded = CAiDImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.bits_stored == 12
+    twelve = _grey(reloaded(pixels, return_tensors="np"))
+    np.testing.assert_allclose(twelve, np.rint(pixels / 4095.0 * 255) / 255, atol=1e-6)
+    with pytest.raises(ValueError, match=r"bits_stored must be in \[1, 32\]"):
+        CAiDImageProcessor(bits_stored=0)

@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from caid_hf.data.phantoms import generate_phantom
+from caid_hf.data.source_spec import source_from_spec
 from caid_hf.data.sources import (
     ImageFolderSource,
     ImageSource,
@@ -218,3 +219,47 @@ def test_phantom_source():
             source.load(bad)
     plain = PhantomSource(40, size=64, nodules=False)
     assert not any(plain.load_mask(i).any() for i in range(40))
+
+
+def _png_with_sbit(path, pixels: np.ndarray, bits: int | None) -> None:
+    """A 16-bit grey PNG, with an sBIT chunk of ``bits`` significant bits when given."""
+    import struct
+    import zlib
+
+    Image.fromarray(pixels.astype(np.uint16)).save(path)
+    if bits is None:
+        return
+    data = path.read_bytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(data[:33] + chunk(b"sBIT", bytes([bits])) + data[33:])  # after IHDR
+
+
+def test_16_bit_png_depth_from_sbit_then_override_then_guess(tmp_path):
+    from caid_hf.data.hf_sources import decode_image_value
+    from caid_hf.decoding import png_significant_bits
+
+    dark = np.array([[0, 100], [500, 1000]])  # a 12-bit film whose maximum fits 10 bits
+    _png_with_sbit(tmp_path / "sbit.png", dark, 12)
+    _png_with_sbit(tmp_path / "plain.png", dark, None)
+    assert png_significant_bits(tmp_path / "sbit.png") == 12
+    assert png_significant_bits(tmp_path / "plain.png") is None
+    twelve = np.rint(np.minimum(dark, 4095) / 4095 * 255)
+    np.testing.assert_array_equal(decode_grey(tmp_path / "sbit.png"), twelve)  # the header
+    guessed = np.rint(dark / 1023 * 255)  # 10 bits: the smallest depth holding 1000
+    np.testing.assert_array_equal(decode_grey(tmp_path / "plain.png"), guessed)
+    np.testing.assert_array_equal(decode_grey(tmp_path / "plain.png", bits_stored=12), twelve)
+    # values above the declared depth saturate instead of wrapping
+    assert decode_grey(tmp_path / "plain.png", bits_stored=8).tolist() == [[0, 100], [255, 255]]
+    # the same rules for Hugging Face image bytes
+    stored = {"bytes": (tmp_path / "sbit.png").read_bytes(), "path": None}
+    np.testing.assert_array_equal(decode_image_value(stored, "row 0"), twelve)
+    plain = {"bytes": (tmp_path / "plain.png").read_bytes(), "path": None}
+    np.testing.assert_array_equal(decode_image_value(plain, "row 0", bits_stored=12), twelve)
+    # a split list's source decodes every file with the run's --bits_stored
+    split = tmp_path / "list.txt"
+    split.write_text("plain.png\nsbit.png\n")
+    source = source_from_spec(str(split), bits_stored=12)
+    np.testing.assert_array_equal(source.load(0), twelve)

@@ -138,14 +138,23 @@ def _prepare_data(argv: list[str], prog: str) -> None:
                         help="Image column of a Hugging Face dataset (default: the first).")
     parser.add_argument("--id-column", default=None,
                         help="Column naming each image of a Hugging Face dataset.")
+    parser.add_argument("--bits-stored", type=int, default=None,
+                        help="Bit depth of 16-bit PNG and DICOM pixels (e.g. 12) for the whole "
+                             "source (default: each file's header, DICOM BitsStored or PNG "
+                             "sBIT, else a per-image guess).")
     a = parser.parse_args(argv)
+    if a.bits_stored is not None and not 1 <= a.bits_stored <= 32:
+        parser.error(f"--bits-stored must be in [1, 32], got {a.bits_stored}")
     options = HFOptions(split=a.split, config_name=a.config_name, image_column=a.image_column,
                         id_column=a.id_column)
-    source = source_from_spec(a.source, images_root=a.images_root, hf_options=options)
+    source = source_from_spec(a.source, images_root=a.images_root, hf_options=options,
+                              bits_stored=a.bits_stored)
     # a path is recorded absolute, so a resumed run from another folder still matches
     description = str(Path(a.source).resolve()) if Path(a.source).exists() else a.source
     if a.images_root is not None:
         description += f" (images root {Path(a.images_root).resolve()})"
+    if a.bits_stored is not None:
+        description += f" ({a.bits_stored} bits stored)"
     started = time.perf_counter()
     print(f"caid-hf prepare-data: decoding {a.source} into {a.out} with {a.num_proc} "
           f"process(es)")

@@ -16,6 +16,7 @@ processor runs where caid-hf is not installed.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import struct
 import zlib
@@ -45,6 +46,7 @@ __all__ = [
     "dicom_to_grey",
     "has_dicom_magic",
     "pil_to_grey",
+    "png_significant_bits",
     "scale_high_bit_depth",
 ]
 
@@ -106,7 +108,7 @@ def has_dicom_magic(path: str | os.PathLike) -> bool:
     return header[128:132] == b"DICM"
 
 
-def decode_dicom(path: str | os.PathLike) -> np.ndarray:
+def decode_dicom(path: str | os.PathLike, bits_stored: int | None = None) -> np.ndarray:
     """Read a single-frame DICOM image as grey uint8 [H, W] in 0..255.
 
     The pixel values go through the DICOM display pipeline, pydicom doing the
@@ -123,13 +125,19 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
        ``apply_windowing``); for a VOI LUT, its smallest to largest entry,
        because the entry bit depth in *LUT Descriptor* is often larger than
        the data (16 declared, 12 used).
-    3. Without a VOI, the image's own minimum..maximum of modality values maps
-       to 0..255 (a full-contrast stretch, like a viewer's default window); a
-       constant image gives zeros.
+    3. Without a VOI, the stored bit range (*Bits Stored*, or ``bits_stored``
+       when given: 0..4095 for 12 bits, signed when *Pixel Representation* is 1)
+       through the rescale maps to 0..255, so every film of a scanner gets the same
+       intensity scale. Only with a *Modality LUT Sequence* (no linear rescale to
+       carry the range through) does the image's own minimum..maximum map to
+       0..255; a constant image then gives zeros.
     4. MONOCHROME1 (or *Presentation LUT Shape* INVERSE, the same inversion) is
        inverted after the VOI, so air is dark and bone bright as in MONOCHROME2.
     5. *Pixel Padding Value* pixels (up to *Pixel Padding Range Limit*) are left out
        of step 3's minimum..maximum and shown black.
+
+    ``bits_stored`` overrides the header's *Bits Stored* (for files whose header
+    declares 16 bits of 12-bit data, say).
 
     Values are rounded to the nearest integer (``np.rint``), not truncated.
     RGB (and YBR, which pydicom converts to RGB) images skip steps 1-4 and
@@ -158,10 +166,11 @@ def decode_dicom(path: str | os.PathLike) -> np.ndarray:
         raise
     except _MALFORMED as error:
         raise _cannot_decode(name, error) from error
-    return dicom_to_grey(dataset, name)
+    return dicom_to_grey(dataset, name, bits_stored)
 
 
-def dicom_to_grey(dataset: Dataset, name: str = "DICOM dataset") -> np.ndarray:
+def dicom_to_grey(dataset: Dataset, name: str = "DICOM dataset",
+                  bits_stored: int | None = None) -> np.ndarray:
     """A read DICOM dataset as grey uint8 [H, W], by the rules of :func:`decode_dicom`: the
     one DICOM decoder of caid-hf, used by training, the cache and ``CAiDImageProcessor``.
 
@@ -174,8 +183,8 @@ def dicom_to_grey(dataset: Dataset, name: str = "DICOM dataset") -> np.ndarray:
     try:
         pixels = dataset.pixel_array
         if dataset.PhotometricInterpretation in _MONOCHROME:
-            return _monochrome_to_grey(pixels, dataset)
-        return _colour_to_grey(pixels, dataset)
+            return _monochrome_to_grey(pixels, dataset, bits_stored)
+        return _colour_to_grey(pixels, dataset, bits_stored)
     except _MALFORMED as error:
         transfer_syntax = _transfer_syntax(dataset)
         if transfer_syntax is not None and transfer_syntax.is_compressed:
@@ -255,13 +264,32 @@ def _inverted(dataset: Dataset) -> bool:
     return dataset.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
 
 
-def _monochrome_to_grey(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+def _stored_range(dataset: Dataset, bits_stored: int | None) -> tuple[float, float] | None:
+    """The modality values of the smallest and largest storable pixel (by *Bits Stored* or
+    ``bits_stored``, and *Pixel Representation*), in increasing order; None when a
+    Modality LUT Sequence (not a linear rescale) maps the pixels."""
+    if dataset.get("ModalityLUTSequence"):
+        return None
+    bits = int(bits_stored or dataset.get("BitsStored", 0) or dataset.get("BitsAllocated", 16))
+    signed = int(dataset.get("PixelRepresentation", 0) or 0) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return ends[0], ends[1]
+
+
+def _monochrome_to_grey(pixels: np.ndarray, dataset: Dataset,
+                        bits_stored: int | None = None) -> np.ndarray:
     """Stored grey values [H, W] through modality, VOI and inversion to uint8. Padding
     pixels are left out of the image's own range and shown black (air)."""
     values = apply_modality_lut(pixels, dataset)
     padding = _padding_mask(pixels, dataset)
     voi = _apply_voi(values, dataset)
-    if voi is None:
+    stored = _stored_range(dataset, bits_stored) if voi is None else None
+    if voi is None and stored is not None:
+        shown, (low, high) = values, stored
+    elif voi is None:
         inside = values if padding is None else values[~padding]
         shown = values
         low, high = (inside.min(), inside.max()) if inside.size else (0, 0)
@@ -301,33 +329,76 @@ def _apply_voi(values: np.ndarray, dataset: Dataset) -> tuple[np.ndarray, float,
     return None
 
 
-def _colour_to_grey(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+def _colour_to_grey(pixels: np.ndarray, dataset: Dataset,
+                    bits_stored: int | None = None) -> np.ndarray:
     """RGB [H, W, 3] (pydicom's conversion of RGB/YBR data) to grey uint8 by luminance."""
     luma = pixels.astype(np.float64) @ _LUMA_WEIGHTS
-    peak = 2 ** int(dataset.BitsStored) - 1
+    peak = 2 ** int(bits_stored or dataset.BitsStored) - 1
     return np.rint(np.clip(luma * (255.0 / peak), 0.0, 255.0)).astype(np.uint8)
 
 
-def scale_high_bit_depth(values: np.ndarray) -> np.ndarray:
+def scale_high_bit_depth(values: np.ndarray, bits: int | None = None) -> np.ndarray:
     """Map integer pixels stored in 16 (or 32) bits to uint8 by their bit depth.
 
-    The stored bit depth (10, 12, 14 … bits inside a 16-bit container) is not
-    in the PNG, so it is taken as the smallest of 8/10/12/14/16 bits that
-    holds the image's maximum: a 12-bit image maps 4095 to 255, and a dark
-    16-bit image stays dark instead of being stretched.
+    ``bits`` is the stored bit depth (10, 12, 14 … bits inside a 16-bit container), from
+    the file's header (PNG *sBIT*) or the user (``--bits_stored``): ``0..2**bits - 1`` maps
+    to 0..255, values above it to 255. Without it, the depth is guessed per image as the
+    smallest of 8/10/12/14/16 bits that holds the image's maximum: a 12-bit image maps
+    4095 to 255, and a dark 16-bit image stays dark instead of being stretched (but two
+    films of one scanner can get different scales, so give ``bits_stored`` when the files
+    carry no sBIT).
     """
     values = np.clip(values, 0, None).astype(np.float32)
-    peak = int(values.max(initial=0))
-    bits = next((b for b in (8, 10, 12, 14, 16) if peak < 2**b), peak.bit_length())
-    return np.rint(values * (255.0 / (2**bits - 1))).astype(np.uint8)
+    if bits is None:
+        peak = int(values.max(initial=0))
+        bits = next((b for b in (8, 10, 12, 14, 16) if peak < 2**b), peak.bit_length())
+    top = float(2**int(bits) - 1)
+    return np.rint(np.minimum(values, top) * (255.0 / top)).astype(np.uint8)
 
 
-def pil_to_grey(image: Image.Image) -> np.ndarray:
-    """An open PIL image as grey uint8 [H, W] in 0..255 (the rules of :func:`decode_grey`)."""
+def png_significant_bits(source: str | os.PathLike | bytes | None) -> int | None:
+    """The significant bits of a PNG's grey channel (its *sBIT* chunk), or None when the
+    file has none (or is no PNG). Reads only the chunks before the image data."""
+    if source is None:
+        return None
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            stream = io.BytesIO(source)
+        else:
+            stream = open(source, "rb")  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    with stream:
+        if stream.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        colour = None
+        while True:
+            head = stream.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            if kind == b"IHDR":
+                colour = stream.read(length)[9] if length >= 10 else None
+                stream.seek(4, io.SEEK_CUR)
+            elif kind == b"sBIT":
+                data = stream.read(length)
+                if not data:
+                    return None
+                # grey: one byte; grey+alpha: grey, alpha; colour: R, G, B (the largest)
+                return int(data[0]) if colour in (0, 4) else int(max(data[:3]))
+            else:
+                stream.seek(length + 4, io.SEEK_CUR)
+
+
+def pil_to_grey(image: Image.Image, bits_stored: int | None = None) -> np.ndarray:
+    """An open PIL image as grey uint8 [H, W] in 0..255 (the rules of :func:`decode_grey`);
+    ``bits_stored``: the bit depth of 16-bit pixels (None: guessed per image)."""
     if image.mode == "L":
         return np.array(image, dtype=np.uint8)
     if image.mode in _SIXTEEN_BIT_MODES:
-        return scale_high_bit_depth(np.asarray(image))
+        return scale_high_bit_depth(np.asarray(image), bits_stored)
     return np.array(image.convert("L"), dtype=np.uint8)
 
 
@@ -375,7 +446,7 @@ def _check_png_complete(path: str | os.PathLike, image: Image.Image) -> None:
                       "truncated or damaged PNG")
 
 
-def decode_grey(path: str | os.PathLike) -> np.ndarray:
+def decode_grey(path: str | os.PathLike, bits_stored: int | None = None) -> np.ndarray:
     """Read an image file as grey uint8 [H, W] in 0..255.
 
     DICOM files go to :func:`decode_dicom` (rescale, window,
@@ -386,9 +457,12 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     Everything else is read by PIL. 8-bit grey is returned as stored; RGB, RGBA
     (alpha dropped), grey+alpha and palette images are converted with PIL's
     luminance (ITU-R 601). 16-bit (and 32-bit integer) grey is scaled by its
-    bit depth, taken as the smallest of 8/10/12/14/16 bits that holds the
-    image's maximum: ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps
-    4095 to 255.
+    bit depth: ``round(value * 255 / (2**bits - 1))``, so 12-bit data maps 4095 to
+    255. The depth is ``bits_stored`` when given (the whole data set's, e.g.
+    ``--bits_stored 12``), else the PNG's *sBIT* chunk when it has one, else
+    guessed per image as the smallest of 8/10/12/14/16 bits that holds the
+    image's maximum (see :func:`scale_high_bit_depth`). DICOM files take their
+    *Bits Stored* (or ``bits_stored``) the same way.
 
     Images of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before
     their pixels are decoded (PIL's decompression-bomb limit, DICOM included). torchvision's
@@ -404,13 +478,15 @@ def decode_grey(path: str | os.PathLike) -> np.ndarray:
     if suffix in (".dcm", ".dicom") or (
         suffix not in Image.registered_extensions() and has_dicom_magic(path)
     ):
-        return decode_dicom(path)
+        return decode_dicom(path, bits_stored)
     try:
         with Image.open(path) as image:
             image.load()
             if image.format == "PNG":
                 _check_png_complete(path, image)
-            return pil_to_grey(image)
+                if bits_stored is None and image.mode in _SIXTEEN_BIT_MODES:
+                    bits_stored = png_significant_bits(path)
+            return pil_to_grey(image, bits_stored)
     except FileNotFoundError:
         raise
     except IsADirectoryError as error:

@@ -60,6 +60,7 @@ class CAiDImageProcessorKwargs(TypedDict, total=False):
     size: CAiDSize
     resample: int
     do_resize: bool
+    bits_stored: int | None
 
 
 class CAiDImageProcessor(BaseImageProcessor):
@@ -87,7 +88,8 @@ class CAiDImageProcessor(BaseImageProcessor):
 
     - 8-bit integers (uint8 arrays/tensors, PIL ``L``): ``value / 255``.
     - Other integers (uint16, int16, int32 …, PIL ``I;16``/``I``): scaled by
-      bit depth like ``decode_grey``: the smallest of 8/10/12/14/16 bits that
+      bit depth like ``decode_grey``: ``bits_stored`` when set, else (for a PNG
+      path) the file's sBIT chunk, else the smallest of 8/10/12/14/16 bits that
       holds the image's maximum, so 12-bit data maps 4095 to 1.0; negative
       values clip to 0. The result is quantised to 8 bits, as in pre-training.
     - Floats (arrays, tensors, PIL ``F``): **assumed to be in [0, 1] already**
@@ -98,7 +100,7 @@ class CAiDImageProcessor(BaseImageProcessor):
       pre-training's own decoder (``caid_hf.decoding.dicom_to_grey``): the modality
       LUT or RescaleSlope/Intercept, then the VOI LUT or WindowCenter/Width, mapped to
       0..255 over the displayed range (the VOI output range when there is one, else the
-      image's own minimum and maximum), MONOCHROME1 inverted so that air is dark,
+      stored bit range of Bits Stored or ``bits_stored``), MONOCHROME1 inverted so that air is dark,
       quantised to 8 bits as in pre-training and divided by 255. Multi-frame datasets
       are refused.
 
@@ -114,6 +116,10 @@ class CAiDImageProcessor(BaseImageProcessor):
         do_resize: resize to ``size``; without it, images keep their size (a
             batch then needs equal sizes to be stacked, and the model accepts
             only sides that are multiples of 32).
+        bits_stored: the bit depth of integer pixels deeper than 8 bits (16-bit
+            PNG, uint16 arrays, DICOM), as the model's training data was read with
+            ``--bits_stored``; None: the file's header (PNG sBIT, DICOM Bits
+            Stored), else the per-image guess above.
 
     Raises:
         ValueError: ``size`` is not such an int or dict; the message names the
@@ -128,10 +134,14 @@ class CAiDImageProcessor(BaseImageProcessor):
         size: CAiDSize = 224,
         resample: int = PILImageResampling.BILINEAR,
         do_resize: bool = True,
+        bits_stored: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("image_processor_type", None)  # written by to_dict, not a setting
         super().__init__(**kwargs)
+        if bits_stored is not None and not 1 <= int(bits_stored) <= 32:
+            raise ValueError(f"bits_stored must be in [1, 32] or None, got {bits_stored!r}")
+        self.bits_stored = None if bits_stored is None else int(bits_stored)
         self.size = _check_size(size)
         self.resample = int(resample)
         if self.resample not in _TORCH_MODES:
@@ -193,7 +203,8 @@ class CAiDImageProcessor(BaseImageProcessor):
 
         pixel_values = []
         for name, item in _flatten(images):
-            grey = torch.from_numpy(np.ascontiguousarray(to_grey(item, name)))[None, None]
+            grey = torch.from_numpy(np.ascontiguousarray(
+                to_grey(item, name, self.bits_stored)))[None, None]
             target = _output_size(tuple(grey.shape[-2:]), size)
             if do_resize and tuple(grey.shape[-2:]) != target:
                 grey = F.interpolate(
@@ -358,7 +369,8 @@ def _describe(item: Any) -> str:
     return type(item).__name__
 
 
-def to_grey(image: CAiDImageInput, name: str = "image") -> np.ndarray:
+def to_grey(image: CAiDImageInput, name: str = "image", bits_stored: int | None = None
+            ) -> np.ndarray:
     """One image as grey float32 [H, W] in [0, 1] (see ``CAiDImageProcessor`` for the rules).
 
     Raises:
@@ -366,33 +378,34 @@ def to_grey(image: CAiDImageInput, name: str = "image") -> np.ndarray:
         ValueError: unsupported type, shape or content; the message starts with ``name``.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _path_to_grey(Path(image))
+        return _path_to_grey(Path(image), bits_stored)
     if isinstance(image, DicomDataset):
-        return dicom_to_grey(image, name)
+        return dicom_to_grey(image, name, bits_stored)
     if isinstance(image, Image.Image):
-        return _pil_to_grey(image, name)
+        return _pil_to_grey(image, name, bits_stored)
     if isinstance(image, torch.Tensor):
-        return _array_to_grey(_tensor_to_numpy(image), name, channels_first=True)
+        return _array_to_grey(_tensor_to_numpy(image), name, channels_first=True,
+                              bits_stored=bits_stored)
     if isinstance(image, np.ndarray):
-        return _array_to_grey(image, name, channels_first=False)
+        return _array_to_grey(image, name, channels_first=False, bits_stored=bits_stored)
     raise ValueError(
         f"{name}: unsupported input type {type(image).__name__}; expected a PIL image, numpy "
         f"array, torch tensor, pydicom Dataset or a path to an image or DICOM file"
     )
 
 
-def _path_to_grey(path: Path) -> np.ndarray:
+def _path_to_grey(path: Path, bits_stored: int | None = None) -> np.ndarray:
     """A file (image or DICOM, by suffix or the DICM preamble) through pre-training's
     decoder, :func:`caid_hf.decoding.decode_grey`."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    return decode_grey(path).astype(np.float32) / 255.0
+    return decode_grey(path, bits_stored).astype(np.float32) / 255.0
 
 
-def _pil_to_grey(image: Image.Image, name: str) -> np.ndarray:
+def _pil_to_grey(image: Image.Image, name: str, bits_stored: int | None = None) -> np.ndarray:
     if image.mode == "F":
         return _array_to_grey(np.asarray(image), name, channels_first=False)
-    grey = pil_to_grey(image)
+    grey = pil_to_grey(image, bits_stored)
     if grey.size == 0:
         raise ValueError(f"{name}: empty image")
     return grey.astype(np.float32) / 255.0
@@ -409,7 +422,8 @@ def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.to(torch.int64).numpy()  # numpy lacks some torch integer types (uint16/32)
 
 
-def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.ndarray:
+def _array_to_grey(array: np.ndarray, name: str, channels_first: bool,
+                   bits_stored: int | None = None) -> np.ndarray:
     """[H, W], [H, W, C] or [C, H, W] → [H, W] float32 in [0, 1]."""
     if array.size == 0:
         raise ValueError(f"{name}: empty array of shape {array.shape}")
@@ -432,7 +446,7 @@ def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.nda
     elif array.dtype == np.uint8:
         values = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.integer):
-        values = scale_high_bit_depth(array).astype(np.float32) / 255.0
+        values = scale_high_bit_depth(array, bits_stored).astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)
         if not np.isfinite(values).all():
@@ -453,7 +467,8 @@ def _array_to_grey(array: np.ndarray, name: str, channels_first: bool) -> np.nda
     return np.clip(values, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset") -> np.ndarray:
+def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset",
+                  bits_stored: int | None = None) -> np.ndarray:
     """One DICOM image as grey float32 [H, W] in [0, 1]: pre-training's decoder
     (:func:`caid_hf.decoding.dicom_to_grey`: modality LUT / rescale, VOI LUT / window,
     MONOCHROME1 inverted, quantised to 8 bits) divided by 255, so the processor feeds a
@@ -463,4 +478,4 @@ def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset") -> np.ndar
         ValueError: no pixel data, multi-frame, or compressed pixel data whose decoder is
             not installed (the message names the pip extra).
     """
-    return decode_dicom_dataset(dataset, name).astype(np.float32) / 255.0
+    return decode_dicom_dataset(dataset, name, bits_stored).astype(np.float32) / 255.0

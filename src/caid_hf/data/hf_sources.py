@@ -39,7 +39,7 @@ from datasets.utils.file_utils import is_local_path, xopen
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from ..decoding import pil_to_grey
+from ..decoding import pil_to_grey, png_significant_bits
 from .sources import _check_index
 
 __all__ = ["HFImageSource", "HFStreamingSource", "decode_image_value", "open_hf_dataset"]
@@ -51,7 +51,8 @@ _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, PILImage.DecompressionBombError)
 
 
-def decode_image_value(value: dict | None, where: str) -> np.ndarray:
+def decode_image_value(value: dict | None, where: str, bits_stored: int | None = None
+                       ) -> np.ndarray:
     """An undecoded ``datasets.Image`` value as grey uint8 [H, W] in 0..255.
 
     Args:
@@ -59,6 +60,8 @@ def decode_image_value(value: dict | None, where: str) -> np.ndarray:
             ``Image(decode=False)``. The bytes are decoded when present, else
             the file at ``path`` (local, or a remote URL datasets can open).
         where: names the row in error messages (dataset and image id).
+        bits_stored: bit depth of 16-bit pixels; None: the PNG's sBIT chunk, else guessed
+            per image (see :func:`~caid_hf.decoding.scale_high_bit_depth`).
 
     Returns:
         The image by :func:`~caid_hf.data.sources.pil_to_grey`'s rules.
@@ -81,7 +84,10 @@ def decode_image_value(value: dict | None, where: str) -> np.ndarray:
                 stream = io.BytesIO(remote.read())
         with PILImage.open(stream) as image:
             image.load()
-            return pil_to_grey(image)
+            if bits_stored is None and image.format == "PNG" and image.mode != "L":
+                bits_stored = png_significant_bits(
+                    data or (stream if isinstance(stream, str) else stream.getvalue()))
+            return pil_to_grey(image, bits_stored)
     except _UNREADABLE as error:
         # PIL raises SyntaxError for some malformed headers.
         raise ValueError(f"{where}: cannot decode image: {error}") from error
@@ -145,6 +151,8 @@ def _undecoded_view(dataset, image_column: str, id_column: str | None,
 class HFImageSource:
     """A map-style image source over a :class:`datasets.Dataset`.
 
+    ``bits_stored`` (an attribute, default None) is the bit depth of 16-bit pixels.
+
     ``load(i)`` decodes row ``i``'s image (grey uint8 [H, W], by
     :func:`~caid_hf.data.sources.pil_to_grey`'s rules); ``image_id(i)`` is the
     ``id_column`` value when given, else the image's stored ``path`` when it
@@ -169,6 +177,8 @@ class HFImageSource:
             missing or not an image; the message names the dataset and lists
             its columns.
     """
+
+    bits_stored: int | None = None
 
     def __init__(
         self,
@@ -214,7 +224,7 @@ class HFImageSource:
         """
         row = self.dataset[int(_check_index(i, len(self)))]
         where = f"dataset {self.name}, row {i} ({self._row_id(row, i)})"
-        return decode_image_value(row[self.image_column], where)
+        return decode_image_value(row[self.image_column], where, self.bits_stored)
 
     def image_id(self, i: int) -> str:
         """The id column's value, else the stored path, else ``row_000042``."""
@@ -302,6 +312,8 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
             ``rank`` outside ``0..world_size - 1``.
     """
 
+    bits_stored: int | None = None  # of 16-bit pixels (None: the header's, else guessed)
+
     def __init__(
         self,
         dataset: IterableDataset,
@@ -355,7 +367,8 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
         for row in self.dataset:
             image_id = self._row_id(row)
             try:
-                grey = decode_image_value(row[self.image_column], f"dataset {self.name}, {image_id}")
+                grey = decode_image_value(row[self.image_column], f"dataset {self.name}, {image_id}",
+                                          self.bits_stored)
             except ValueError as error:
                 self.num_bad += 1
                 if self.on_bad is not None:

@@ -89,7 +89,8 @@ class PretrainingData:
 
     def _source(self, spec: str, num_phantoms: int, phantom_seed: int):
         return source_from_spec(spec, self.data_args.images_root, num_phantoms,
-                                self.data_args.phantom_size, phantom_seed, self.hf_options)
+                                self.data_args.phantom_size, phantom_seed, self.hf_options,
+                                self.data_args.bits_stored)
 
     def _map_style_sets(self):
         args = self.data_args
@@ -110,10 +111,12 @@ class PretrainingData:
         args = self.data_args
         dataset = open_hf_spec(args.train_source, args.images_root, self.hf_options,
                                streaming=True)
-        return HFStreamingSource(dataset, image_column=self.hf_options.image_column,
-                                 id_column=self.hf_options.id_column, rank=rank, world_size=world,
-                                 shuffle_buffer=args.streaming_shuffle_buffer, seed=self.seed,
-                                 name=args.train_source)
+        stream = HFStreamingSource(dataset, image_column=self.hf_options.image_column,
+                                   id_column=self.hf_options.id_column, rank=rank,
+                                   world_size=world, shuffle_buffer=args.streaming_shuffle_buffer,
+                                   seed=self.seed, name=args.train_source)
+        stream.bits_stored = args.bits_stored
+        return stream
 
     def _streaming_sets(self):
         """This process's part of the stream, and a map-style validation set: the

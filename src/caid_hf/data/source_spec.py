@@ -72,8 +72,18 @@ def open_hf_spec(spec: str, images_root: str | None, options: HFOptions, streami
 
 def source_from_spec(spec: str, images_root: str | None = None, num_phantoms: int = 1000,
                      phantom_size: int = 256, phantom_seed: int = 0,
-                     hf_options: HFOptions | None = None):
-    """The map-style image source a spec names (see the module docstring)."""
+                     hf_options: HFOptions | None = None, bits_stored: int | None = None):
+    """The map-style image source a spec names (see the module docstring); ``bits_stored``
+    sets the bit depth of its 16-bit pixels (files it decodes; a cache is decoded already)."""
+    source = _open_source(spec, images_root, num_phantoms, phantom_size, phantom_seed,
+                          hf_options)
+    if bits_stored is not None and hasattr(source, "bits_stored"):
+        source.bits_stored = bits_stored
+    return source
+
+
+def _open_source(spec: str, images_root: str | None, num_phantoms: int, phantom_size: int,
+                 phantom_seed: int, hf_options: HFOptions | None):
     from .cache import CachedSource, is_cache
 
     if spec == PHANTOMS:

@@ -69,6 +69,7 @@ class _FileListSource:
 
     base: Path
     relative_paths: list[str]
+    bits_stored: int | None = None  # bit depth of 16-bit pixels (None: header, else guessed)
 
     def __len__(self) -> int:
         return len(self.relative_paths)
@@ -87,7 +88,7 @@ class _FileListSource:
                 target = "?"
             raise ValueError(f"cannot decode image {os.fspath(path)!r}: a broken symbolic link "
                              f"(to {target!r}, which does not exist, or a link loop)")
-        return decode_grey(path)
+        return decode_grey(path, self.bits_stored)
 
     def image_id(self, i: int) -> str:
         """The relative path of image ``i`` (as written in a split list, POSIX for a folder)."""

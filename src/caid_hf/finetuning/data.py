@@ -102,6 +102,7 @@ class LabelledSourceOptions:
     view_column: str | None = None
     metadata_csv: str | None = None
     patient_id_from: str = "auto"
+    bits_stored: int | None = None
 
 
 def decode_mask(path: str | os.PathLike | io.BytesIO | None = None,
@@ -230,6 +231,8 @@ class CSVLabelledSource:
             and column.
     """
 
+    bits_stored: int | None = None  # of 16-bit pixels (None: the header's, else guessed)
+
     def __init__(self, csv_file: str | os.PathLike, images_root: str | os.PathLike | None = None,
                  image_column: str | None = None, label_columns: list[str] | None = None,
                  mask_column: str | None = None, label_names: list[str] | None = None,
@@ -293,7 +296,8 @@ class CSVLabelledSource:
 
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` as grey uint8 [H, W]."""
-        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))])
+        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))],
+                           self.bits_stored)
 
     def load_mask(self, i: int) -> np.ndarray:
         """Mask ``i`` as int64 [H, W] (see :func:`decode_mask`)."""
@@ -316,6 +320,8 @@ class MaskFolderSource:
         FileNotFoundError: a folder is missing, or an image has no mask (the first few are
             named).
     """
+
+    bits_stored: int | None = None  # of 16-bit pixels (None: the header's, else guessed)
 
     def __init__(self, images_root: str | os.PathLike, masks_root: str | os.PathLike | None = None,
                  binary_masks: bool = True, label_names: list[str] | None = None) -> None:
@@ -353,7 +359,8 @@ class MaskFolderSource:
         return len(self.relative_paths)
 
     def load(self, i: int) -> np.ndarray:
-        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))])
+        return decode_grey(self.base / self.relative_paths[_check_index(i, len(self))],
+                           self.bits_stored)
 
     def load_mask(self, i: int) -> np.ndarray:
         return decode_mask(self.masks_root / self.mask_paths[_check_index(i, len(self))],
@@ -552,6 +559,18 @@ def _apply_label_policies(targets: np.ndarray, where: str, uncertain: str, blank
 
 def labelled_source_from_spec(spec: str, options: LabelledSourceOptions, split: str | None = None,
                               phantom_seed_offset: int = 0):
+    """The labelled source a spec names (see :func:`_open_labelled`), decoding 16-bit pixels
+    with ``options.bits_stored``."""
+    source = _open_labelled(spec, options, split, phantom_seed_offset)
+    if options.bits_stored is not None:
+        for part in (source, getattr(source, "images", None)):
+            if hasattr(part, "bits_stored"):
+                part.bits_stored = options.bits_stored
+    return source
+
+
+def _open_labelled(spec: str, options: LabelledSourceOptions, split: str | None,
+                   phantom_seed_offset: int):
     """The labelled source a spec names (see the module docstring).
 
     Args:

@@ -115,7 +115,8 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         binary_masks=(model_args.num_labels or 1) == 1, label_format=data_args.label_format,
         uncertain_labels=data_args.uncertain_labels, blank_labels=data_args.blank_labels,
         views=data_args.views, view_column=data_args.view_column,
-        metadata_csv=data_args.metadata_csv, patient_id_from=data_args.patient_id_from)
+        metadata_csv=data_args.metadata_csv, patient_id_from=data_args.patient_id_from,
+        bits_stored=data_args.bits_stored)
 
     def open_source(spec: str, num_phantoms: int, offset: int, split: str | None):
         options.num_phantoms = num_phantoms
@@ -569,7 +570,8 @@ def save_model(ft: FinetuneRun, report: dict, state: dict) -> None:
     output_dir, unwrapped = ft.output_dir, ft.accelerator.unwrap_model(ft.model)
     with quiet_progress_bars():
         unwrapped.save_pretrained(output_dir)
-    CAiDImageProcessor(size=unwrapped.config.image_size).save_pretrained(output_dir)
+    CAiDImageProcessor(size=unwrapped.config.image_size,
+                       bits_stored=ft.run["data"].get("bits_stored")).save_pretrained(output_dir)
     for weights in output_dir.glob("model*.safetensors"):  # safetensors writes 0600
         os.chmod(weights, default_file_mode())
     split = ft.splits.test_split

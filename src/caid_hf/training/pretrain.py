@@ -169,16 +169,19 @@ def step_flags(model, loss: torch.Tensor, accelerator, stop_requested: bool) -> 
     return flags[0] == 0, flags[1] > 0
 
 
-def save_backbone(accelerator, model, folder: Path, card: dict) -> None:
+def save_backbone(accelerator, model, folder: Path, card: dict,
+                  bits_stored: int | None = None) -> None:
     """Write the published backbone from the main process: config.json, model.safetensors, the
     preprocessor_config.json of the [0, 1] preprocessing it was trained with, and its model card
-    (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card`)."""
+    (``card``: keyword arguments of :func:`~caid_hf.model_card.write_model_card``;
+    ``bits_stored``: the run's ``--bits_stored``, which the processor then applies too)."""
     def work():
         backbone = accelerator.unwrap_model(model).caid
         with atomic_folder(folder) as tmp:  # a full disk or a kill keeps the previous folder
             with quiet_progress_bars():
                 backbone.save_pretrained(tmp)
-            CAiDImageProcessor.from_caid_config(backbone.config).save_pretrained(tmp)
+            CAiDImageProcessor.from_caid_config(backbone.config,
+                                                bits_stored=bits_stored).save_pretrained(tmp)
             write_model_card(tmp, **card)
 
     on_main_process(accelerator, work)
@@ -578,7 +581,7 @@ def validate_and_save(run: PretrainRun) -> None:
     if is_best:
         state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
         save_backbone(accelerator, run.model, run.output_dir / "best",
-                      {**card_args(run), "weights": "best"})
+                      {**card_args(run), "weights": "best"}, run.data.data_args.bits_stored)
         if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
             push_backbone(accelerator, run.output_dir / "best", args)
     if state.batches_in_epoch == 0 or state.global_step >= run.total_steps:
@@ -594,7 +597,8 @@ def finish_run(run: PretrainRun) -> PretrainResult:
     run.preemption.restore()
     accelerator, output_dir, args, state = run.accelerator, run.output_dir, run.args, run.state
     final_card = card_args(run)
-    save_backbone(accelerator, run.model, output_dir / "final", {**final_card, "weights": "final"})
+    save_backbone(accelerator, run.model, output_dir / "final", {**final_card, "weights": "final"},
+                  run.data.data_args.bits_stored)
     if accelerator.is_main_process and (output_dir / "best").is_dir():
         with atomic_file(output_dir / "best" / "README.md") as tmp:  # the whole run's facts
             build_model_card(output_dir / "best", **final_card, weights="best").save(tmp)
