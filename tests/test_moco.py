@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from caid_hf import CAiDConfig, CAiDForPreTraining
-from caid_hf.objectives.moco import MoCoV2, global_pool
+from caid_hf.objectives.moco import MoCoV2, encode_in_splits, global_pool
 
 
 def _inputs(batch=4, size=64, seed=0):
@@ -216,3 +216,32 @@ def test_queue_is_excluded_from_ddp_buffer_broadcast(tiny_config, tmp_path):
         assert any(b is model.caid.encoder.bn1.running_mean for b in broadcast)
     finally:
         dist.destroy_process_group()
+
+
+def test_one_process_emulation_normalises_encoder_and_decoder_per_device(tiny_config):
+    """shuffle_bn_splits=2 on one process gives each half of the batch what one of two
+    devices computes in the original: its own encoder *and decoder* BatchNorm statistics,
+    so the reconstruction, and with it the MSE, equal the two-device values."""
+    model = CAiDForPreTraining(tiny_config).train()
+    q_img, k_img, target = _inputs(batch=8)
+    out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
+    devices = []
+    for half in range(2):  # what each of 2 devices computes with the same weights
+        device = copy.deepcopy(model).train()
+        rows = slice(4 * half, 4 * half + 4)
+        with torch.no_grad():
+            features = device.caid.encoder(q_img[rows])
+            devices.append(torch.sigmoid(device.caid.segmentation_head(
+                device.caid.decoder(features))))
+    per_device = torch.cat(devices)
+    torch.testing.assert_close(out.reconstruction, per_device, rtol=0, atol=1e-6)
+    # DDP averages the two devices' losses (equal halves): the mean of their MSEs
+    two_device_mse = torch.stack([F.mse_loss(d, target[4 * h:4 * h + 4])
+                                  for h, d in enumerate(devices)]).mean()
+    torch.testing.assert_close(out.reconstruction_loss, two_device_mse, rtol=0, atol=1e-6)
+    # the decoder over the whole batch (what the emulation did before) is measurably different
+    with torch.no_grad():
+        whole = copy.deepcopy(model).train()
+        merged = torch.sigmoid(whole.caid.segmentation_head(whole.caid.decoder(
+            encode_in_splits(whole.caid.encoder, q_img, 2))))
+    assert (merged - per_device).abs().max() > 1e-4

@@ -55,9 +55,9 @@ class CAiDConfig(PretrainedConfig):
             reserves that name for generation).
         projection_dim: output dimension of the MoCo projection head.
         projection_head: ``mlp`` (Linear-ReLU-Linear, MoCo-v2) or ``linear`` (MoCo-v1).
-        shuffle_bn_splits: on a single process, BatchNorm statistics are computed over this
-            many sub-batches and the key batch is shuffled across them, emulating the
-            cross-process shuffle-BN of MoCo (1 disables the emulation). Ignored when several
+        shuffle_bn_splits: on a single process, BatchNorm statistics (encoders and decoder)
+            are computed over this many sub-batches and the key batch is shuffled across
+            them, emulating the cross-process shuffle-BN of MoCo (1 disables the emulation). Ignored when several
             processes run: the real cross-process shuffle is used. MoCo only.
         barlow_projector_dims: output widths of the Barlow Twins projector's linear layers
             (BatchNorm + ReLU after all but the last); 8192 × 3 as Barlow Twins on ResNet-50.

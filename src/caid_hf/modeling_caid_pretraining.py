@@ -20,7 +20,7 @@ from .configuration_caid import CAiDConfig
 from .distributed import use_global_batch_norm
 from .modeling_caid import CAiDModel, CAiDPreTrainedModel, check_pixel_values, global_pool
 from .objectives import embedding_std, objective_class
-from .objectives.moco import MoCoV2, encode_in_splits
+from .objectives.moco import MoCoV2, encode_in_splits, reconstruct_in_splits
 
 __all__ = ["CAiDForPreTraining", "CAiDForPreTrainingOutput"]
 
@@ -206,13 +206,15 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         check_pixel_values(pixel_values, self.config)
         check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
         # (encode_in_splits runs caid.encode like an encoder: checkpointed when enabled)
-        features = encode_in_splits(self.caid.encode, pixel_values, self.objective.query_splits())
+        splits = self.objective.query_splits()
+        features = encode_in_splits(self.caid.encode, pixel_values, splits)
         embeddings = global_pool(features[-1])
         result = self.objective(embeddings, key_pixel_values, self.caid.encoder, self.caid.encode,
                                 update_momentum)
         reconstruction = key_reconstruction = None
         if self.config.context_prediction:
-            reconstruction = self.caid.reconstruct(features)
+            # the decoder too sees each emulated device's sub-batch alone
+            reconstruction = reconstruct_in_splits(self.caid.reconstruct, features, splits)
             if self.config.reconstruct_views == "both":
                 key_reconstruction = self.caid.reconstruct(result.key_features)
         loss, reconstruction_loss = self.forward_loss(result.loss, reconstruction, labels,

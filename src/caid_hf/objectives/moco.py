@@ -51,6 +51,17 @@ def encode_in_splits(encoder: nn.Module, x: torch.Tensor, splits: int) -> list[t
     return [torch.cat(stage, dim=0) for stage in zip(*chunks)]
 
 
+def reconstruct_in_splits(reconstruct, features: list[torch.Tensor], splits: int) -> torch.Tensor:
+    """Run the decoder (``reconstruct``: encoder stages → image) on the same ``splits``
+    consecutive sub-batches as :func:`encode_in_splits`, so the decoder's BatchNorm also
+    normalises each emulated device's images alone, as the multi-process original does."""
+    batch = features[0].shape[0]
+    if splits <= 1 or batch < 2:
+        return reconstruct(features)
+    parts = zip(*(stage.tensor_split(min(splits, batch)) for stage in features))
+    return torch.cat([reconstruct(list(part)) for part in parts], dim=0)
+
+
 @dataclass
 class MoCoOutput(ObjectiveOutput):
     """As :class:`ObjectiveOutput`; logits: [B, 1 + K] fp32 already divided by T (column 0 =
