@@ -375,3 +375,29 @@ def test_finetuning_label_fraction_takes_whole_chestxray14_patients(tmp_path):
     assert not set(train) & held
     for patient in set(train):  # every film of a chosen patient comes along
         assert train.count(patient) == sum(n.startswith(patient) for n in names)
+
+
+def test_hugging_face_labels_follow_the_same_policies_and_patient_column(tmp_path):
+    import datasets
+
+    images = []
+    for k in range(6):
+        _image(tmp_path / f"{k}.png", k)
+        images.append(str(tmp_path / f"{k}.png"))
+    table = datasets.Dataset.from_dict({
+        "image": images, "Edema": [1.0, 0.0, -1.0, None, 1.0, 0.0],
+        "Effusion": [0.0, -1.0, 1.0, 1.0, None, 0.0],
+        "subject": ["a", "a", "b", "b", "c", "c"]}).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "ds"))
+    from caid_hf.finetuning.data import HFLabelledSource
+
+    source = HFLabelledSource(datasets.load_from_disk(str(tmp_path / "ds")), "ds",
+                              label_columns=["Edema", "Effusion"],
+                              patient_id_from="column:subject")
+    expected = np.array([[1, 0], [0, np.nan], [np.nan, 1], [0, 1], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(source.targets, expected)
+    assert source.patient_ids == ["a", "a", "b", "b", "c", "c"]
+    ones = HFLabelledSource(datasets.load_from_disk(str(tmp_path / "ds")), "ds",
+                            label_columns=["Edema", "Effusion"], uncertain_labels="ones",
+                            blank_labels="ignore")
+    assert ones.targets[2, 0] == 1 and np.isnan(ones.targets[3, 0])

@@ -221,6 +221,20 @@ def _evaluate_features_parser(prog: str) -> ArgumentParser:
                              "re-estimated on --source's images first (no labels used). "
                              "Default: 'model', and 'data' for 'random', which has never seen "
                              "an image.")
+    from .finetuning.label_formats import BLANK_POLICIES, LABEL_FORMATS, UNCERTAIN_POLICIES
+
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto",
+                        help="Layout of a label CSV (default: from its header; docs/data.md).")
+    parser.add_argument("--uncertain-labels", choices=UNCERTAIN_POLICIES, default="ignore",
+                        help="Uncertain (-1) labels: left out of the probes' fit and score "
+                             "(ignore), or counted as 1 or 0.")
+    parser.add_argument("--blank-labels", choices=BLANK_POLICIES, default="zeros",
+                        help="Blank (not mentioned) labels: negative, or left out.")
+    parser.add_argument("--views", nargs="+", default=None,
+                        help="Keep only these views: frontal, lateral or codes (PA, AP ...).")
+    parser.add_argument("--bits-stored", type=int, default=None,
+                        help="Bit depth of 16-bit PNG / DICOM pixels (default: the header's, "
+                             "else guessed per image).")
     parser.add_argument("--embedding", choices=["pooled", "stages"], default="pooled",
                         help="'pooled': the last stage's average (pooler_output, what a "
                              "classifier head sees); 'stages': every encoder stage's average "
@@ -255,7 +269,9 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
     options = LabelledSourceOptions(
         images_root=a.images_root, image_column=a.image_column, label_columns=a.label_columns,
         label_names=a.label_names, hf=HFOptions(split=a.hf_split),
-        num_phantoms=a.num_phantoms, phantom_size=a.phantom_size, phantom_seed=a.phantom_seed)
+        num_phantoms=a.num_phantoms, phantom_size=a.phantom_size, phantom_seed=a.phantom_seed,
+        label_format=a.label_format, uncertain_labels=a.uncertain_labels,
+        blank_labels=a.blank_labels, views=a.views, bits_stored=a.bits_stored)
     source = labelled_source_from_spec(a.source, options)
     test = None
     if a.test_source is not None:
