@@ -7,6 +7,8 @@ initialised, so the same model code runs on one CPU, one GPU or many nodes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,32 +38,123 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@dataclass
+class ShufflePlan:
+    """Who sends which images where in one shuffle-BN exchange (see
+    :func:`shuffle_across_ranks`); :func:`unshuffle_across_ranks` runs it backwards.
+
+    ``send_order``: this rank's local indices in the order they are sent (grouped by the
+    receiving rank); ``send_counts[j]``: how many go to rank j. ``recv_slots``: the slot in
+    the shuffled local batch of each received item, in arrival order; ``recv_counts[j]``:
+    how many come from rank j. ``permutation``: MoCo's global permutation, drawn on rank 0.
+    """
+
+    send_order: torch.Tensor
+    send_counts: list[int]
+    recv_slots: torch.Tensor
+    recv_counts: list[int]
+    permutation: torch.Tensor
+
+
+def shuffle_plan(permutation: torch.Tensor, batch: int, world: int, me: int) -> ShufflePlan:
+    """The all-to-all plan of MoCo's shuffle: rank ``r`` ends with the global items
+    ``permutation[r*B:(r+1)*B]`` in that order, global item ``g`` being local item
+    ``g % B`` of rank ``g // B``."""
+    permutation = permutation.cpu()
+    position = torch.argsort(permutation)  # position of every global item in the permutation
+    mine = torch.arange(me * batch, (me + 1) * batch)
+    destination = position[mine] // batch
+    send_order = torch.argsort(position[mine])  # by position: grouped by destination, in order
+    send_counts = torch.bincount(destination, minlength=world).tolist()
+    slots = torch.arange(batch)
+    source = permutation[me * batch:(me + 1) * batch] // batch
+    # senders send in position order, so arrivals are ordered by (source, slot)
+    arrival = torch.argsort(source * batch + slots)
+    recv_counts = torch.bincount(source, minlength=world).tolist()
+    return ShufflePlan(send_order, send_counts, slots[arrival], recv_counts, permutation)
+
+
+def _exchange(payload: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+              ) -> torch.Tensor:
+    """``all_to_all_single`` of rows with uneven splits (gloo and NCCL)."""
+    out = payload.new_empty((sum(recv_counts), *payload.shape[1:]))
+    dist.all_to_all_single(out, payload.contiguous(), output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts)
+    return out
+
+
+def _wire_form(x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The narrowest exact form of a batch of views for the wire, and how to undo it.
+
+    One channel when all channels are equal (caid-hf's grey views are one channel
+    expanded to three); uint8 when every value is exactly ``k / 255`` (views not changed
+    by augmentation); else the autocast dtype when autocast is on (the key encoder's first
+    convolution would round to it anyway), else the tensor's own dtype.
+    """
+    channels = x.shape[1] if x.dim() > 1 else 1
+    grey = x.dim() == 4 and channels > 1 and (x.stride(1) == 0 or torch.equal(x[:, :1].expand_as(x), x))
+    body = x[:, :1] if grey else x
+    dtype = x.dtype
+    if body.is_floating_point():
+        as_bytes = torch.round(body * 255).clamp_(0, 255).to(torch.uint8)
+        if torch.equal(as_bytes.to(dtype) / 255, body):
+            payload = as_bytes
+        elif torch.is_autocast_enabled(x.device.type):
+            payload = body.to(torch.get_autocast_dtype(x.device.type))
+        else:
+            payload = body
+    else:
+        payload = body
+
+    def restore(received: torch.Tensor) -> torch.Tensor:
+        values = received.to(dtype) / 255 if payload.dtype == torch.uint8 and dtype != torch.uint8 \
+            else received.to(dtype)
+        return values.expand(-1, channels, *values.shape[2:]) if grey else values
+
+    return payload, restore
+
+
 @torch.no_grad()
-def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo's batch shuffle: gather the global batch, permute it, hand each rank a slice.
+def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, ShufflePlan]:
+    """MoCo's batch shuffle by one all-to-all: each rank receives only its B images.
+
+    The semantics are MoCo's (``batch_shuffle_ddp``): a permutation of the global batch is
+    drawn on rank 0 and broadcast, and rank ``r`` gets the permuted global batch's slice
+    ``r`` (so a key is normalised with images of other ranks, never with its query's
+    sub-batch statistics alone). Instead of gathering the whole global batch on every rank,
+    each rank sends each image straight to the rank that needs it, in the narrowest exact
+    form (:func:`_wire_form`: one grey channel, uint8 or the autocast dtype).
 
     Args:
         x: local batch [B, ...] (same B on every rank).
     Returns:
-        (local slice of the permuted global batch [B, ...], the inverse permutation [world * B]).
-        The permutation is drawn on rank 0 and broadcast, so every rank agrees.
+        (this rank's slice of the permuted global batch [B, ...], the plan that undoes it).
     """
-    gathered = concat_all_gather(x)
-    total = gathered.shape[0]
-    permutation = torch.randperm(total, device=x.device)
-    if world_size() > 1:
+    batch, world, me = x.shape[0], world_size(), rank()
+    permutation = torch.randperm(batch * world, device=x.device)
+    if world > 1:
         dist.broadcast(permutation, src=0)
-    inverse = torch.argsort(permutation)
-    local = permutation.view(world_size(), -1)[rank()]
-    return gathered[local], inverse
+    plan = shuffle_plan(permutation, batch, world, me)
+    if world == 1:
+        return x[permutation.to(x.device)], plan
+    payload, restore = _wire_form(x)
+    received = _exchange(payload[plan.send_order.to(x.device)], plan.send_counts,
+                         plan.recv_counts)
+    local = torch.empty_like(received)
+    local[plan.recv_slots.to(x.device)] = received
+    return restore(local), plan
 
 
 @torch.no_grad()
-def unshuffle_across_ranks(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`shuffle_across_ranks` on its encoded output [B, ...] → [B, ...]."""
-    gathered = concat_all_gather(x)
-    local = inverse.view(world_size(), -1)[rank()]
-    return gathered[local]
+def unshuffle_across_ranks(x: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """Undo :func:`shuffle_across_ranks` on its encoded output [B, ...] → [B, ...] (each
+    rank's own items back, in their original order; one all-to-all of B rows)."""
+    if world_size() == 1:
+        return x[torch.argsort(plan.permutation).to(x.device)]
+    received = _exchange(x[plan.recv_slots.to(x.device)], plan.recv_counts, plan.send_counts)
+    local = torch.empty_like(received)
+    local[plan.send_order.to(x.device)] = received
+    return local
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -190,14 +190,14 @@ class MoCoV2(Objective):
         x, splits = key_pixel_values, 1
         shuffled = self.training and world_size() > 1
         if shuffled:
-            x, inverse = shuffle_across_ranks(x)
+            x, plan = shuffle_across_ranks(x)
         elif self.training and self.shuffle_bn_splits > 1:
             permutation = torch.randperm(x.shape[0], device=x.device)
             x, inverse, splits = x[permutation], torch.argsort(permutation), self.shuffle_bn_splits
         features = encode_in_splits(self.momentum_encoder, x, splits)
         keys = F.normalize(self.momentum_projection_head(global_pool(features[-1])).float(), dim=1)
         if shuffled:
-            return unshuffle_across_ranks(keys, inverse)
+            return unshuffle_across_ranks(keys, plan)
         return keys[inverse] if splits > 1 else keys
 
     @torch.no_grad()
