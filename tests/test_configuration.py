@@ -103,3 +103,30 @@ def test_save_and_auto_config_round_trip(tmp_path):
     for key in ("encoder_name", "image_size", "queue_size", "momentum", "context_prediction",
                 "decoder_channels", "contrastive_temperature"):
         assert getattr(loaded, key) == getattr(c, key)
+
+
+def test_learning_rate_scaling_rules():
+    from caid_hf.training.arguments import parse_pretraining_args, scaled_learning_rate
+    from caid_hf.training.pretrain import lr_line
+
+    assert scaled_learning_rate(0.03, "none", 4096) == 0.03
+    assert scaled_learning_rate(0.03, "linear", 4096) == pytest.approx(0.48)
+    assert scaled_learning_rate(0.03, "sqrt", 4096) == pytest.approx(0.12)
+    _, _, args = parse_pretraining_args(["--scale_lr", "linear", "--learning_rate", "0.05"])
+    assert "learning rate 0.1 (0.05 x (512/256))" in lr_line(args, 512)
+    _, _, plain = parse_pretraining_args([])
+    assert "--scale_lr linear with warm-up" in lr_line(plain, 3072)
+    assert "warm-up (" not in lr_line(plain, 256)
+    with pytest.raises(ValueError, match=r"scale_lr must be one of"):
+        parse_pretraining_args(["--scale_lr", "quadratic"])
+
+
+def test_a_queue_that_the_global_batch_does_not_divide_names_the_nearest_valid_sizes():
+    from caid_hf import CAiDConfig
+    from caid_hf.objectives.moco import MoCoV2
+
+    config = CAiDConfig(queue_size=65536)
+    with pytest.raises(ValueError, match=r"48 = 3072; the nearest valid queue sizes are "
+                                         r"64512 or 67584"):
+        MoCoV2.check_run(config, 64, 48)
+    MoCoV2.check_run(config, 64, 32)  # 2048 divides 65536

@@ -108,9 +108,13 @@ class MoCoV2(Objective):
             )
         global_batch = per_device_batch_size * num_processes
         if config.queue_size % global_batch:
+            below = config.queue_size // global_batch * global_batch
+            above = below + global_batch
+            nearest = " or ".join(str(q) for q in (below, above) if q > 0)
             raise ValueError(
                 f"queue_size={config.queue_size} must be divisible by the global batch size "
-                f"per_device_train_batch_size × processes = {global_batch}"
+                f"per_device_train_batch_size × processes = {per_device_batch_size} × "
+                f"{num_processes} = {global_batch}; the nearest valid queue sizes are {nearest}"
             )
 
     def query_splits(self) -> int:

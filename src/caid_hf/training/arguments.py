@@ -198,8 +198,18 @@ class PretrainingArguments:
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch per process."})
     per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "Default: train batch."})
     learning_rate: float = field(
-        default=0.03, metadata={"help": "Peak SGD learning rate, used as given (the paper: 0.03 for "
-                                        "a global batch of 256)."}
+        default=0.03, metadata={"help": "Peak SGD learning rate: used as given with scale_lr none "
+                                        "(the paper: 0.03 for a global batch of 256), else the "
+                                        "rate of a global batch of 256."}
+    )
+    scale_lr: str = field(
+        default="none", metadata={"help": "Scale learning_rate with the global batch B "
+                                          "(per_device_train_batch_size × processes × "
+                                          "gradient_accumulation_steps): 'linear' (× B/256, as "
+                                          "SimSiam and Barlow Twins define it, and MoCo's authors "
+                                          "advise for large batches, with warm-up), 'sqrt' "
+                                          "(× sqrt(B/256)) or 'none' (as given: the reference's "
+                                          "rule and the default for every method)."}
     )
     sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum (not MoCo's)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay."})
@@ -325,6 +335,8 @@ class PretrainingArguments:
             raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.scale_lr not in LR_SCALING:
+            raise ValueError(f"scale_lr must be one of {LR_SCALING}, got {self.scale_lr!r}")
         if (self.push_to_hub or self.hub_dry_run) and not self.hub_model_id:
             raise ValueError("push_to_hub / hub_dry_run need hub_model_id ('namespace/name')")
         if self.probe_steps < 0:
@@ -335,6 +347,18 @@ class PretrainingArguments:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+LR_SCALING = ("none", "linear", "sqrt")
+LR_BASE_BATCH = 256  # the global batch the learning rate is given for (MoCo, SimSiam)
+
+
+def scaled_learning_rate(learning_rate: float, rule: str, global_batch: int) -> float:
+    """``learning_rate`` for a global batch of ``global_batch`` under ``rule``: as given
+    (``none``), × B/256 (``linear``) or × sqrt(B/256) (``sqrt``)."""
+    ratio = global_batch / LR_BASE_BATCH
+    return {"none": learning_rate, "linear": learning_rate * ratio,
+            "sqrt": learning_rate * ratio ** 0.5}[rule]
 
 
 def _model_arguments_class() -> type:

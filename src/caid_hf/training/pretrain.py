@@ -42,7 +42,12 @@ from ..runs import (
     run_record,
     start_run_records,
 )
-from .arguments import DataArguments, PretrainingArguments, parse_pretraining_args
+from .arguments import (
+    DataArguments,
+    PretrainingArguments,
+    parse_pretraining_args,
+    scaled_learning_rate,
+)
 from .checkpointing import (
     TrainState,
     atomic_file,
@@ -281,10 +286,15 @@ def build_model(config: CAiDConfig, args: PretrainingArguments) -> CAiDForPreTra
         return CAiDForPreTraining.from_pretrained(args.init_from, config=config)
 
 
-def build_optimizer(model: CAiDForPreTraining, args: PretrainingArguments, device
-                    ) -> torch.optim.SGD:
+def build_optimizer(model: CAiDForPreTraining, args: PretrainingArguments, device,
+                    num_processes: int = 1) -> torch.optim.SGD:
+    """SGD at the run's learning rate (``learning_rate`` scaled by ``scale_lr`` for the
+    global batch)."""
+    global_batch = (args.per_device_train_batch_size * num_processes
+                    * args.gradient_accumulation_steps)
+    lr = scaled_learning_rate(args.learning_rate, args.scale_lr, global_batch)
     return torch.optim.SGD(model.optimizer_param_groups(args.fix_predictor_lr),
-                           lr=args.learning_rate, momentum=args.sgd_momentum,
+                           lr=lr, momentum=args.sgd_momentum,
                            weight_decay=args.weight_decay,
                            **performance.sgd_implementation(device))
 
@@ -322,7 +332,7 @@ def setup_run(model_args, data_args: DataArguments, args: PretrainingArguments,
     data = PretrainingData(data_args, config.image_size, args.seed, loader, accelerator,
                            output_dir)
     settings = apply_speed_settings(model, args, accelerator)
-    optimizer = build_optimizer(model, args, accelerator.device)
+    optimizer = build_optimizer(model, args, accelerator.device, accelerator.num_processes)
     settings.append("fused SGD" if optimizer.defaults.get("fused") else "SGD")
     model, optimizer = data.prepare_with(model, optimizer)
     total_steps, num_epochs = plan_steps(data, args)
@@ -375,6 +385,19 @@ def resume(run: PretrainRun) -> None:
     run.console.say(f"resumed from {path} at step {run.state.global_step}")
 
 
+def lr_line(args: PretrainingArguments, global_batch: int) -> str:
+    """The header's learning-rate line, with the large-batch advice when it applies."""
+    lr = scaled_learning_rate(args.learning_rate, args.scale_lr, global_batch)
+    rule = ("as given" if args.scale_lr == "none" else
+            f"{args.learning_rate:g} x {'' if args.scale_lr == 'linear' else 'sqrt '}"
+            f"({global_batch}/256)")
+    line = f"  learning rate {lr:g} ({rule}), {args.warmup_steps} warm-up steps"
+    if args.scale_lr == "none" and global_batch > 1024:
+        line += (f"; a global batch of {global_batch} usually wants --scale_lr linear with "
+                 "warm-up (--warmup_steps of about 10 epochs), as MoCo's authors advise")
+    return line
+
+
 def show_header(run: PretrainRun) -> None:
     args, config, data = run.args, run.config, run.data
     global_batch = args.per_device_train_batch_size * run.accelerator.num_processes
@@ -387,6 +410,7 @@ def show_header(run: PretrainRun) -> None:
         f"{data.data_args.train_source}, {data.num_workers} loader worker(s) per process",
         f"  plan: {run.total_steps} steps ({run.num_epochs} epochs) of global batch "
         f"{global_batch * args.gradient_accumulation_steps}, validation at each epoch end",
+        lr_line(args, global_batch * args.gradient_accumulation_steps),
         f"  on {describe_hardware(run.accelerator)}: {', '.join(run.settings)}",
         *([f"  online probe every {args.probe_steps} steps: k-NN and linear probe on "
            f"{run.probe.description} ({args.probe_embedding} embedding)"] if run.probe else []))
