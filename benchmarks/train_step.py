@@ -111,9 +111,15 @@ def add_original_costs(model: CAiDForPreTraining) -> None:
 def build(args: argparse.Namespace, mode: str, device: torch.device):
     """(model, optimizer, autocast dtype, channels_last) of a mode, on ``device``."""
     config = CAiDConfig(encoder_name=args.encoder, image_size=args.image_size,
-                        discrimination_method=args.method, queue_size=args.queue_size)
+                        discrimination_method=args.method, queue_size=args.queue_size,
+                        shuffle_bn_splits=args.shuffle_bn_splits,
+                        context_prediction=not args.id_only)
     torch.manual_seed(0)
     model = CAiDForPreTraining(config).to(device).train()
+    if args.sub_batch_passes:
+        import caid_hf.objectives.moco as moco_module
+
+        moco_module._splittable = lambda norms: False
     hyper = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4}
     params = [p for p in model.parameters() if p.requires_grad]
     if mode == "baseline":
@@ -150,7 +156,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     if device.type == "cuda":  # both modes: fixed shapes, so let cuDNN pick its kernels
         torch.backends.cudnn.benchmark = True
     model, optimizer, dtype, channels_last = build(args, mode, device)
-    augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=True, seed=0)
+    augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
     crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
     fixed_views = None if args.augment else augmenter(crops)
@@ -158,7 +164,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     def step() -> None:
         views = augmenter(crops) if fixed_views is None else fixed_views
         with performance.autocast(device, dtype):
-            out = model(views.query, views.key, labels=views.target)
+            out = model(views.query, views.key,
+                        labels=None if args.id_only else views.target)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,7 +249,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode (median).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
-    parser.add_argument("--mode", choices=["default", "baseline", "both"], default="both")
+    parser.add_argument("--mode", choices=["default", "baseline", "both", "splits"],
+                        default="both",
+                        help="'splits': the default mode with --shuffle-bn-splits 1 against "
+                             "the given splits (the one-process shuffle-BN emulation's cost).")
+    parser.add_argument("--shuffle-bn-splits", type=int, default=2,
+                        help="Sub-batches of the one-process shuffle-BN emulation (MoCo).")
+    parser.add_argument("--sub-batch-passes", action="store_true",
+                        help="Emulate shuffle-BN the old way: the encoders and the decoder "
+                             "run once per sub-batch (for comparison with the one pass).")
+    parser.add_argument("--id-only", action="store_true",
+                        help="Instance discrimination only (no decoder, no reconstruction).")
     parser.add_argument("--method", choices=["moco_v2", "barlow_twins", "simsiam"],
                         default="moco_v2", help="Objective (the baseline needs moco_v2).")
     parser.add_argument("--queue-size", type=int, default=65536)
@@ -268,9 +285,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def compare_splits(argv: list[str], args: argparse.Namespace) -> None:
+    """The default mode with ``--shuffle-bn-splits 1``, with the given splits in one pass
+    and with the given splits as one pass per sub-batch (the emulation before the split
+    BatchNorm), interleaved ``--rounds`` times in fresh processes; prints the medians and
+    the cost of each emulation against no emulation."""
+    child_argv = without_option(without_option(argv, "--mode"), "--shuffle-bn-splits")
+    child_argv = [a for a in child_argv if a != "--sub-batch-passes"]
+    splits = str(args.shuffle_bn_splits)
+    arms = {"shuffle_bn_splits=1": ["--shuffle-bn-splits", "1"],
+            f"shuffle_bn_splits={splits}, one pass": ["--shuffle-bn-splits", splits],
+            f"shuffle_bn_splits={splits}, a pass per sub-batch": ["--shuffle-bn-splits", splits,
+                                                                  "--sub-batch-passes"]}
+    runs: dict[str, list] = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name, extra in arms.items():
+            runs[name].append(run_in_child(child_argv + extra, "default"))
+    rate = {n: statistics.median(r["images_per_s"] for r in rs) for n, rs in runs.items()}
+    cpu = {n: statistics.median(r["cpu_ms_per_step"] for r in rs) for n, rs in runs.items()}
+    plain = "shuffle_bn_splits=1"
+    print(f"{'ID-only' if args.id_only else 'CAiD'} {args.method}, {args.encoder} "
+          f"{args.image_size}px batch {args.batch_size}"
+          f"{f', medians of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}:")
+    for name in arms:
+        cost = "" if name == plain else (f": {1 - rate[name] / rate[plain]:.1%} slower, CPU "
+                                         f"time {cpu[name] / cpu[plain] - 1:+.1%}")
+        print(f"  {name:45s} {rate[name]:6.2f} images/s, {cpu[name]:5.0f} ms CPU/step{cost}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.mode == "splits":
+        compare_splits(argv, args)
+        return
     if args.mode != "both":
         result = run_mode(args, args.mode)
         if args.result_file:

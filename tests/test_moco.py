@@ -245,3 +245,38 @@ def test_one_process_emulation_normalises_encoder_and_decoder_per_device(tiny_co
         merged = torch.sigmoid(whole.caid.segmentation_head(whole.caid.decoder(
             encode_in_splits(whole.caid.encoder, q_img, 2))))
     assert (merged - per_device).abs().max() > 1e-4
+
+
+def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monkeypatch):
+    """The emulation's BatchNorm splits inside one pass of the network (convolutions on the
+    whole batch); in fp32 that equals encoding and decoding each sub-batch separately:
+    outputs, gradients and running statistics, to 1e-6."""
+    import caid_hf.objectives.moco as moco_module
+    from caid_hf.objectives.moco import SplitBatchNorm2d
+
+    base = CAiDForPreTraining(tiny_config).train()
+    norms = [m for m in base.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in base.modules())
+    q_img, k_img, target = _inputs(batch=8)
+    results = []
+    for one_pass in (True, False):
+        model = copy.deepcopy(base)
+        if not one_pass:
+            monkeypatch.setattr(moco_module, "_splittable", lambda norms: False)
+        torch.manual_seed(1)
+        out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, dict(model.named_buffers())))
+        monkeypatch.undo()
+        # the splits hold only inside a forward
+        assert all(m.splits == 1 for m in model.modules() if isinstance(m, SplitBatchNorm2d))
+    (a, grads_a, buffers_a), (b, grads_b, buffers_b) = results
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-6, msg=name)
+    for name in buffers_a:  # running statistics: one update per sub-batch, in order
+        torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=1e-6, msg=name)

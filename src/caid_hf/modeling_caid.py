@@ -254,16 +254,27 @@ class CAiDModel(CAiDPreTrainedModel):
         """``function(*inputs)`` through transformers' checkpoint function, always
         non-reentrant (reentrant checkpointing would give the weights no gradient: the
         images need none); the backward pass's recomputation leaves the BatchNorm
-        statistics of ``module`` untouched."""
+        statistics of ``module`` untouched, and sees the BatchNorm ``splits`` (the
+        pre-training's one-process shuffle-BN emulation) the first pass saw."""
         calls = 0
+        splits: list = []
 
         def run(*args):
             nonlocal calls
             calls += 1
+            norms = [m for m in module.modules() if hasattr(type(m), "splits")]
             if calls == 1:
+                splits[:] = [m.splits for m in norms]
                 return function(*args)
-            with _batch_norm_statistics_kept(module):
-                return function(*args)
+            before = [m.splits for m in norms]
+            try:
+                for m, value in zip(norms, splits):
+                    m.splits = value
+                with _batch_norm_statistics_kept(module):
+                    return function(*args)
+            finally:
+                for m, value in zip(norms, before):
+                    m.splits = value
 
         return self._gradient_checkpointing_func(run, *inputs, use_reentrant=False)
 

@@ -20,7 +20,12 @@ from .configuration_caid import CAiDConfig
 from .distributed import use_global_batch_norm
 from .modeling_caid import CAiDModel, CAiDPreTrainedModel, check_pixel_values, global_pool
 from .objectives import embedding_std, objective_class
-from .objectives.moco import MoCoV2, encode_in_splits, reconstruct_in_splits
+from .objectives.moco import (
+    MoCoV2,
+    encode_in_splits,
+    reconstruct_in_splits,
+    use_split_batch_norm,
+)
 
 __all__ = ["CAiDForPreTraining", "CAiDForPreTrainingOutput"]
 
@@ -87,6 +92,8 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         objective = objective_class(config.discrimination_method)
         if objective.global_batch_norm:
             use_global_batch_norm(self.caid)
+        else:  # one pass of the one-process shuffle-BN emulation (key branch copied after)
+            use_split_batch_norm(self.caid)
         self.objective = objective.from_config(config, self.caid.encoder)
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, [f"objective.{name}" for name in objective.ignored_buffers])
@@ -207,14 +214,16 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
         # (encode_in_splits runs caid.encode like an encoder: checkpointed when enabled)
         splits = self.objective.query_splits()
-        features = encode_in_splits(self.caid.encode, pixel_values, splits)
+        features = encode_in_splits(self.caid.encode, pixel_values, splits,
+                                    norms=self.caid.encoder)
         embeddings = global_pool(features[-1])
         result = self.objective(embeddings, key_pixel_values, self.caid.encoder, self.caid.encode,
                                 update_momentum)
         reconstruction = key_reconstruction = None
         if self.config.context_prediction:
             # the decoder too sees each emulated device's sub-batch alone
-            reconstruction = reconstruct_in_splits(self.caid.reconstruct, features, splits)
+            reconstruction = reconstruct_in_splits(self.caid.reconstruct, features, splits,
+                                                   norms=self.caid.decoder)
             if self.config.reconstruct_views == "both":
                 key_reconstruction = self.caid.reconstruct(result.key_features)
         loss, reconstruction_loss = self.forward_loss(result.loss, reconstruction, labels,

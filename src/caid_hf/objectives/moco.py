@@ -11,6 +11,7 @@ key view (the reference runs it there and discards the result).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -39,25 +40,158 @@ def build_projection_head(in_features: int, out_features: int, kind: str = "mlp"
     return nn.Linear(in_features, out_features)
 
 
-def encode_in_splits(encoder: nn.Module, x: torch.Tensor, splits: int) -> list[torch.Tensor]:
-    """Run an smp encoder on ``splits`` consecutive sub-batches and concatenate each stage.
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys) that, in training
+    mode with ``splits > 1``, normalises ``splits`` consecutive sub-batches each with its own
+    statistics, as ``splits`` devices would, inside one pass of the network.
 
-    In training mode every sub-batch gets its own BatchNorm statistics, as it would on a
-    separate device: this is the single-process emulation of multi-device BatchNorm.
+    The convolutions then run once on the whole batch (not once per sub-batch, which made
+    the one-process emulation of shuffle-BN cost a pass per sub-batch); only each
+    BatchNorm runs on its sub-batches, with torch's own kernel, and their outputs are
+    joined. Outputs, gradients and running statistics equal running the module on each
+    sub-batch in turn (running statistics are updated once per sub-batch, in order).
+    ``splits`` is set around a forward by :func:`batch_norm_splits`; it is 1 otherwise.
     """
+
+    splits = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        splits = min(self.splits, x.shape[0])
+        if splits <= 1 or not self.training or not self.track_running_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        # what nn.BatchNorm2d does once per call, once per sub-batch
+        if self.momentum is None:  # cumulative average: a factor per sub-batch's count
+            done = int(self.num_batches_tracked)
+            factors = [1.0 / (done + k) for k in range(1, splits + 1)]
+        else:
+            factors = [self.momentum] * splits
+        self.num_batches_tracked.add_(splits)
+        return _SplitBatchNorm.apply(x, self.weight, self.bias, self.running_mean,
+                                     self.running_var, splits, factors, self.eps)
+
+
+class _SplitBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of consecutive sub-batches with torch's own kernels
+    (``native_batch_norm`` and its backward per sub-batch). Written as one autograd node so
+    that the sub-batches' gradients are joined once, where slicing the input would make
+    autograd add up one zero-padded full-size gradient per sub-batch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, splits, factors, eps):
+        outputs, saved = [], []
+        # on the CPU each sub-batch is normalised straight into its slice of the output
+        # (the slices of a batch are contiguous in either memory format); elsewhere joined
+        joined = torch.empty_like(x) if x.device.type == "cpu" else None
+        slices = joined.tensor_split(splits) if joined is not None else [None] * splits
+        for part, factor, into in zip(x.tensor_split(splits), factors, slices):
+            if into is None:
+                out, mean, invstd = torch.ops.aten.native_batch_norm(
+                    part, weight, bias, running_mean, running_var, True, factor, eps)
+                outputs.append(out)
+            else:  # CPU kernels keep their statistics in the running statistics' dtype
+                mean = running_mean.new_empty(running_mean.shape)
+                invstd = running_mean.new_empty(running_mean.shape)
+                torch.ops.aten.native_batch_norm.out(
+                    part, weight, bias, running_mean, running_var, True, factor, eps,
+                    out=into, save_mean=mean, save_invstd=invstd)
+            saved += [mean, invstd]
+        ctx.splits, ctx.eps = splits, eps
+        ctx.save_for_backward(x, weight, running_mean, running_var, *saved)
+        return joined if joined is not None else torch.cat(outputs, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, running_mean, running_var, *saved = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                 weight is not None and ctx.needs_input_grad[2]]
+        grads_x, grad_weight, grad_bias = [], None, None
+        for k, (part, grad_part) in enumerate(zip(x.tensor_split(ctx.splits),
+                                                  grad.tensor_split(ctx.splits))):
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_part.contiguous(memory_format=_memory_format(part)), part, weight,
+                running_mean, running_var, saved[2 * k], saved[2 * k + 1], True, ctx.eps,
+                needs)
+            grads_x.append(gx)
+            if needs[1]:
+                grad_weight = gw if grad_weight is None else grad_weight + gw
+            if needs[2]:
+                grad_bias = gb if grad_bias is None else grad_bias + gb
+        grad_x = torch.cat(grads_x, dim=0) if needs[0] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+def use_split_batch_norm(module: nn.Module) -> nn.Module:
+    """Turn every ``nn.BatchNorm2d`` inside ``module`` into a :class:`SplitBatchNorm2d` in
+    place (the same object, parameters and buffers; only its class changes), so
+    :func:`batch_norm_splits` can split it; returns ``module``."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = SplitBatchNorm2d
+    return module
+
+
+@contextlib.contextmanager
+def batch_norm_splits(module: nn.Module, splits: int):
+    """Within the block, every :class:`SplitBatchNorm2d` of ``module`` normalises
+    ``splits`` consecutive sub-batches separately."""
+    norms = [m for m in module.modules() if isinstance(m, SplitBatchNorm2d)]
+    for m in norms:
+        m.splits = splits
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.splits = 1
+
+
+def _splittable(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, SplitBatchNorm2d) for m in module.modules())
+
+
+def encode_in_splits(encoder, x: torch.Tensor, splits: int,
+                     norms: nn.Module | None = None) -> list[torch.Tensor]:
+    """Encode ``x`` with every BatchNorm computing ``splits`` consecutive sub-batches'
+    statistics separately, as on ``splits`` devices (the one-process emulation of
+    multi-device BatchNorm), and return each stage for the whole batch.
+
+    ``encoder`` is an smp encoder (or a function like ``CAiDModel.encode``), ``norms`` the
+    module holding its BatchNorms (default: ``encoder`` itself). When those are
+    :class:`SplitBatchNorm2d`, the network runs once and only the BatchNorms split
+    (a gradient-checkpointed recomputation sees the same splits, see
+    ``CAiDModel._checkpointed``); otherwise the encoder runs once per sub-batch, with the
+    same result.
+    """
+    norms = norms if norms is not None else (encoder if isinstance(encoder, nn.Module) else None)
     if splits <= 1 or x.shape[0] < 2:
         return encoder(x)
+    if _splittable(norms):
+        with batch_norm_splits(norms, splits):
+            return encoder(x)
     chunks = [encoder(part) for part in x.tensor_split(min(splits, x.shape[0]))]
     return [torch.cat(stage, dim=0) for stage in zip(*chunks)]
 
 
-def reconstruct_in_splits(reconstruct, features: list[torch.Tensor], splits: int) -> torch.Tensor:
-    """Run the decoder (``reconstruct``: encoder stages → image) on the same ``splits``
+def reconstruct_in_splits(reconstruct, features: list[torch.Tensor], splits: int,
+                          norms: nn.Module | None = None) -> torch.Tensor:
+    """Run the decoder (``reconstruct``: encoder stages → image) with the same ``splits``
     consecutive sub-batches as :func:`encode_in_splits`, so the decoder's BatchNorm also
-    normalises each emulated device's images alone, as the multi-process original does."""
+    normalises each emulated device's images alone, as the multi-process original does
+    (one pass when ``norms``, the decoder, holds :class:`SplitBatchNorm2d`)."""
     batch = features[0].shape[0]
     if splits <= 1 or batch < 2:
         return reconstruct(features)
+    # On a CPU the decoder's large high-resolution activations make a pass per sub-batch
+    # the faster way (they stay in cache; measured in benchmarks/RESULTS.md); elsewhere the
+    # decoder runs once with split BatchNorms. The result is the same either way.
+    if _splittable(norms) and features[0].device.type != "cpu":
+        with batch_norm_splits(norms, splits):
+            return reconstruct(features)
     parts = zip(*(stage.tensor_split(min(splits, batch)) for stage in features))
     return torch.cat([reconstruct(list(part)) for part in parts], dim=0)
 
@@ -197,7 +331,10 @@ class MoCoV2(Objective):
             x, plan = shuffle_across_ranks(x)
         elif self.training and self.shuffle_bn_splits > 1:
             permutation = torch.randperm(x.shape[0], device=x.device)
-            x, inverse, splits = x[permutation], torch.argsort(permutation), self.shuffle_bn_splits
+            # grey views expanded to 3 channels: permute the one channel, expand again
+            x = (x[:, :1][permutation].expand_as(x) if x.dim() == 4 and x.stride(1) == 0
+                 else x[permutation])
+            inverse, splits = torch.argsort(permutation), self.shuffle_bn_splits
         features = encode_in_splits(self.momentum_encoder, x, splits)
         keys = F.normalize(self.momentum_projection_head(global_pool(features[-1])).float(), dim=1)
         if shuffled:
