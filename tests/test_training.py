@@ -303,3 +303,37 @@ def test_validation_writes_reconstruction_pictures(tmp_path):
                               size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("val/reconstructions")] == [4]
+
+
+MULTI_NODE_LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                     "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_ip", "127.0.0.1"]
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_host_train_as_one(tmp_path, free_port):
+    """The README's multi-node commands with both "machines" on this host: two separate
+    ``accelerate launch --num_machines 2 --machine_rank {0,1}`` processes rendezvous at
+    127.0.0.1 and train as one run of world size 2 (identical parameters and queue after
+    the steps, keys of both machines in the queue)."""
+    out = tmp_path / "nodes"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    script = [str(ROOT / "tests" / "scripts" / "two_rank_pretrain.py"), *TINY,
+              "--per_device_train_batch_size", "4", "--output_dir", str(out), "--max_steps", "3"]
+    machines = [subprocess.Popen([sys.executable, *MULTI_NODE_LAUNCH, "--machine_rank", str(r),
+                                  "--main_process_port", str(free_port), *script],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for r in (0, 1)]
+    logs = [m.communicate(timeout=600)[0] for m in machines]
+    for machine, log in zip(machines, logs):
+        assert machine.returncode == 0, log[-4000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    for name in [*r0["parameters"], "objective.queue", "objective.queue_ptr"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    assert int(r0["state"]["objective.queue_ptr"]) == 3 * 8  # global batch 2 machines × 4
+    queue = r0["state"]["objective.queue"]
+    for step, (k0, k1) in enumerate(zip(r0["local_keys"], r1["local_keys"])):
+        torch.testing.assert_close(queue[:, step * 8:step * 8 + 4], k0.T, rtol=0, atol=0)
+        torch.testing.assert_close(queue[:, step * 8 + 4:step * 8 + 8], k1.T, rtol=0, atol=0)
+    assert "global batch 8" in logs[0]  # machine 0 prints the run's header
