@@ -16,6 +16,8 @@ AUC.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +81,10 @@ class OnlineProbe:
         restored afterwards, its weights and BatchNorm statistics are not changed."""
         was_training = backbone.training
         device = next(backbone.parameters()).device
+        if any(p.dim() == 4 and not p.is_contiguous() for p in backbone.parameters()):
+            # channels_last training weights: embed a contiguous copy, as evaluate-features
+            # embeds the saved backbone (the memory format changes the convolutions' rounding)
+            backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
         # the loaders draw their base seed from the global RNG: without the fork, turning
         # the probe on would change the run's key shuffles and everything after them
         devices = [device] if device.type == "cuda" else []
