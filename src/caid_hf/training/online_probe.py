@@ -17,7 +17,6 @@ AUC.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass
 
 import torch
