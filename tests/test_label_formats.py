@@ -401,3 +401,20 @@ def test_hugging_face_labels_follow_the_same_policies_and_patient_column(tmp_pat
                             label_columns=["Edema", "Effusion"], uncertain_labels="ones",
                             blank_labels="ignore")
     assert ones.targets[2, 0] == 1 and np.isnan(ones.targets[3, 0])
+
+
+def test_views_of_dicom_files_come_from_their_view_position_header(tmp_path):
+    from test_dicom import _write_dicom
+
+    views = ["PA", "LL", "AP", "LATERAL", ""]
+    for k, view in enumerate(views):
+        extra = {"ViewPosition": view} if view else {}
+        _write_dicom(tmp_path / f"{k:08d}_000.dcm", np.full((4, 4), 100 * k, np.uint16), **extra)
+    table = tmp_path / "labels.csv"
+    table.write_text("path,Edema\n" + "".join(f"{k:08d}_000.dcm,{k % 2}\n" for k in range(5)))
+    frontal = CSVLabelledSource(table, views=["frontal"])
+    assert [frontal.image_id(i) for i in range(len(frontal))] == ["00000000_000.dcm",
+                                                                    "00000002_000.dcm"]
+    assert frontal.targets[:, 0].tolist() == [0, 0] and frontal.dropped_views == 3
+    assert len(CSVLabelledSource(table, views=["lateral"])) == 2
+    assert frontal.patient_ids == ["00000000", "00000002"]  # ChestX-ray14-style names

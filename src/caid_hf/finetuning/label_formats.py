@@ -28,7 +28,8 @@ the loss and the metrics), ``ones`` (U-Ones) or ``zeros`` (U-Zeros). ``blank_lab
 ``views`` keeps the films of some views: ``frontal`` (PA, AP and their variants),
 ``lateral`` (L, LL, RL, LATERAL…) or the layout's own codes (``PA``, ``AP``…), read from
 ``Frontal/Lateral`` and ``AP/PA`` (CheXpert), ``ViewPosition`` (MIMIC), ``Projection``
-(PadChest) or ``view_column``.
+(PadChest) or ``view_column``; a CSV of DICOM files without a view column is filtered by
+each file's *View Position* header.
 """
 
 from __future__ import annotations
@@ -273,14 +274,35 @@ def _default_base(layout: str, csv_file: Path, paths: list[str]) -> Path:
     return csv_file.parent
 
 
+def _dicom_view(path: Path) -> str:
+    """A DICOM file's *View Position* (PA, AP, LL …; empty when it has none), read from the
+    header only."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["ViewPosition"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable header: name the file
+        raise ValueError(f"cannot read the DICOM header of {path}: {error}") from error
+    return str(header.get("ViewPosition", "") or "")
+
+
 def _keep_views(layout: str, csv_file: Path, columns: list[str], rows: list[dict[str, str]],
-                views: list[str], view_column: str | None) -> list[int]:
-    """Indices of the rows whose view is wanted."""
+                views: list[str], view_column: str | None,
+                dicom_paths: list[Path] | None = None) -> list[int]:
+    """Indices of the rows whose view is wanted: by the view column, else (every image a
+    DICOM file) by the files' *View Position*."""
     wanted_columns = [view_column] if view_column else list(_VIEW_COLUMNS.get(layout, ()))
     present = [c for c in wanted_columns if c in columns]
+    if not present and dicom_paths is not None:
+        return [k for k, path in enumerate(dicom_paths)
+                if view_matches(_dicom_view(path), views)]
     if not present:
         raise ValueError(f"{csv_file}: views={views} needs a view column "
-                         f"({wanted_columns or 'view_column'}; columns: {columns})")
+                         f"({wanted_columns or 'view_column'}; columns: {columns}), or DICOM "
+                         "images whose headers carry ViewPosition")
     return [k for k, r in enumerate(rows)
             if any(view_matches(r.get(c) or "", views) for c in present)]
 
@@ -311,15 +333,17 @@ def read_label_table(csv_file: Path, images_root: str | None = None,
     for name in [*(label_columns or []), *([view_column] if view_column else [])]:
         if name not in columns:
             raise ValueError(f"{csv_file}: no column {name!r} (columns: {columns})")
-    dropped = 0
-    if views:
-        keep = _keep_views(layout, csv_file, columns, rows, views, view_column)
-        dropped = len(rows) - len(keep)
-        rows = [rows[k] for k in keep]
-        if not rows:
-            raise ValueError(f"{csv_file}: no image has a view in {views}")
     paths, path_column = _image_paths(layout, csv_file, columns, rows, image_column)
     base = Path(images_root) if images_root is not None else _default_base(layout, csv_file, paths)
+    dropped = 0
+    if views:
+        dicom = ([base / p for p in paths]
+                 if all(p.lower().endswith((".dcm", ".dicom")) for p in paths) else None)
+        keep = _keep_views(layout, csv_file, columns, rows, views, view_column, dicom)
+        dropped = len(rows) - len(keep)
+        rows, paths = [rows[k] for k in keep], [paths[k] for k in keep]
+        if not rows:
+            raise ValueError(f"{csv_file}: no image has a view in {views}")
     table = LabelTable(base, paths, None, label_names, rows, layout,
                        _PATIENT_RULES.get(layout), dropped)
     if with_labels:
