@@ -4,6 +4,7 @@ import pickle
 import datasets
 import numpy as np
 import pytest
+import torch.utils.data
 from datasets import Dataset, DatasetDict, Image, IterableDataset
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
@@ -258,7 +259,7 @@ def test_streaming_ranks_are_disjoint_and_complete(tmp_path, grey_rows, num_file
     for rank in (0, 1):
         source = HFStreamingSource(stream, rank=rank, world_size=2, shuffle_buffer=5, seed=7)
         source.set_epoch(3)
-        assert source.dataset.epoch == 3
+        assert source.epoch == 3
         loader = DataLoader(source, batch_size=None, num_workers=2)
         parts.append([image_id for image_id, grey in loader])
     assert len(parts[0]) + len(parts[1]) == NUM_GREY
@@ -284,3 +285,85 @@ def test_streaming_argument_errors(tmp_path, grey_rows):
         HFStreamingSource(stream, image_column="scan")
     with pytest.raises(TypeError, match="HFImageSource"):
         HFStreamingSource(_dataset(grey_rows))
+
+
+# Stream positions: resuming a pass exactly, without decoding what was already read
+
+
+class _Positioned(torch.utils.data.IterableDataset):
+    """The image ids of a source's lane, each with the lane's position after it."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+
+    def __iter__(self):
+        for image_id, _, position in self.source.iter_items():
+            yield image_id, position
+
+
+def _collate(items):
+    return [image_id for image_id, _ in items], items[-1][1]
+
+
+def _ids_loader(stream, workers, shuffle_buffer, rank, world, resume=None):
+    source = HFStreamingSource(stream, rank=rank, world_size=world,
+                               shuffle_buffer=shuffle_buffer, seed=3)
+    source.set_epoch(2)
+    source.resume_from(resume)
+    return DataLoader(_Positioned(source), batch_size=3, num_workers=workers,
+                      collate_fn=_collate, drop_last=True)
+
+
+@pytest.mark.parametrize("num_files, workers, shuffle_buffer, rank, world", [
+    (4, 0, 0, 0, 1), (4, 2, 5, 1, 2), (3, 3, 5, 0, 2), (3, 2, 0, 0, 1),
+])
+def test_a_stream_resumes_at_any_batch_exactly(tmp_path, num_files, workers, shuffle_buffer,
+                                               rank, world):
+    """Stopped after any number of batches and resumed from the positions the batches
+    carried, the loader yields exactly the rest of the uninterrupted pass: through
+    DataLoader workers (lanes; 3 workers over 3 shards end unevenly), a shuffle window, two
+    ranks, and shard counts that ranks share by shards (4) or by rows (3)."""
+    rows = [{"bytes": _png(_grey(i % NUM_GREY)), "path": f"img_{i:02d}.png"} for i in range(41)]
+    stream = open_hf_dataset(_write_shards(tmp_path / "shards", rows, num_files), streaming=True)
+    full = [ids for ids, _ in _ids_loader(stream, workers, shuffle_buffer, rank, world)]
+    flat = [i for ids in full for i in ids]
+    assert len(flat) == len(set(flat)) >= (41 // world) - 3 * max(workers, 1) * 3
+    if shuffle_buffer:
+        assert flat != sorted(flat)
+    lanes = max(workers, 1)
+    for cut in range(len(full)):
+        positions, first_lane = [None] * lanes, 0
+        loader = _ids_loader(stream, workers, shuffle_buffer, rank, world)
+        for _, (_, position) in zip(range(cut), loader):
+            positions[position["lane"]] = position
+            first_lane = (position["lane"] + 1) % lanes
+        resume = {"epoch": 2, "lanes": lanes, "first_lane": first_lane, "positions": positions}
+        rest = [ids for ids, _ in _ids_loader(stream, workers, shuffle_buffer, rank, world, resume)]
+        assert rest == full[cut:], cut
+
+
+def test_a_resumed_stream_decodes_only_what_is_left(tmp_path, grey_rows):
+    stream = open_hf_dataset(_write_shards(tmp_path / "shards", grey_rows, 2), streaming=True)
+    for shuffle_buffer in (0, 5):
+        def source(shuffle_buffer=shuffle_buffer):
+            return HFStreamingSource(stream, shuffle_buffer=shuffle_buffer, seed=1)
+
+        everything = list(source().iter_items())
+        for cut in (1, 4, 5, 7, NUM_GREY - 1):
+            first = source()
+            position = [item for _, item in zip(range(cut), first.iter_items())][-1][2]
+            assert first.num_decoded == cut
+            resumed = source()
+            resumed.resume_from({"epoch": 0, "lanes": 1, "first_lane": 0, "positions": [position]})
+            rest = list(resumed.iter_items())
+            assert [i for i, _, _ in rest] == [i for i, _, _ in everything[cut:]]
+            for (_, a, _), (_, b, _) in zip(rest, everything[cut:]):
+                np.testing.assert_array_equal(a, b)
+            assert resumed.num_decoded == NUM_GREY - cut  # none of the first `cut` again
+    other = source()
+    other.resume_from({"epoch": 0, "lanes": 2, "first_lane": 0, "positions": [None, None]})
+    with pytest.raises(ValueError, match="saved position is for 2 DataLoader workers"):
+        list(other)
+    other.set_epoch(1)  # a position of another epoch is not used
+    assert len(list(other)) == NUM_GREY

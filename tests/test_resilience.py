@@ -43,14 +43,14 @@ def _run(out: Path, **kill) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=900)
 
 
-def _final_state(out: Path) -> tuple[dict, dict]:
-    folder = out / "checkpoints" / "checkpoint_10"
+def _final_state(out: Path, step: int = 10) -> tuple[dict, dict]:
+    folder = out / "checkpoints" / f"checkpoint_{step}"
     assert (folder / MARKER).is_file()
     return load_file(folder / "model.safetensors"), safe_torch_load(folder / "optimizer.bin")
 
 
-def _assert_identical(a: Path, b: Path) -> None:
-    (weights_a, optim_a), (weights_b, optim_b) = _final_state(a), _final_state(b)
+def _assert_identical(a: Path, b: Path, step: int = 10) -> None:
+    (weights_a, optim_a), (weights_b, optim_b) = _final_state(a, step), _final_state(b, step)
     assert weights_a.keys() == weights_b.keys() and "objective.queue" in weights_a
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key]), key

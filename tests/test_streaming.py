@@ -94,3 +94,57 @@ def test_two_process_streaming_ranks_read_disjoint_samples(tmp_path, free_port):
         ids1 = {i for k, i in seen1 if k == e}
         assert ids0 and ids1 and not ids0 & ids1, e
     assert min(len(seen0), len(seen1)) >= 12 * 4  # every step had a full batch on each rank
+
+
+def _decoded(folder, rank):
+    lines = (folder / f"decoded_{rank}.tsv").read_text().splitlines()
+    return [tuple(line.split("\t")) for line in lines]
+
+
+@pytest.mark.slow
+def test_two_process_stream_killed_mid_epoch_resumes_at_its_position(tmp_path, free_port):
+    """Two ranks, two DataLoader workers each, a shuffle window: SIGKILLed at step 7 (the
+    last checkpoint is step 6, mid-epoch), the same command resumes at the saved stream
+    position, decodes none of the images already trained on, and ends bit for bit where an
+    uninterrupted run ends."""
+    from test_resilience import _assert_identical
+
+    pattern = _parquet_shards(tmp_path / "shards", num_images=96, num_files=4, size=72)
+    script = ROOT / "tests" / "scripts" / "stream_resume.py"
+    args = [*TINY, "--per_device_train_batch_size", "4", "--train_source", pattern,
+            "--streaming", "true", "--id_column", "id", "--validation_source", "phantoms",
+            "--streaming_shuffle_buffer", "5", "--dataloader_num_workers", "2",
+            "--max_steps", "14", "--save_steps", "2", "--save_total_limit", "3",
+            "--full_determinism", "true", "--resume_from_checkpoint", "latest"]
+
+    def launch(out, logs, **env_extra):
+        logs.mkdir(exist_ok=True)
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+               "CAID_DECODE_LOG": str(logs), **env_extra}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port), str(script),
+               *args, "--output_dir", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    reference = tmp_path / "reference"
+    proc = launch(reference, tmp_path / "log_reference")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = launch(killed, tmp_path / "log_killed", CAID_SIGKILL_AT_STEP="7")
+    assert proc.returncode != 0
+    state = json.loads((killed / "checkpoints" / "checkpoint_6" / "checkpoint_state.json")
+                       .read_text())
+    assert state["epoch"] == 0 and state["batches_in_epoch"] == 6  # of 12: 96 images / 8
+    assert [p["lanes"] for p in state["stream_positions"]] == [2, 2]
+    proc = launch(killed, tmp_path / "log_resumed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the stream resumes at its saved position in epoch 0" in proc.stdout
+    _assert_identical(reference, killed, step=14)
+    for rank in (0, 1):
+        # Each rank's part of epoch 0 is 48 images; its first 6 batches (24 images) were
+        # trained on before the kill. The resumed run decodes the other 24, once each.
+        first = [i for e, i in _decoded(tmp_path / "log_reference", rank) if e == "0"]
+        again = [i for e, i in _decoded(tmp_path / "log_resumed", rank) if e == "0"]
+        assert len(first) == len(set(first)) == 48
+        assert len(again) == len(set(again)) == 24 and set(again) <= set(first)

@@ -17,15 +17,15 @@ from caid_hf.training.pretrain import main
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
 seen = []  # (epoch, image id) of every image this rank's training stream read
 epoch = [0]
-_iter = HFStreamingSource.__iter__
+_iter = HFStreamingSource.iter_items
 _set_epoch = StreamingTwoCrops.set_epoch
 
 
-def recording_iter(self):
-    for image_id, image in _iter(self):
+def recording_iter(self, exclude=frozenset()):
+    for image_id, image, position in _iter(self, exclude):
         if self.world_size > 1:  # the training stream (the validation head is read unsplit)
             seen.append((epoch[0], image_id))
-        yield image_id, image
+        yield image_id, image, position
 
 
 def recording_set_epoch(self, value):
@@ -33,7 +33,7 @@ def recording_set_epoch(self, value):
     _set_epoch(self, value)
 
 
-HFStreamingSource.__iter__ = recording_iter
+HFStreamingSource.iter_items = recording_iter
 StreamingTwoCrops.set_epoch = recording_set_epoch
 result = main(sys.argv[1:])
 rank = int(os.environ["RANK"])

@@ -222,7 +222,12 @@ def _reason(error: Exception) -> str:
     return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
 
 
-def collate_crops(items: list[tuple[torch.Tensor, list]]) -> dict:
-    """``{"crops": uint8 [B, 2, S, S], "bad_files": [(image_id, reason), ...]}``."""
-    return {"crops": torch.stack([crops for crops, _ in items]),
-            "bad_files": [record for _, bad in items for record in bad]}
+def collate_crops(items: list[tuple]) -> dict:
+    """``{"crops": uint8 [B, 2, S, S], "bad_files": [(image_id, reason), ...]}``; items of a
+    stream, ``(crops, bad, position)``, add ``"stream_position"``: the last item's (a batch
+    comes from one DataLoader worker, so from one lane)."""
+    batch = {"crops": torch.stack([item[0] for item in items]),
+             "bad_files": [record for item in items for record in item[1]]}
+    if len(items[0]) > 2:
+        batch["stream_position"] = items[-1][2]
+    return batch

@@ -34,7 +34,6 @@ from datasets import (
     load_dataset,
     load_from_disk,
 )
-from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import is_local_path, xopen
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
@@ -261,40 +260,93 @@ class HFImageSource:
         )
 
 
+CACHE_COLUMNS = ("image_id", "height", "width", "pixels")  # rows of a decode-once cache
+
+
+def _is_cache_rows(features: Features | None) -> bool:
+    """Rows of a caid-hf decode-once cache (raw grey pixels), e.g. its parquet shards."""
+    return features is not None and all(column in features for column in CACHE_COLUMNS) and \
+        not any(isinstance(feature, Image) for feature in features.values())
+
+
+class _LaneReader:
+    """Reads one lane's shards in order, one undecoded row at a time, and says where it is.
+
+    A cursor ``{"shard": k, "state": s, "row": j}`` is the position after ``j`` rows of the
+    lane: in its ``k``-th shard, at datasets' ``state_dict()`` ``s`` of that shard (None: its
+    start). Opening a cursor resumes there through datasets' ``load_state_dict``, which
+    skips whole Arrow record batches without reading them as rows.
+    """
+
+    def __init__(self, view: IterableDataset, shards: list[int], cursor: dict) -> None:
+        self.view, self.shards = view, shards
+        self.shard, self.row = int(cursor["shard"]), int(cursor["row"])
+        self._opened_state = cursor["state"]
+        self._part: IterableDataset | None = None
+        self._rows_in_part = 0
+
+    def cursor(self) -> dict:
+        state = self._opened_state
+        if self._part is not None and self._rows_in_part:
+            state = self._part.state_dict()
+        return {"shard": self.shard, "state": state, "row": self.row}
+
+    def __iter__(self) -> Iterator[dict]:
+        while self.shard < len(self.shards):
+            part = self.view.shard(num_shards=self.view.num_shards,
+                                   index=self.shards[self.shard], contiguous=True)
+            if self._opened_state is not None:
+                part.load_state_dict(self._opened_state)
+            self._part, self._rows_in_part = part, 0
+            # .iter() rather than iter(): no second split among DataLoader workers
+            for batch in part.iter(batch_size=1):
+                self.row += 1
+                self._rows_in_part += 1
+                yield {column: values[0] for column, values in batch.items()}
+            self.shard, self._opened_state, self._part = self.shard + 1, None, None
+
+
 class HFStreamingSource(torch.utils.data.IterableDataset):
     """An iterable image source over a streaming :class:`datasets.IterableDataset`.
 
     Iterating yields ``(image_id, grey)`` pairs, ``grey`` uint8 [H, W] in
-    0..255, for this process's part of the data only:
-    ``datasets.distributed.split_dataset_by_node`` gives rank ``rank`` of
-    ``world_size`` its part, and inside a torch ``DataLoader`` datasets hands
-    each worker its own shards (a worker beyond ``num_shards`` yields
-    nothing, with a warning from datasets).
+    0..255, for this process's part of the data only; inside a torch
+    ``DataLoader`` each worker reads its own part of that (its *lane*).
 
-    How datasets splits among processes depends on the shard count: when
-    ``num_shards`` is a multiple of ``world_size`` each rank reads only its own
-    shards; otherwise every rank reads every example and keeps one in
-    ``world_size`` (rank ``r`` keeps positions ``r, r + world_size, …`` of the
-    common order). The ranks' parts are disjoint and together cover the data
-    in both cases, but the second one reads all data on every rank. Both rely
-    on all ranks seeing the same order, which is why the shuffle buffer is
-    seeded by ``seed`` (the same on every rank) and ``set_epoch`` re-seeds it
-    identically everywhere. Pass the unsplit dataset: splitting a dataset
-    that is already split divides it again. With a shuffle buffer over
-    several parquet shards, datasets pauses
-    ``datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) at the end of
-    each pass, in each worker, to let Arrow's reader threads stop.
+    **Who reads what.** The dataset's shards are taken in stored order, or, with
+    a shuffle, in an order drawn from ``(seed, epoch)`` (the same on every rank).
+    When ``num_shards`` is a multiple of ``world_size`` rank ``r`` reads shards
+    ``r, r + world_size, …`` of that order; otherwise every rank reads every
+    shard and keeps rows ``r, r + world_size, …``. The rank's shards are dealt
+    to its ``L`` lanes (DataLoader workers; 1 without workers) the same way:
+    lane ``l`` reads every ``L``-th shard, or, with fewer shards than lanes,
+    every shard, keeping every ``L``-th row, so no worker sits idle. The parts
+    are disjoint and together cover the data.
+
+    **Shuffle.** ``shuffle_buffer = K > 0`` shuffles the shard order each epoch
+    and yields each run of ``K`` rows of a lane in a random order drawn from
+    ``(seed, epoch, rank, lane, run)``: a window shuffle, holding ``K``
+    undecoded rows in memory as datasets' shuffle buffer would. 0 keeps the
+    stored order in every epoch.
+
+    **Position.** :meth:`iter_items` also yields, with each image, the lane's
+    position after it (a small JSON-able dict); :meth:`resume_from` starts the
+    lanes at saved positions. A resumed lane reopens its shard at datasets'
+    ``state_dict()`` and re-reads (undecoded) at most the rows of its current
+    shuffle window; nothing already yielded is decoded again. Resuming is exact:
+    the same images, in the same order, as an uninterrupted pass.
 
     ``image_id`` is the ``id_column`` value when given, else the image's
     stored ``path``, else ``sha1:`` and 16 hex digits of the image bytes (a
-    stream has no stable row position).
+    stream has no stable row position). The rows of a caid-hf decode-once
+    cache (``image_id``, ``height``, ``width``, ``pixels``: e.g. the parquet
+    shards of ``prepare-data --shards N --shard-format parquet``) are read as
+    raw grey pixels, with their ``image_id``.
 
     A row whose image cannot be decoded yields nothing: it is counted in
     ``num_bad`` and reported to ``on_bad(image_id, reason)`` (default: a
-    logged warning). In a DataLoader worker both happen in the worker's copy
-    of the source, so the main process's ``num_bad`` stays 0; let ``on_bad``
-    write somewhere shared when the count matters there (and make it a
-    picklable function when workers are spawned rather than forked).
+    logged warning). ``num_decoded`` counts the images decoded. In a
+    DataLoader worker both happen in the worker's copy of the source.
 
     Args:
         dataset: the streaming dataset (``open_hf_dataset(..., streaming=True)``).
@@ -302,8 +354,8 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
         id_column: a column naming each image (converted with ``str``).
         rank: this process's rank, ``0 <= rank < world_size``.
         world_size: the number of processes reading the data.
-        shuffle_buffer: examples in datasets' shuffle buffer; 0 keeps the stored order.
-        seed: seeds the shuffle of shards and buffer; must be equal on all ranks.
+        shuffle_buffer: rows per shuffle window; 0 keeps the stored order.
+        seed: seeds the shuffles; must be equal on all ranks.
         on_bad: called with ``(image_id, reason)`` for each undecodable row.
         name: the dataset's name in messages; default: ``info.dataset_name``.
 
@@ -334,25 +386,121 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
             )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be 0 or more, got {shuffle_buffer}")
         self.name = _describe(dataset, name)
-        self.image_column, self.id_column = _resolve_columns(
-            dataset.features, image_column, id_column, self.name
-        )
+        self.cache_rows = image_column is None and _is_cache_rows(dataset.features)
+        if self.cache_rows:
+            self.image_column, self.id_column = "pixels", id_column or "image_id"
+            view = dataset.select_columns(list(CACHE_COLUMNS)).with_format(None)
+        else:
+            self.image_column, self.id_column = _resolve_columns(
+                dataset.features, image_column, id_column, self.name
+            )
+            view = _undecoded_view(dataset, self.image_column, self.id_column)
+        self.dataset = view
+        self.num_shards = view.num_shards
         self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
         self.on_bad = on_bad
         self.num_bad = 0
-        view = _undecoded_view(dataset, self.image_column, self.id_column)
-        if shuffle_buffer > 0:
-            view = view.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        self.dataset = split_dataset_by_node(view, rank=rank, world_size=world_size)
+        self.num_decoded = 0
+        self._resume: dict | None = None
+        # shared with persistent DataLoader workers, like datasets' own epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Re-seed the shard and buffer shuffles for ``epoch`` (the same on every rank).
+        """The shard order and shuffle windows of ``epoch`` (the same on every rank); reaches
+        persistent DataLoader workers too (the epoch is in shared memory)."""
+        self._epoch.fill_(int(epoch))
 
-        Reaches persistent DataLoader workers too: datasets keeps the epoch in
-        shared memory.
+    def resume_from(self, resume: dict | None) -> None:
+        """Start the lanes of epoch ``resume["epoch"]`` where a previous pass stopped.
+
+        ``resume``: ``{"epoch": e, "lanes": L, "first_lane": o, "positions": [p_0, …]}``,
+        ``p_l`` the last position lane ``l`` delivered (None: it delivered nothing), ``o``
+        the lane that delivers next. DataLoader worker ``w`` then plays lane ``(w + o) % L``,
+        so the loader's round-robin over workers continues where it was. Set it before the
+        loader's workers start; other epochs are unaffected. None: start from the beginning.
+
+        Raises:
+            ValueError: a resume made for another number of lanes is used with this one
+                (when iterating).
         """
-        self.dataset.set_epoch(epoch)
+        self._resume = None if resume is None else dict(resume)
+
+    def _lane(self, epoch: int) -> tuple[int, int, dict | None]:
+        """(this worker's lane, the number of lanes, the lane's start position or None)."""
+        info = torch.utils.data.get_worker_info()
+        worker, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume = self._resume
+        if resume is None or int(resume["epoch"]) != epoch:
+            return worker, lanes, None
+        if int(resume["lanes"]) != lanes:
+            raise ValueError(f"stream {self.name}: the saved position is for {resume['lanes']} "
+                             f"DataLoader workers, this loader has {lanes}")
+        lane = (worker + int(resume["first_lane"])) % lanes
+        return lane, lanes, resume["positions"][lane]
+
+    def _plan(self, epoch: int, lane: int, lanes: int) -> tuple[list[int], int, int]:
+        """(the lane's shards in reading order, row step, row offset)."""
+        order = np.arange(self.num_shards)
+        if self.shuffle_buffer > 0:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_shards)
+        world, rank = self.world_size, self.rank
+        if self.num_shards % world == 0:
+            mine, step, offset = order[rank::world], 1, 0
+        else:
+            mine, step, offset = order, world, rank
+        if len(mine) >= lanes:
+            return [int(s) for s in mine[lane::lanes]], step, offset
+        return [int(s) for s in mine], step * lanes, offset * lanes + lane
+
+    def _positioned_rows(self) -> Iterator[tuple[dict, dict]]:
+        """This lane's undecoded rows, each with the lane's position after it."""
+        epoch = self.epoch
+        lane, lanes, start = self._lane(epoch)
+        if lanes > 1:
+            import fsspec.asyn  # forked workers must not share fsspec's event-loop lock
+
+            fsspec.asyn.reset_lock()
+        shards, step, offset = self._plan(epoch, lane, lanes)
+        window = max(1, self.shuffle_buffer)
+        cursor, block, skip = {"shard": 0, "state": None, "row": 0}, 0, 0
+        if start is not None:
+            if start["taken"] < start["size"]:  # inside a window: read it again, undecoded
+                cursor, block, skip = start["start"], start["block"], start["taken"]
+            else:
+                cursor, block = start["end"], start["block"] + 1
+        reader = _LaneReader(self.dataset, shards, cursor)
+        rows = iter(reader)
+        while True:
+            first, kept = reader.cursor(), []
+            for row in rows:
+                if (reader.row - 1) % step == offset:
+                    kept.append(row)
+                    if len(kept) == window:
+                        break
+            if not kept:
+                return
+            last = reader.cursor()
+            order = range(len(kept))
+            if window > 1:
+                order = np.random.default_rng(
+                    [self.seed, epoch, self.rank, lane, block]).permutation(len(kept))
+            for taken, index in enumerate(order, start=1):
+                if taken <= skip:
+                    continue
+                yield kept[index], {"epoch": epoch, "lane": lane, "lanes": lanes,
+                                    "block": block, "taken": taken, "size": len(kept),
+                                    "start": first, "end": last}
+            block, skip = block + 1, 0
+            if len(kept) < window:
+                return
 
     def _row_id(self, row: dict) -> str:
         if self.id_column is not None:
@@ -363,12 +511,33 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
         data = value.get("bytes")
         return f"sha1:{hashlib.sha1(data).hexdigest()[:16]}" if data else "<no image>"
 
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        for row in self.dataset:
+    def decode(self, row: dict, image_id: str) -> np.ndarray:
+        """One undecoded row's image as grey uint8 [H, W] (counted in ``num_decoded``).
+
+        Raises:
+            ValueError: the row holds no readable image; the message names it.
+        """
+        self.num_decoded += 1
+        where = f"dataset {self.name}, {image_id}"
+        if not self.cache_rows:
+            return decode_image_value(row[self.image_column], where, self.bits_stored)
+        height, width, pixels = row["height"], row["width"], row["pixels"]
+        if pixels is None or height is None or width is None or len(pixels) != height * width:
+            raise ValueError(f"{where}: the cache row's pixels do not match its "
+                             f"{height} x {width} size")
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width)
+
+    def iter_items(self, exclude: frozenset[str] = frozenset()
+                   ) -> Iterator[tuple[str, np.ndarray, dict]]:
+        """``(image_id, grey, position)`` of this lane's images, skipping (undecoded) the
+        ids in ``exclude`` and the undecodable rows; ``position`` is the lane's position
+        after the image, for :meth:`resume_from`."""
+        for row, position in self._positioned_rows():
             image_id = self._row_id(row)
+            if image_id in exclude:
+                continue
             try:
-                grey = decode_image_value(row[self.image_column], f"dataset {self.name}, {image_id}",
-                                          self.bits_stored)
+                grey = self.decode(row, image_id)
             except ValueError as error:
                 self.num_bad += 1
                 if self.on_bad is not None:
@@ -376,12 +545,16 @@ class HFStreamingSource(torch.utils.data.IterableDataset):
                 else:
                     logger.warning("skipping an undecodable image: %s", error)
                 continue
+            yield image_id, grey, position
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for image_id, grey, _ in self.iter_items():
             yield image_id, grey
 
     def __repr__(self) -> str:
         return (
             f"HFStreamingSource({self.name!r}, rank {self.rank} of {self.world_size}, "
-            f"num_shards={self.dataset.num_shards}, image_column={self.image_column!r})"
+            f"num_shards={self.num_shards}, image_column={self.image_column!r})"
         )
 
 

@@ -78,6 +78,8 @@ class PretrainingData:
             data_args.max_bad_fraction)
         self._new_bad: list = []
         self.data_wait = 0.0
+        self._stream_state: dict | None = None  # the epoch's lane positions (a stream)
+        self._stream_resume: dict | None = None
 
     # -- building -----------------------------------------------------------------------
 
@@ -151,8 +153,10 @@ class PretrainingData:
             kwargs.update(persistent_workers=True, prefetch_factor=loader.prefetch_factor,
                           worker_init_fn=seed_worker)
         if self.streaming:  # a stream, already split per process
+            # its own generator: the workers' base seed must not come from (and move) the
+            # global RNG, or a resumed run would draw its key shuffles from another state
             train = DataLoader(self.train_set, batch_size=loader.batch_size, drop_last=True,
-                               **kwargs)
+                               generator=torch.Generator().manual_seed(loader.seed), **kwargs)
         else:
             train = DataLoader(self.train_set, batch_size=loader.batch_size, shuffle=True,
                                drop_last=True,
@@ -177,14 +181,62 @@ class PretrainingData:
 
     # -- serving --------------------------------------------------------------------------
 
+    # -- the stream's position --------------------------------------------------------------
+
+    @property
+    def stream_lanes(self) -> int:
+        """The lanes a stream is read in: one per DataLoader worker."""
+        return max(1, self.num_workers)
+
+    def stream_position(self) -> dict | None:
+        """This process's place in the stream's epoch (for a checkpoint), or None before the
+        first batch or when not streaming: ``{"epoch", "lanes", "first_lane", "positions"}``
+        as :meth:`HFStreamingSource.resume_from` takes it."""
+        if self._stream_state is None or not any(self._stream_state["positions"]):
+            return None
+        return {**self._stream_state, "positions": list(self._stream_state["positions"])}
+
+    def resume_stream(self, saved: dict | None, epoch: int, batches: int) -> str | None:
+        """Resume the stream at ``saved`` (this process's :meth:`stream_position` of a
+        checkpoint taken ``batches`` batches into ``epoch``): the next :meth:`epoch` starts
+        there without re-reading. Returns None when it will, else why it cannot and the
+        epoch's first ``batches`` batches are read again and dropped (``skip_first_batches``)."""
+        self._stream_resume = None
+        if not self.streaming or batches == 0:
+            return None
+        if saved is None:
+            return "the checkpoint holds no stream position (saved by an older caid-hf)"
+        if int(saved["lanes"]) != self.stream_lanes:
+            return (f"the checkpoint's stream position is for {saved['lanes']} DataLoader "
+                    f"workers, this run has {self.stream_lanes}")
+        if int(saved["epoch"]) != epoch:
+            return f"the checkpoint's stream position is of epoch {saved['epoch']}, not {epoch}"
+        self._stream_resume = saved
+        return None
+
+    # -- serving --------------------------------------------------------------------------
+
     def epoch(self, epoch: int, skip_batches: int = 0):
         """The batches of ``epoch``, the first ``skip_batches`` left out (a resumed run);
-        for a stream, the epoch ends for every process as soon as one runs out. Unreadable
+        a stream resumed by :meth:`resume_stream` starts at its saved position instead. For
+        a stream, the epoch ends for every process as soon as one runs out. Unreadable
         images met are kept for :meth:`report_bad_files`; the wait for each batch is added
         to ``data_wait``."""
         if not self.streaming:
             self.train_loader.set_epoch(epoch)  # the seedable sampler's order
         self.train_crops.set_epoch(epoch)  # the crops of this epoch, in every worker
+        if self.streaming:
+            resume, self._stream_resume = self._stream_resume, None
+            if resume is not None and int(resume["epoch"]) != epoch:
+                resume = None
+            self.train_set.resume_from(resume)  # reaches the workers: they start after this
+            self._stream_state = resume or {"epoch": epoch, "lanes": self.stream_lanes,
+                                            "first_lane": 0,
+                                            "positions": [None] * self.stream_lanes}
+            self._stream_state = {**self._stream_state,
+                                  "positions": list(self._stream_state["positions"])}
+            if resume is not None:
+                skip_batches = 0
         loader = self.train_loader
         if skip_batches:
             loader = self.accelerator.skip_first_batches(self.train_loader, skip_batches)
@@ -200,6 +252,10 @@ class PretrainingData:
             if batch is None:
                 return
             self._new_bad.extend(batch["bad_files"])
+            position = batch.pop("stream_position", None)
+            if position is not None:  # the lane that delivered it, and who delivers next
+                self._stream_state["positions"][position["lane"]] = position
+                self._stream_state["first_lane"] = (position["lane"] + 1) % position["lanes"]
             yield batch
 
     def validation_batches(self):

@@ -56,12 +56,14 @@ def take_head(stream: HFStreamingSource, n: int) -> MemorySource:
 
 
 class StreamingTwoCrops(IterableDataset):
-    """Iterable of ``(crops, bad)`` items, like :class:`~caid_hf.data.crops.SkipBadImages`.
+    """Iterable of ``(crops, bad, position)`` items, like :class:`~caid_hf.data.crops.SkipBadImages`.
 
     ``crops``: uint8 [2, S, S], two RandomResizedCrops of the next image of this process's
     part of ``stream``, their boxes drawn from ``(seed, epoch, crc32(image_id))``; ``bad``:
-    ``(image_id, reason)`` of the undecodable rows skipped since the previous item. Images
-    whose id is in ``exclude`` (the held-out validation head) are skipped.
+    ``(image_id, reason)`` of the undecodable rows skipped since the previous item;
+    ``position``: the stream lane's position after the image (see
+    :meth:`HFStreamingSource.resume_from`). Images whose id is in ``exclude`` (the held-out
+    validation head) are skipped without being decoded.
     """
 
     def __init__(self, stream: HFStreamingSource, image_size: int,
@@ -75,24 +77,24 @@ class StreamingTwoCrops(IterableDataset):
         self.seed = seed
         self.reducing_gap = reducing_gap
         self.exclude = frozenset(exclude)
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
-        """New crops and a new stream order (shuffle buffer) for ``epoch``."""
-        self._epoch.fill_(int(epoch))
+        """New crops and a new stream order (shard order, shuffle windows) for ``epoch``."""
         self.stream.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
+    def resume_from(self, resume: dict | None) -> None:
+        """Resume the stream's lanes at saved positions (:meth:`HFStreamingSource.resume_from`)."""
+        self.stream.resume_from(resume)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]], dict]]:
         bad: list[tuple[str, str]] = []
         self.stream.on_bad = lambda image_id, reason: bad.append((image_id, reason))
-        epoch = int(self._epoch)
-        for image_id, image in self.stream:
-            if image_id in self.exclude:
-                continue
+        epoch = self.stream.epoch
+        for image_id, image, position in self.stream.iter_items(self.exclude):
             key = zlib.crc32(image_id.encode("utf-8"))
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, key))
             boxes = [sample_crop_box(*image.shape, self.scale, self.ratio, generator)
                      for _ in range(2)]
             report = list(bad)
             bad.clear()
-            yield cut_views(image, boxes, self.image_size, self.reducing_gap), report
+            yield cut_views(image, boxes, self.image_size, self.reducing_gap), report, position

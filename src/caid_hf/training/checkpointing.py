@@ -49,6 +49,8 @@ class TrainState:
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
     history: list[dict] = field(default_factory=list)
+    # a stream's place mid-epoch, one entry per process (PretrainingData.stream_position)
+    stream_positions: list | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)

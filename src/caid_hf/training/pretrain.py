@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from .. import performance
 from ..configuration_caid import CAiDConfig
@@ -383,6 +383,17 @@ def resume(run: PretrainRun) -> None:
         return
     load_checkpoint(run.accelerator, path, run.state, run.scheduler, run.augmenter)
     run.console.say(f"resumed from {path} at step {run.state.global_step}")
+    state = run.state
+    if run.data.streaming and state.batches_in_epoch:
+        saved, processes = state.stream_positions, run.accelerator.num_processes
+        if saved is not None and len(saved) != processes:
+            why = f"the checkpoint's stream positions are of {len(saved)} processes, not {processes}"
+        else:
+            why = run.data.resume_stream(saved[run.accelerator.process_index] if saved else None,
+                                         state.epoch, state.batches_in_epoch)
+        run.console.say(f"the stream resumes at its saved position in epoch {state.epoch}"
+                        if why is None else f"{why}: reading the epoch's first "
+                        f"{state.batches_in_epoch} batches again to skip them")
 
 
 def lr_line(args: PretrainingArguments, global_batch: int) -> str:
@@ -521,6 +532,11 @@ def save(run: PretrainRun, best: bool = False) -> None:
     """Save the training state as ``checkpoints/checkpoint_<step>`` (every process)."""
     if best:
         run.state.best_checkpoint = f"checkpoint_{run.state.global_step}"
+    run.state.stream_positions = None
+    if run.data.streaming and run.state.batches_in_epoch:  # mid-epoch: where each rank is
+        mine = run.data.stream_position()
+        run.state.stream_positions = (gather_object([mine]) if run.accelerator.num_processes > 1
+                                      else [mine])
     save_checkpoint(run.accelerator, run.output_dir, run.state, run.scheduler, run.augmenter,
                     keep=run.args.save_total_limit, say=run.console.say)
 
