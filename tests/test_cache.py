@@ -237,3 +237,57 @@ def test_pretraining_reads_a_cache_like_any_source(tmp_path):
                               "--output_dir", str(out)])
     assert result.global_step == 2 and (out / "final" / "model.safetensors").is_file()
     assert not (out / "bad_files.tsv").exists()  # the cache left the empty file out
+    # its parquet shards, streamed (the layout the Hub serves)
+    shards = tmp_path / "shards"
+    main(["prepare-data", str(images), "--out", str(shards), "--size", "80", "--shards", "2",
+          "--shard-format", "parquet"])
+    result = pretrain(TINY + ["--train_source", str(shards), "--streaming", "true",
+                              "--streaming_validation_images", "8", "--max_steps", "2",
+                              "--output_dir", str(tmp_path / "streamed")])
+    assert result.global_step == 2 and [h for h in result.history if "val/loss" in h]
+
+
+def test_sharded_caches_hold_the_same_rows_and_stream(tmp_path, capsys, monkeypatch):
+    """``--shards N``: N Arrow files (random access and streaming) or N parquet files with
+    a dataset card (streaming, locally or as ``hf:``); every layout yields the one-file
+    cache's images and ids in the same order."""
+    import datasets
+
+    from caid_hf.data.hf_sources import HFStreamingSource
+    from caid_hf.data.source_spec import HFOptions, is_hf_spec, open_hf_spec, source_from_spec
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    folder = tmp_path / "images"
+    write_phantoms(folder, 11, size=72)
+    (folder / "broken.png").write_bytes(b"")
+    one = CachedSource(prepare_cache(ImageFolderSource(folder), tmp_path / "one", size=48,
+                                     chunk_size=4, progress=False))
+    main(["prepare-data", str(folder), "--out", str(tmp_path / "arrow"), "--size", "48",
+          "--chunk-size", "4", "--shards", "3"])
+    assert "wrote 11 images (1 bad files) with short side 48 as 3 arrow shards" in \
+        capsys.readouterr().out
+    main(["prepare-data", str(folder), "--out", str(tmp_path / "parquet"), "--size", "48",
+          "--shards", "4", "--shard-format", "parquet"])
+    assert sorted(p.name for p in (tmp_path / "arrow").glob("*.arrow")) == [
+        f"data-0000{k}-of-00003.arrow" for k in range(3)]
+    assert sorted(p.name for p in (tmp_path / "parquet" / "data").iterdir()) == [
+        f"train-0000{k}-of-00004.parquet" for k in range(4)]
+    arrow = CachedSource(tmp_path / "arrow")
+    assert arrow.metadata["num_shards"] == 3 and len(arrow) == len(one) == 11
+    for i in range(11):
+        np.testing.assert_array_equal(arrow.load(i), one.load(i))
+    for spec in (str(tmp_path / "arrow"), str(tmp_path / "parquet"),
+                 f"hf:{tmp_path / 'parquet'}"):
+        assert is_hf_spec(spec)
+        stream = open_hf_spec(spec, None, HFOptions(), streaming=True)
+        assert stream.num_shards == (3 if spec.endswith("arrow") else 4)
+        items = list(HFStreamingSource(stream))
+        assert [image_id for image_id, _ in items] == [one.image_id(i) for i in range(11)]
+        for i, (_, grey) in enumerate(items):
+            np.testing.assert_array_equal(grey, one.load(i))
+    with pytest.raises(ValueError, match="parquet shards, which are read as a stream: train "
+                                         "with --streaming true"):
+        source_from_spec(str(tmp_path / "parquet"))
+    with pytest.raises(ValueError, match="num_shards=12 is more than the 11 images"):
+        prepare_cache(ImageFolderSource(folder), tmp_path / "many", size=48, num_shards=12,
+                      progress=False)

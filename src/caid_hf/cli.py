@@ -100,10 +100,11 @@ def _convert_original(argv: list[str], prog: str) -> None:
 
 
 def _prepare_data(argv: list[str], prog: str) -> None:
+    import json
     import time
     from pathlib import Path
 
-    from .data.cache import CachedSource, default_cache_size, prepare_cache
+    from .data.cache import CACHE_METADATA_FILE, default_cache_size, prepare_cache
     from .data.source_spec import HFOptions, source_from_spec
 
     parser = ArgumentParser(
@@ -132,6 +133,14 @@ def _prepare_data(argv: list[str], prog: str) -> None:
                         help="Images per resumable chunk.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace a finished cache at --out.")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="Files to write the rows to, in order: the unit that the "
+                             "processes and DataLoader workers of a streaming run share out "
+                             "(e.g. a multiple of all the workers of a cluster).")
+    parser.add_argument("--shard-format", choices=["arrow", "parquet"], default="arrow",
+                        help="arrow: a datasets save_to_disk folder, read with random access "
+                             "or streamed; parquet: data/train-*.parquet with a dataset card, "
+                             "streamed locally or uploaded to the Hub and streamed as hf:REPO.")
     parser.add_argument("--split", default="train", help="Split of a Hugging Face dataset.")
     parser.add_argument("--config-name", default=None, help="Config of an 'hf:NAME' dataset.")
     parser.add_argument("--image-column", default=None,
@@ -145,6 +154,8 @@ def _prepare_data(argv: list[str], prog: str) -> None:
     a = parser.parse_args(argv)
     if a.bits_stored is not None and not 1 <= a.bits_stored <= 32:
         parser.error(f"--bits-stored must be in [1, 32], got {a.bits_stored}")
+    if a.shards < 1:
+        parser.error(f"--shards must be 1 or more, got {a.shards}")
     options = HFOptions(split=a.split, config_name=a.config_name, image_column=a.image_column,
                         id_column=a.id_column)
     source = source_from_spec(a.source, images_root=a.images_root, hf_options=options,
@@ -160,11 +171,13 @@ def _prepare_data(argv: list[str], prog: str) -> None:
           f"process(es)")
     out = prepare_cache(source, a.out, size=a.size, num_proc=a.num_proc,
                         chunk_size=a.chunk_size, source_description=description,
-                        overwrite=a.overwrite)
-    metadata = CachedSource(out).metadata
+                        overwrite=a.overwrite, num_shards=a.shards, shard_format=a.shard_format)
+    metadata = json.loads((out / CACHE_METADATA_FILE).read_text(encoding="utf-8"))
     seconds = time.perf_counter() - started
+    shards = (f" as {a.shards} {a.shard_format} shards" if a.shards > 1 or
+              a.shard_format != "arrow" else "")
     print(f"wrote {metadata['num_images']} images ({len(metadata['bad_files'])} bad files) "
-          f"with short side {metadata['size']} to {out} "
+          f"with short side {metadata['size']}{shards} to {out} "
           f"in {seconds:.1f} s ({metadata['num_images'] / max(seconds, 1e-9):.1f} images/s)")
 
 

@@ -31,12 +31,15 @@ an integer box reduction first (a 3000² film: 15 ms instead of 36 ms, at most
 3 grey levels from exact Lanczos); it does not change smaller reductions.
 
 Layout of a finished cache ``out_dir/``: the ``datasets`` files
-(``data-0000x-of-0000n.arrow``, ``dataset_info.json``, ``state.json``) with
-columns ``image_id`` (string), ``height``, ``width`` (int32) and ``pixels``
-(binary, raw C-order uint8 bytes of [height, width]), rows in source index
+(``data-0000x-of-0000n.arrow``, ``dataset_info.json``, ``state.json``; ``num_shards``
+Arrow files) with columns ``image_id`` (string), ``height``, ``width`` (int32) and
+``pixels`` (binary, raw C-order uint8 bytes of [height, width]), rows in source index
 order; and ``caid_cache.json``, the metadata (also in the dataset's
-``info.description``): source, counts, size, filter, the bad files with
-reasons, caid-hf version, creation date.
+``info.description``): source, counts, size, filter, shards, the bad files with
+reasons, caid-hf version, creation date. With ``shard_format="parquet"`` the rows are
+``data/train-0000k-of-0000n.parquet`` files instead, with a ``README.md`` whose
+``configs`` name them: the layout ``datasets.load_dataset`` and the Hub read, for
+streaming (random access needs the Arrow layout).
 
 Preparation is resumable: images are processed in chunks of ``chunk_size``
 indices; each finished chunk is committed to ``<out_dir>.partial/`` as one
@@ -95,6 +98,8 @@ CACHE_FEATURES = Features(
 _MANIFEST_FILE = "manifest.json"
 _ROWS_PER_BATCH = 16  # Arrow record batches of a chunk file: small, so a chunk never sits in RAM
 _SIZE_MULTIPLE = 32
+_PARQUET_ROWS_PER_GROUP = 64
+SHARD_FORMATS = ("arrow", "parquet")
 
 
 def default_cache_size(
@@ -259,6 +264,8 @@ def prepare_cache(
     source_description: str = "",
     progress: bool = True,
     overwrite: bool = False,
+    num_shards: int = 1,
+    shard_format: str = "arrow",
 ) -> Path:
     """Decode every image of ``source`` once into a memory-mapped Arrow cache at ``out_dir``.
 
@@ -284,6 +291,11 @@ def prepare_cache(
         progress: show a tqdm bar counting images.
         overwrite: replace a finished cache at ``out_dir`` (only at the end,
             so the old one stays usable until the new one is complete).
+        num_shards: files the rows are written to (contiguous runs of rows, in order):
+            the unit that processes and DataLoader workers of a streaming run share out.
+        shard_format: ``"arrow"`` (a ``save_to_disk`` folder: memory-mapped random access
+            and streaming) or ``"parquet"`` (``data/train-*.parquet``: streaming, locally
+            or from the Hub after an upload).
 
     Returns:
         ``out_dir`` as a Path; open it with :class:`CachedSource`.
@@ -296,9 +308,11 @@ def prepare_cache(
     out_dir = Path(out_dir)
     size = default_cache_size() if size is None else int(size)
     num_images = len(source)
-    if size < 1 or num_proc < 1 or chunk_size < 1:
-        raise ValueError(f"size, num_proc and chunk_size must be positive, got "
-                         f"{size}, {num_proc}, {chunk_size}")
+    if size < 1 or num_proc < 1 or chunk_size < 1 or num_shards < 1:
+        raise ValueError(f"size, num_proc, chunk_size and num_shards must be positive, got "
+                         f"{size}, {num_proc}, {chunk_size}, {num_shards}")
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard_format must be one of {SHARD_FORMATS}, got {shard_format!r}")
     if num_images < 1:
         raise ValueError("the source holds no images")
     description = source_description or type(source).__qualname__
@@ -326,11 +340,12 @@ def prepare_cache(
                               initargs=(source, partial, chunk_size, size)) as pool:
                 for count in pool.imap_unordered(_prepare_chunk_in_worker, todo):
                     bar.update(count)
-    return _finish(out_dir, partial, manifest, num_chunks, overwrite, progress)
+    return _finish(out_dir, partial, manifest, num_chunks, overwrite, progress,
+                   num_shards, shard_format)
 
 
 def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overwrite: bool,
-            progress: bool) -> Path:
+            progress: bool, num_shards: int = 1, shard_format: str = "arrow") -> Path:
     """Concatenate the chunks into a ``datasets`` folder and move it to ``out_dir`` in one rename."""
     records = [json.loads(_chunk_paths(partial, c)[1].read_text(encoding="utf-8"))
                for c in range(num_chunks)]
@@ -342,6 +357,9 @@ def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overw
         reasons = "; ".join(entry["reason"] for entry in bad_files[:3])
         raise ValueError(f"none of the {manifest['num_source_images']} images could be read "
                          f"(e.g. {reasons})")
+    if num_shards > len(dataset):
+        raise ValueError(f"num_shards={num_shards} is more than the {len(dataset)} images "
+                         "read; every shard needs at least one")
 
     metadata = {
         "format": "caid-hf decode-once cache",
@@ -353,6 +371,8 @@ def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overw
         "reducing_gap": manifest["reducing_gap"],
         "resize_rule": "short side to size, long side rounded to the nearest pixel; "
                        "never upscaled",
+        "num_shards": num_shards,
+        "shard_format": shard_format,
         "bad_files": bad_files,
         "caid_hf_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -365,7 +385,10 @@ def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overw
     if not progress:
         datasets_logging.disable_progress_bar()
     try:
-        dataset.save_to_disk(str(staging))
+        if shard_format == "arrow":
+            dataset.save_to_disk(str(staging), num_shards=num_shards)
+        else:
+            _write_parquet_shards(dataset, staging, num_shards)
     finally:
         if bars_were_on:
             datasets_logging.enable_progress_bar()
@@ -379,6 +402,23 @@ def _finish(out_dir: Path, partial: Path, manifest: dict, num_chunks: int, overw
     os.replace(staging, out_dir)
     shutil.rmtree(partial)
     return out_dir
+
+
+def _write_parquet_shards(dataset: Dataset, folder: Path, num_shards: int) -> None:
+    """``data/train-0000k-of-0000n.parquet`` and a README naming them (the Hub's layout)."""
+    (folder / "data").mkdir(parents=True)
+    for index in range(num_shards):
+        name = f"train-{index:05d}-of-{num_shards:05d}.parquet"
+        # small row groups: a resumed stream re-reads at most one of them
+        dataset.shard(num_shards, index, contiguous=True).to_parquet(
+            str(folder / "data" / name), batch_size=_PARQUET_ROWS_PER_GROUP)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*.parquet\n---\n\n# caid-hf decode-once cache\n\n"
+        "Grey images as raw pixels (`image_id`, `height`, `width`, `pixels`: C-order uint8 "
+        "bytes of [height, width]), written by `caid-hf prepare-data`; `caid_cache.json` "
+        "records the source, the size and the bad files. Train on it with `caid-hf pretrain "
+        "--train_source <this folder or hf:REPO_ID> --streaming true`.\n", encoding="utf-8")
 
 
 class CachedSource:
@@ -404,6 +444,12 @@ class CachedSource:
         self.metadata: dict = json.loads(
             (self.path / CACHE_METADATA_FILE).read_text(encoding="utf-8")
         )
+        if self.metadata.get("shard_format", "arrow") != "arrow":
+            raise ValueError(
+                f"{self.path} holds the cache as {self.metadata['shard_format']} shards, which "
+                "are read as a stream: train with --streaming true (and --max_steps), or "
+                "prepare it again with --shard-format arrow for random access"
+            )
         self._columns: dict | None = None
 
     def __getstate__(self) -> dict:

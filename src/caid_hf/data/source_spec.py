@@ -5,7 +5,7 @@ prepare-data SOURCE``):
 
 - ``phantoms``: the embedded synthetic chest phantoms;
 - a folder made by ``caid-hf prepare-data`` (it holds ``caid_cache.json``): the
-  decode-once cache;
+  decode-once cache (Arrow shards: random access or a stream; parquet shards: a stream);
 - a folder written by ``datasets``' ``save_to_disk``: that dataset (``split`` picks one
   of a DatasetDict);
 - any other folder: every PNG, JPEG and DICOM file below it;
@@ -50,13 +50,14 @@ class HFOptions:
 def is_hf_spec(spec: str) -> bool:
     """Whether ``spec`` names a Hugging Face dataset (``hf:…``, a saved dataset folder, or a
     parquet/arrow file) rather than files or phantoms."""
+    from .cache import is_cache
     from .hf_sources import _is_saved_dataset
 
     if spec.startswith(HF_PREFIX):
         return True
     path = Path(spec)
     is_glob = any(char in spec for char in "*?[")
-    return (path.is_dir() and _is_saved_dataset(str(path))) or (
+    return (path.is_dir() and (_is_saved_dataset(str(path)) or is_cache(path))) or (
         path.suffix.lower() in _HF_FILES and (path.is_file() or is_glob))
 
 

@@ -560,7 +560,9 @@ def save_or_leave(run: PretrainRun, stop: bool) -> None:
     if stop and not end_of_epoch and state.global_step < run.total_steps:
         save(run)
         leave_preempted(run)
-    if args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch:
+    # the run's last step is saved after its validation (validate_and_save)
+    if (args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch
+            and state.global_step < run.total_steps):
         save(run)
 
 
