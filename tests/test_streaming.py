@@ -148,3 +148,28 @@ def test_two_process_stream_killed_mid_epoch_resumes_at_its_position(tmp_path, f
         again = [i for e, i in _decoded(tmp_path / "log_resumed", rank) if e == "0"]
         assert len(first) == len(set(first)) == 48
         assert len(again) == len(set(again)) == 24 and set(again) <= set(first)
+
+
+def test_a_resumed_stream_continues_at_its_position_or_says_why_not(tmp_path, capsys):
+    pattern = _parquet_shards(tmp_path / "shards", num_images=40, num_files=2, size=64)
+    args = TINY + ["--train_source", pattern, "--streaming", "true", "--id_column", "id",
+                   "--streaming_validation_images", "4", "--streaming_shuffle_buffer", "6",
+                   "--save_steps", "2", "--per_device_train_batch_size", "4", "--max_steps", "4"]
+    reference = main(args + ["--output_dir", str(tmp_path / "reference")])
+    checkpoint = tmp_path / "reference" / "checkpoints" / "checkpoint_2"
+    saved = json.loads((checkpoint / "checkpoint_state.json").read_text())
+    assert saved["batches_in_epoch"] == 2  # mid-epoch
+    assert saved["stream_positions"][0]["lanes"] == 1  # no workers: one lane
+    position = saved["stream_positions"][0]["positions"][0]
+    assert position["block"] >= 1 and 0 < position["taken"] <= position["size"] == 6
+    capsys.readouterr()
+    resumed = main(args + ["--output_dir", str(tmp_path / "resumed"),
+                           "--resume_from_checkpoint", str(checkpoint)])
+    assert "the stream resumes at its saved position in epoch 0" in capsys.readouterr().out
+    losses = [[h["train/loss"] for h in run.history if "train/loss" in h]
+              for run in (reference, resumed)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    main(args + ["--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint",
+                 str(checkpoint), "--dataloader_num_workers", "2"])
+    assert ("the checkpoint's stream position is for 1 DataLoader workers, this run has 2: "
+            "reading the epoch's first 2 batches again to skip them") in capsys.readouterr().out

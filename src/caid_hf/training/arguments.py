@@ -59,7 +59,8 @@ class _SourceArguments:
                                          "--max_steps; an epoch ends when a process runs out."}
     )
     streaming_shuffle_buffer: int = field(
-        default=0, metadata={"help": "Images in the streaming shuffle buffer (0: stored order)."}
+        default=0, metadata={"help": "Rows per streaming shuffle window (the shard order is "
+                                     "shuffled too; 0: stored order)."}
     )
     streaming_validation_images: int = field(
         default=256, metadata={"help": "Without a validation_source, the first N images of a "
