@@ -504,3 +504,32 @@ def test_yaml_numbers_written_like_1e_3_are_numbers(tmp_path):
     config.write_text("learning_rate: 1e-3\nweight_decay: 0\n")  # YAML 1.1 reads 1e-3 as text
     _, _, args = parse_finetuning_args(["--config", str(config)])
     assert args.learning_rate == 0.001 and args.weight_decay == 0.0
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_mid_epoch_resumes_bit_for_bit(tmp_path, free_port):
+    """Two gloo processes, SIGKILLed during step 7 (5 steps an epoch: the last checkpoint,
+    step 6, is mid-epoch), then the same command: weights, queue and optimizer at step 10
+    equal an uninterrupted two-process run's."""
+    script = ROOT / "tests" / "scripts" / "stream_resume.py"  # the killable entry point
+
+    def launch(out, **kill):
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+               "CAID_DECODE_LOG": str(tmp_path), **{f"CAID_{k.upper()}": str(v)
+                                                    for k, v in kill.items()}}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port), str(script),
+               *RUN, "--num_train_phantoms", "40", "--per_device_train_batch_size", "4",
+               "--output_dir", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+    reference = tmp_path / "reference"
+    proc = launch(reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "killed"
+    assert launch(out, sigkill_at_step=7).returncode != 0
+    assert latest_checkpoint(out).name == "checkpoint_6"
+    proc = launch(out)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    _assert_identical(reference, out)
