@@ -249,10 +249,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode (median).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
-    parser.add_argument("--mode", choices=["default", "baseline", "both", "splits"],
+    parser.add_argument("--mode", choices=["default", "baseline", "both", "splits",
+                                           "splits-paired"],
                         default="both",
                         help="'splits': the default mode with --shuffle-bn-splits 1 against "
-                             "the given splits (the one-process shuffle-BN emulation's cost).")
+                             "the given splits (the one-process shuffle-BN emulation's cost), "
+                             "each arm a fresh process; 'splits-paired': the same arms in one "
+                             "process and one model, alternating step by step in a random "
+                             "order (less exposed to a shared machine's drift).")
     parser.add_argument("--shuffle-bn-splits", type=int, default=2,
                         help="Sub-batches of the one-process shuffle-BN emulation (MoCo).")
     parser.add_argument("--sub-batch-passes", action="store_true",
@@ -308,9 +312,65 @@ def compare_splits(argv: list[str], args: argparse.Namespace) -> None:
           f"{args.image_size}px batch {args.batch_size}"
           f"{f', medians of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}:")
     for name in arms:
-        cost = "" if name == plain else (f": {1 - rate[name] / rate[plain]:.1%} slower, CPU "
-                                         f"time {cpu[name] / cpu[plain] - 1:+.1%}")
+        slower = 1 - rate[name] / rate[plain]
+        cost = "" if name == plain else (
+            f": {abs(slower):.1%} {'slower' if slower >= 0 else 'faster'}, CPU time "
+            f"{cpu[name] / cpu[plain] - 1:+.1%}")
         print(f"  {name:45s} {rate[name]:6.2f} images/s, {cpu[name]:5.0f} ms CPU/step{cost}")
+
+
+def paired_splits(args: argparse.Namespace) -> None:
+    """The three arms of :func:`compare_splits` on one model in one process: every round
+    times one step of each arm, in a random order; prints each arm's median and the median
+    of its per-round ratio to ``shuffle_bn_splits=1`` (``--steps`` rounds)."""
+    import random
+
+    import caid_hf.objectives.moco as moco_module
+
+    threads = performance.set_cpu_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    splits = args.shuffle_bn_splits
+    args.shuffle_bn_splits, args.sub_batch_passes = splits, False
+    model, optimizer, dtype, _ = build(args, "default", device)
+    augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
+    crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
+                          dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+    one_pass = moco_module._splittable
+    arms = {"shuffle_bn_splits=1": (1, one_pass),
+            f"shuffle_bn_splits={splits}, one pass": (splits, one_pass),
+            f"shuffle_bn_splits={splits}, a pass per sub-batch": (splits, lambda norms: False)}
+
+    def step(arm: str) -> float:
+        model.objective.shuffle_bn_splits, moco_module._splittable = arms[arm]
+        start = time.perf_counter()
+        views = augmenter(crops)
+        with performance.autocast(device, dtype):
+            out = model(views.query, views.key, labels=None if args.id_only else views.target)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for arm in arms:
+            step(arm)
+    order, times = random.Random(0), {arm: [] for arm in arms}
+    for _ in range(args.steps):
+        for arm in order.sample(list(arms), len(arms)):
+            times[arm].append(step(arm))
+    moco_module._splittable = one_pass
+    plain = "shuffle_bn_splits=1"
+    print(f"{'ID-only' if args.id_only else 'CAiD'} {args.method}, {args.encoder} "
+          f"{args.image_size}px batch {args.batch_size}, {args.steps} paired rounds in one "
+          f"process ({threads} threads):")
+    for arm in arms:
+        rate = args.batch_size / statistics.median(times[arm])
+        ratio = statistics.median(t / u for t, u in zip(times[arm], times[plain]))
+        cost = "" if arm == plain else (f": median step time ratio {ratio:.3f} "
+                                        f"({abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'})")
+        print(f"  {arm:45s} {rate:6.2f} images/s{cost}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.mode == "splits":
         compare_splits(argv, args)
+        return
+    if args.mode == "splits-paired":
+        paired_splits(args)
         return
     if args.mode != "both":
         result = run_mode(args, args.mode)

@@ -106,18 +106,30 @@ class _SplitBatchNorm(torch.autograd.Function):
         needs = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                  weight is not None and ctx.needs_input_grad[2]]
         grads_x, grad_weight, grad_bias = [], None, None
+        # on the CPU each sub-batch's input gradient is written into its slice (no join)
+        joined = torch.empty_like(x) if needs[0] and x.device.type == "cpu" else None
+        slices = joined.tensor_split(ctx.splits) if joined is not None else None
+        grad = grad.contiguous(memory_format=_memory_format(x))
         for k, (part, grad_part) in enumerate(zip(x.tensor_split(ctx.splits),
                                                   grad.tensor_split(ctx.splits))):
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad_part.contiguous(memory_format=_memory_format(part)), part, weight,
-                running_mean, running_var, saved[2 * k], saved[2 * k + 1], True, ctx.eps,
-                needs)
-            grads_x.append(gx)
+            if slices is not None:
+                gx = slices[k]
+                gw = running_mean.new_empty(running_mean.shape if needs[1] else 0)
+                gb = running_mean.new_empty(running_mean.shape if needs[2] else 0)
+                torch.ops.aten.native_batch_norm_backward.out(
+                    grad_part, part, weight, running_mean, running_var, saved[2 * k],
+                    saved[2 * k + 1], True, ctx.eps, needs, out0=gx, out1=gw, out2=gb)
+            else:
+                gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                    grad_part, part, weight, running_mean, running_var, saved[2 * k],
+                    saved[2 * k + 1], True, ctx.eps, needs)
+                grads_x.append(gx)
             if needs[1]:
-                grad_weight = gw if grad_weight is None else grad_weight + gw
+                grad_weight = gw if grad_weight is None else grad_weight.add_(gw)
             if needs[2]:
-                grad_bias = gb if grad_bias is None else grad_bias + gb
-        grad_x = torch.cat(grads_x, dim=0) if needs[0] else None
+                grad_bias = gb if grad_bias is None else grad_bias.add_(gb)
+        grad_x = joined if joined is not None else (
+            torch.cat(grads_x, dim=0) if needs[0] else None)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -186,10 +198,10 @@ def reconstruct_in_splits(reconstruct, features: list[torch.Tensor], splits: int
     batch = features[0].shape[0]
     if splits <= 1 or batch < 2:
         return reconstruct(features)
-    # On a CPU the decoder's large high-resolution activations make a pass per sub-batch
-    # the faster way (they stay in cache; measured in benchmarks/RESULTS.md); elsewhere the
-    # decoder runs once with split BatchNorms. The result is the same either way.
-    if _splittable(norms) and features[0].device.type != "cpu":
+    # One pass with split BatchNorms; a pass per sub-batch (same result) would slice the
+    # encoder features, and autograd would add up one zero-padded full-size gradient per
+    # slice (measured in benchmarks/RESULTS.md).
+    if _splittable(norms):
         with batch_norm_splits(norms, splits):
             return reconstruct(features)
     parts = zip(*(stage.tensor_split(min(splits, batch)) for stage in features))
