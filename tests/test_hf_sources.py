@@ -20,9 +20,6 @@ SHAPE = (5, 7)
 def _quick_local_datasets(tmp_path, monkeypatch):
     # load_dataset writes an Arrow cache; keep it out of the user's ~/.cache.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    # A shuffle buffer over several parquet shards sleeps this long (5 s) after each
-    # pass to let Arrow's reader threads end; fork-started DataLoader workers inherit it.
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
 
 
 def _grey(i: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,8 +19,7 @@ from caid_hf.training.pretrain import main
 
 
 @pytest.fixture(autouse=True)
-def _no_shutdown_pause(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+def _datasets_cache_in_tmp(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
 
 
@@ -173,3 +173,11 @@ def test_a_resumed_stream_continues_at_its_position_or_says_why_not(tmp_path, ca
                  str(checkpoint), "--dataloader_num_workers", "2"])
     assert ("the checkpoint's stream position is for 1 DataLoader workers, this run has 2: "
             "reading the epoch's first 2 batches again to skip them") in capsys.readouterr().out
+    damaged = tmp_path / "copied" / "checkpoint_2"  # a hand-edited position: re-read, say why
+    shutil.copytree(checkpoint, damaged)
+    saved["stream_positions"][0]["positions"] = "garbage"
+    (damaged / "checkpoint_state.json").write_text(json.dumps(saved))
+    again = main(args + ["--output_dir", str(tmp_path / "damaged"), "--resume_from_checkpoint",
+                         str(damaged)])
+    assert "the checkpoint's stream position is unreadable" in capsys.readouterr().out
+    assert [h["train/loss"] for h in again.history if "train/loss" in h] == losses[0]

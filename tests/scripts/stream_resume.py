@@ -9,11 +9,8 @@ import os
 import runpy
 from pathlib import Path
 
-import datasets
-
 from caid_hf.data.hf_sources import HFStreamingSource
 
-datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
 log = Path(os.environ["CAID_DECODE_LOG"]) / f"decoded_{os.environ.get('RANK', '0')}.tsv"
 _decode = HFStreamingSource.decode
 

@@ -8,13 +8,10 @@ import json
 import os
 import sys
 
-import datasets
-
 from caid_hf.data.hf_sources import HFStreamingSource
 from caid_hf.data.streaming import StreamingTwoCrops
 from caid_hf.training.pretrain import main
 
-datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.1
 seen = []  # (epoch, image id) of every image this rank's training stream read
 epoch = [0]
 _iter = HFStreamingSource.iter_items

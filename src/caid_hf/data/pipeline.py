@@ -190,8 +190,8 @@ class PretrainingData:
 
     def stream_position(self) -> dict | None:
         """This process's place in the stream's epoch (for a checkpoint), or None before the
-        first batch or when not streaming: ``{"epoch", "lanes", "first_lane", "positions"}``
-        as :meth:`HFStreamingSource.resume_from` takes it."""
+        first batch or when not streaming: ``{"epoch", "lanes", "first_lane", "num_shards",
+        "positions"}`` as :meth:`HFStreamingSource.resume_from` takes it."""
         if self._stream_state is None or not any(self._stream_state["positions"]):
             return None
         return {**self._stream_state, "positions": list(self._stream_state["positions"])}
@@ -206,6 +206,17 @@ class PretrainingData:
             return None
         if saved is None:
             return "the checkpoint holds no stream position (saved by an older caid-hf)"
+        shards = self.train_set.stream.num_shards
+        try:
+            lanes, positions = int(saved["lanes"]), saved["positions"]
+            int(saved["epoch"]), int(saved["first_lane"])
+            if not isinstance(positions, list) or len(positions) != lanes:
+                raise ValueError("one position per DataLoader worker")
+        except (KeyError, TypeError, ValueError) as error:
+            return f"the checkpoint's stream position is unreadable ({error!r})"
+        if int(saved.get("num_shards", shards)) != shards:
+            return (f"the checkpoint's stream position is for {saved['num_shards']} shards, "
+                    f"the stream now has {shards}")
         if int(saved["lanes"]) != self.stream_lanes:
             return (f"the checkpoint's stream position is for {saved['lanes']} DataLoader "
                     f"workers, this run has {self.stream_lanes}")
@@ -232,6 +243,7 @@ class PretrainingData:
             self.train_set.resume_from(resume)  # reaches the workers: they start after this
             self._stream_state = resume or {"epoch": epoch, "lanes": self.stream_lanes,
                                             "first_lane": 0,
+                                            "num_shards": self.train_set.stream.num_shards,
                                             "positions": [None] * self.stream_lanes}
             self._stream_state = {**self._stream_state,
                                   "positions": list(self._stream_state["positions"])}
