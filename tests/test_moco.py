@@ -259,9 +259,14 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
     assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in base.modules())
     q_img, k_img, target = _inputs(batch=8)
     results = []
-    for one_pass in (True, False):
+    # the query branch in one pass (the GPU policy, forced here), the CPU's policy (query
+    # encoder and decoder once per sub-batch, the key encoder in one pass), and every
+    # network once per sub-batch (no split BatchNorm at all)
+    for arm in ("one pass", "device policy", "per sub-batch"):
         model = copy.deepcopy(base)
-        if not one_pass:
+        if arm == "one pass":
+            monkeypatch.setattr(moco_module, "query_in_one_pass", lambda x: True)
+        elif arm == "per sub-batch":
             monkeypatch.setattr(moco_module, "_splittable", lambda norms: False)
         torch.manual_seed(1)
         out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
@@ -271,12 +276,39 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
         monkeypatch.undo()
         # the splits hold only inside a forward
         assert all(m.splits == 1 for m in model.modules() if isinstance(m, SplitBatchNorm2d))
-    (a, grads_a, buffers_a), (b, grads_b, buffers_b) = results
-    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
-    torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=1e-6)
-    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-6, msg=name)
-    for name in buffers_a:  # running statistics: one update per sub-batch, in order
-        torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=1e-6, msg=name)
+    a, grads_a, buffers_a = results[0]
+    for b, grads_b, buffers_b in results[1:]:
+        torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-6, msg=name)
+        for name in buffers_a:  # running statistics: one update per sub-batch, in order
+            torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=1e-6,
+                                       msg=name)
+    # the three arms did take different paths: the CPU policy ran sub-batch passes
+    assert not moco_module.query_in_one_pass(q_img)
+
+
+def test_split_batch_norm_without_gradient_adds_no_autograd_node():
+    """The key encoder runs without gradient: its split BatchNorm then calls the kernels
+    directly (no autograd node), with the same outputs and running statistics as with one."""
+    from caid_hf.objectives.moco import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5) * 3 + 1
+    with_grad, without = SplitBatchNorm2d(4).train(), SplitBatchNorm2d(4).train()
+    with_grad.splits = without.splits = 2
+    out = with_grad(x)
+    with torch.no_grad():
+        plain = without(x)
+    assert out.grad_fn is not None and plain.grad_fn is None
+    torch.testing.assert_close(plain, out, rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(without, name), getattr(with_grad, name), rtol=0, atol=0)
+    # and each half is normalised by its own statistics
+    halves = plain.tensor_split(2)
+    for half in halves:
+        torch.testing.assert_close(half.mean(dim=(0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+    assert int(without.num_batches_tracked) == 2

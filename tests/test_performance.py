@@ -4,6 +4,7 @@ the training-step benchmark script."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,22 @@ def test_benchmark_script_prints_one_line_per_mode():
     assert len(lines) == 2, result.stdout
     assert lines[0].startswith("baseline") and lines[1].startswith("default")
     assert "ratio default/baseline" in result.stdout
+
+
+@pytest.mark.slow
+def test_paired_splits_benchmark_prints_each_ratio_with_its_interval():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--encoder", "resnet18",
+         "--image-size", "64", "--batch-size", "4", "--steps", "5", "--warmup", "1",
+         "--mode", "splits-paired", "--id-only"],
+        capture_output=True, text=True, timeout=600, check=True)
+    lines = [line for line in result.stdout.splitlines() if "images/s" in line]
+    assert len(lines) == 4, result.stdout
+    intervals = re.findall(r"ratio (\d+\.\d+) .*95 % interval (\d+\.\d+)–(\d+\.\d+)",
+                           result.stdout)
+    assert len(intervals) == 3, result.stdout
+    for ratio, low, high in intervals:
+        assert float(low) <= float(ratio) <= float(high)
 
 
 def _pretrain(tmp_path, name, *extra):

@@ -18,12 +18,11 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_caid import CAiDConfig
 from .distributed import use_global_batch_norm
-from .modeling_caid import CAiDModel, CAiDPreTrainedModel, check_pixel_values, global_pool
+from .modeling_caid import CAiDModel, CAiDPreTrainedModel, check_pixel_values
 from .objectives import embedding_std, objective_class
 from .objectives.moco import (
     MoCoV2,
-    encode_in_splits,
-    reconstruct_in_splits,
+    query_branch_in_splits,
     use_split_batch_norm,
 )
 
@@ -212,18 +211,17 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         # the shape of a sub-batch
         check_pixel_values(pixel_values, self.config)
         check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
-        # (encode_in_splits runs caid.encode like an encoder: checkpointed when enabled)
+        # (caid.encode runs like an encoder: checkpointed when enabled); the decoder too sees
+        # each emulated device's sub-batch alone
         splits = self.objective.query_splits()
-        features = encode_in_splits(self.caid.encode, pixel_values, splits,
-                                    norms=self.caid.encoder)
-        embeddings = global_pool(features[-1])
+        _, embeddings, reconstruction = query_branch_in_splits(
+            self.caid.encode, self.caid.reconstruct if self.config.context_prediction else None,
+            pixel_values, splits, encoder_norms=self.caid.encoder,
+            decoder_norms=self.caid.decoder)
         result = self.objective(embeddings, key_pixel_values, self.caid.encoder, self.caid.encode,
                                 update_momentum)
-        reconstruction = key_reconstruction = None
+        key_reconstruction = None
         if self.config.context_prediction:
-            # the decoder too sees each emulated device's sub-batch alone
-            reconstruction = reconstruct_in_splits(self.caid.reconstruct, features, splits,
-                                                   norms=self.caid.decoder)
             if self.config.reconstruct_views == "both":
                 key_reconstruction = self.caid.reconstruct(result.key_features)
         loss, reconstruction_loss = self.forward_loss(result.loss, reconstruction, labels,

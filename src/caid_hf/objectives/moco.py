@@ -67,38 +67,54 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         else:
             factors = [self.momentum] * splits
         self.num_batches_tracked.add_(splits)
-        return _SplitBatchNorm.apply(x, self.weight, self.bias, self.running_mean,
-                                     self.running_var, splits, factors, self.eps)
+        args = (self.weight, self.bias, self.running_mean, self.running_var, splits, factors,
+                self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or (
+                self.weight is not None and self.weight.requires_grad)):
+            return _SplitBatchNorm.apply(x, *args)
+        return _split_batch_norm(x, *args)[0]  # no gradient (the key encoder): no autograd node
+
+
+def _split_batch_norm(x, weight, bias, running_mean, running_var, splits, factors, eps):
+    """Training-mode BatchNorm of ``splits`` consecutive sub-batches of ``x`` with torch's
+    own kernel; returns the output and each sub-batch's saved (mean, invstd)."""
+    saved = []
+    if x.device.type == "cpu":
+        # each sub-batch is normalised straight into its slice of the output (the slices
+        # of a batch are contiguous in either memory format)
+        out = torch.empty_like(x)
+        for part, factor, into in zip(x.tensor_split(splits), factors, out.tensor_split(splits)):
+            # CPU kernels keep their statistics in the running statistics' dtype
+            mean, invstd = running_mean.new_empty(running_mean.shape), running_mean.new_empty(
+                running_mean.shape)
+            torch.ops.aten.native_batch_norm.out(
+                part, weight, bias, running_mean, running_var, True, factor, eps,
+                out=into, save_mean=mean, save_invstd=invstd)
+            saved += [mean, invstd]
+        return out, saved
+    outputs = []
+    for part, factor in zip(x.tensor_split(splits), factors):
+        part_out, mean, invstd = torch.ops.aten.native_batch_norm(
+            part, weight, bias, running_mean, running_var, True, factor, eps)
+        outputs.append(part_out)
+        saved += [mean, invstd]
+    return torch.cat(outputs, dim=0), saved
 
 
 class _SplitBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm of consecutive sub-batches with torch's own kernels
-    (``native_batch_norm`` and its backward per sub-batch). Written as one autograd node so
-    that the sub-batches' gradients are joined once, where slicing the input would make
-    autograd add up one zero-padded full-size gradient per sub-batch."""
+    """:func:`_split_batch_norm` with its gradient (``native_batch_norm_backward`` per
+    sub-batch). Written as one autograd node so that the sub-batches' input gradients are
+    joined once (torch has no kernel that writes an input gradient into a slice: the
+    ``out=`` form computes, then copies), where slicing the input would make autograd add up one zero-padded
+    full-size gradient per sub-batch."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, splits, factors, eps):
-        outputs, saved = [], []
-        # on the CPU each sub-batch is normalised straight into its slice of the output
-        # (the slices of a batch are contiguous in either memory format); elsewhere joined
-        joined = torch.empty_like(x) if x.device.type == "cpu" else None
-        slices = joined.tensor_split(splits) if joined is not None else [None] * splits
-        for part, factor, into in zip(x.tensor_split(splits), factors, slices):
-            if into is None:
-                out, mean, invstd = torch.ops.aten.native_batch_norm(
-                    part, weight, bias, running_mean, running_var, True, factor, eps)
-                outputs.append(out)
-            else:  # CPU kernels keep their statistics in the running statistics' dtype
-                mean = running_mean.new_empty(running_mean.shape)
-                invstd = running_mean.new_empty(running_mean.shape)
-                torch.ops.aten.native_batch_norm.out(
-                    part, weight, bias, running_mean, running_var, True, factor, eps,
-                    out=into, save_mean=mean, save_invstd=invstd)
-            saved += [mean, invstd]
+        out, saved = _split_batch_norm(x, weight, bias, running_mean, running_var, splits,
+                                       factors, eps)
         ctx.splits, ctx.eps = splits, eps
         ctx.save_for_backward(x, weight, running_mean, running_var, *saved)
-        return joined if joined is not None else torch.cat(outputs, dim=0)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -106,7 +122,8 @@ class _SplitBatchNorm(torch.autograd.Function):
         needs = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                  weight is not None and ctx.needs_input_grad[2]]
         grads_x, grad_weight, grad_bias = [], None, None
-        # on the CPU each sub-batch's input gradient is written into its slice (no join)
+        # on the CPU each sub-batch's input gradient goes into its slice of one tensor
+        # (torch.cat of the sub-batches' gradients measured slower in channels_last)
         joined = torch.empty_like(x) if needs[0] and x.device.type == "cpu" else None
         slices = joined.tensor_split(ctx.splits) if joined is not None else None
         grad = grad.contiguous(memory_format=_memory_format(x))
@@ -160,6 +177,47 @@ def batch_norm_splits(module: nn.Module, splits: int):
     finally:
         for m in norms:
             m.splits = 1
+
+
+def query_in_one_pass(x: torch.Tensor) -> bool:
+    """Whether the one-process emulation runs the query branch (encoder and decoder, with
+    gradient) in one pass with split BatchNorms, or once per sub-batch; the result is the
+    same (fp32, 1e-6). The key encoder, without gradient, always runs in one pass.
+
+    On the CPU, once per sub-batch: the one pass must join every BatchNorm's per-sub-batch
+    input gradients with a copy (torch has no backward kernel writing into a slice), which
+    measured 3.5–5.6 % of a step at ResNet-18, 128 px, batch 32, while sub-batch passes
+    join nothing in the backward and their half-batch convolutions cost no more
+    (``benchmarks/RESULTS.md``). Elsewhere (GPUs, where a halved batch leaves the device
+    less to do) in one pass.
+    """
+    return x.device.type != "cpu"
+
+
+def query_branch_in_splits(encode, reconstruct, x: torch.Tensor, splits: int,
+                           encoder_norms: nn.Module | None = None,
+                           decoder_norms: nn.Module | None = None,
+                           ) -> tuple[list[torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
+    """The query branch of the one-process emulation: ``encode`` (image → stages) and, when
+    ``reconstruct`` is given, the decoder, each emulated device's sub-batch with its own
+    BatchNorm statistics. Returns (the stages for the whole batch, or None when the
+    sub-batches ran separately; the pooled embeddings [B, C]; the reconstruction or None).
+
+    One pass (:func:`encode_in_splits`, :func:`reconstruct_in_splits`) where
+    :func:`query_in_one_pass`; otherwise each sub-batch runs encoder and decoder alone and
+    only the embeddings and reconstructions are joined (their gradients then split by
+    views, without a copy).
+    """
+    if splits > 1 and x.shape[0] >= 2 and not query_in_one_pass(x):
+        parts = [encode(part) for part in x.tensor_split(min(splits, x.shape[0]))]
+        embeddings = torch.cat([global_pool(stages[-1]) for stages in parts], dim=0)
+        reconstruction = (torch.cat([reconstruct(stages) for stages in parts], dim=0)
+                          if reconstruct is not None else None)
+        return None, embeddings, reconstruction
+    features = encode_in_splits(encode, x, splits, norms=encoder_norms)
+    reconstruction = (reconstruct_in_splits(reconstruct, features, splits, norms=decoder_norms)
+                      if reconstruct is not None else None)
+    return features, global_pool(features[-1]), reconstruction
 
 
 def _splittable(module: nn.Module | None) -> bool:
