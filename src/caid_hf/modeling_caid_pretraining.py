@@ -91,7 +91,7 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         objective = objective_class(config.discrimination_method)
         if objective.global_batch_norm:
             use_global_batch_norm(self.caid)
-        else:  # one pass of the one-process shuffle-BN emulation (key branch copied after)
+        else:  # split BatchNorms for the one-process shuffle-BN emulation (key branch copied after)
             use_split_batch_norm(self.caid)
         self.objective = objective.from_config(config, self.caid.encoder)
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
