@@ -3,6 +3,9 @@
 #   1. benchmarks/train_step.py, ResNet-50 at 224 px, batch 64 and 256: the default path
 #      (bf16 autocast, channels_last, fused SGD, no key decoder) against the original's costs,
 #      with FLOPs counted for model FLOPs utilisation (MFU against the dense bf16 peak).
+#   1b. the compiled step at the first batch size: the encoders and decoders compiled (what
+#      --torch_compile trains), then the whole model; and the one-process shuffle-BN emulation
+#      (shuffle_bn_splits=2 against =1, paired steps in one process; issue 20).
 #   2. gradient checkpointing at 512 px, batch 32: peak memory and step time with and without.
 #   3. a real pre-training run from 1024 x 1024 PNG phantoms (the loader decodes, crops and
 #      ships uint8 views; the GPU augments and trains), logging the fraction of time the
@@ -19,10 +22,10 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 PEAK=${PEAK_TFLOPS:-989}  # H100 / H200 SXM dense bf16, by the vendor's datasheet
 if [ "${SMOKE:-0}" = 1 ]; then
-  SIZES=(8 16) IMG=64 ENC=resnet18 CKPT_IMG=128 CKPT_B=2 STEPS=2 WARM=1
+  SIZES=(8 16) IMG=64 ENC=resnet18 CKPT_IMG=128 CKPT_B=2 STEPS=2 WARM=1 PAIRED=3
   NPNG=48 PNG=256 TRAIN_STEPS=6 WORKERS=1 TRAIN_B=8 QUEUE=256
 else
-  SIZES=(64 256) IMG=224 ENC=resnet50 CKPT_IMG=512 CKPT_B=32 STEPS=10 WARM=3
+  SIZES=(64 256) IMG=224 ENC=resnet50 CKPT_IMG=512 CKPT_B=32 STEPS=10 WARM=3 PAIRED=30
   NPNG=1536 PNG=1024 TRAIN_STEPS=300 WORKERS=${WORKERS:-15} TRAIN_B=64 QUEUE=65536
 fi
 log() { echo "== $*" | tee -a "$OUT/log.txt"; }
@@ -40,6 +43,12 @@ for batch in "${SIZES[@]}"; do
   log "train_step $ENC ${IMG}px batch $batch, default vs baseline"
   run "${B[@]}" --batch-size "$batch" --mode both
 done
+log "compiled step, $ENC ${IMG}px batch ${SIZES[0]}: encoders and decoders, then the whole model"
+run "${B[@]}" --batch-size "${SIZES[0]}" --mode default --compile parts
+run "${B[@]}" --batch-size "${SIZES[0]}" --mode default --compile whole
+log "one-process shuffle-BN emulation, ${SIZES[0]} images: shuffle_bn_splits=2 against =1, paired"
+run "$PY" benchmarks/train_step.py --encoder "$ENC" --image-size "$IMG" --batch-size "${SIZES[0]}" \
+  --queue-size 65536 --mode splits-paired --steps "$PAIRED" --warmup "$WARM"
 C=("$PY" benchmarks/train_step.py --encoder "$ENC" --image-size "$CKPT_IMG" --batch-size "$CKPT_B"
    --steps "$STEPS" --warmup "$WARM" --mode default)
 log "gradient checkpointing, ${CKPT_IMG}px batch $CKPT_B"

@@ -134,9 +134,17 @@ def build(args: argparse.Namespace, mode: str, device: torch.device):
     if args.gradient_checkpointing:
         performance.enable_gradient_checkpointing(model)
     optimizer = torch.optim.SGD(params, **hyper, **performance.sgd_implementation(device))
-    if args.compile:
-        performance.compile_model(model, device)
     return model, optimizer, dtype, channels_last
+
+
+def compile_for(args: argparse.Namespace, model: nn.Module, device: torch.device) -> None:
+    """``--compile parts``: the package's ``--torch_compile`` (the smp encoders and U-Net
+    decoders); ``--compile whole``: the whole pre-training model, MoCo's shuffle and queue
+    included, in one ``Module.compile()``."""
+    if args.compile == "parts":
+        performance.compile_model(model, device)
+    elif args.compile == "whole":
+        model.compile()
 
 
 def count_flops(step) -> float:
@@ -174,6 +182,11 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    flops = float("nan")
+    if args.count_flops and mode == "default" and args.compile:
+        flops = count_flops(step)  # on the eager model: a counter mode and inductor don't mix
+    if mode == "default":
+        compile_for(args, model, device)
     rss_before = rss_mib()
     for _ in range(args.warmup):
         step()
@@ -192,7 +205,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     else:
         memory = (f"peak RSS {peak_rss_mib():.0f} MiB "
                   f"(+{peak_rss_mib() - rss_before:.0f} MiB over the built model)")
-    flops = count_flops(step) if args.count_flops else float("nan")
+    if args.count_flops and flops != flops:  # not counted before compiling
+        flops = count_flops(step)
     median = statistics.median(times)
     result = {
         "mode": mode, "images_per_s": args.batch_size / median, "ms_per_step": median * 1e3,
@@ -205,7 +219,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     extras = [f"{result['precision']}", "channels_last" if channels_last else "contiguous",
               f"{threads} threads" if device.type == "cpu" else str(device)]
     if mode == "default":
-        extras += [name for name, on in (("compiled", args.compile),
+        extras += [name for name, on in ((f"compiled ({args.compile})", args.compile),
                                          ("grad-ckpt", args.gradient_checkpointing)) if on]
     rate = (f"{result['gflop_per_step']:.0f} GFLOP/step, {result['tflops']:.3f} TFLOP/s"
             if args.count_flops else "")
@@ -271,7 +285,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Default mode's autocast (auto: bf16 where the hardware has it).")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="Default mode's memory format.")
-    parser.add_argument("--compile", action="store_true", help="Default mode: model.compile().")
+    parser.add_argument("--compile", nargs="?", const="parts", choices=["parts", "whole"],
+                        default=None,
+                        help="Default mode: compile the encoders and decoders ('parts', as "
+                             "--torch_compile trains; the flag alone) or the whole model "
+                             "('whole'). FLOPs (--count-flops) are counted on the eager "
+                             "step first.")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="Default mode: checkpoint encoder stages and decoder blocks.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
@@ -372,9 +391,12 @@ def paired_splits(args: argparse.Namespace) -> None:
             times[arm].append(step(arm, views))
     moco_module._splittable, moco_module.query_in_one_pass = splittable, policy
     plain = "shuffle_bn_splits=1"
+    where = (f"{threads} threads" if device.type == "cpu" else
+             f"{device}, peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
+             "allocated over all arms")
     print(f"{'ID-only' if args.id_only else 'CAiD'} {args.method}, {args.encoder} "
           f"{args.image_size}px batch {args.batch_size}, {args.steps} paired rounds in one "
-          f"process ({threads} threads; the views' augmentation untimed):")
+          f"process ({where}; the views' augmentation untimed):")
     for arm in arms:
         rate = args.batch_size / statistics.median(times[arm])
         ratios = [t / u for t, u in zip(times[arm], times[plain])]

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -289,6 +290,76 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
                                        msg=name)
     # the three arms did take different paths: the CPU policy ran sub-batch passes
     assert not moco_module.query_in_one_pass(q_img)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_traced_split_batch_norm_equals_the_kernels(momentum, monkeypatch):
+    """What torch.compile traces (reductions and elementwise ops, each running statistic
+    updated once for all sub-batches) equals the kernel path: outputs, input and weight
+    gradients, running statistics, in fp32 to 1e-5, channels_last and uneven sub-batches
+    (7 images in 3) included; under bf16 autocast, to bf16 rounding."""
+    import caid_hf.objectives.moco as moco_module
+    from caid_hf.objectives.moco import SplitBatchNorm2d, batch_norm_splits
+
+    torch.manual_seed(0)
+    base = SplitBatchNorm2d(5, momentum=momentum).train()
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 1.5)
+        base.bias.uniform_(-1, 1)
+        base.running_mean.uniform_(-1, 1)
+        base.num_batches_tracked.fill_(3)
+    x0 = (torch.randn(7, 5, 6, 6) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for traced in (False, True):
+        norm = copy.deepcopy(base)
+        monkeypatch.setattr(moco_module, "_traced", lambda t=traced: t)
+        x = x0.clone().requires_grad_()
+        with batch_norm_splits(norm, 3):
+            out = norm(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs[traced] = tuple(t.detach().clone() for t in (
+            out, x.grad, norm.weight.grad, norm.bias.grad, norm.running_mean,
+            norm.running_var, norm.num_batches_tracked))
+        with torch.autocast("cpu", dtype=torch.bfloat16), batch_norm_splits(norm, 3):
+            runs[traced, "bf16"] = norm(x0.to(torch.bfloat16)).float()
+    for kernel, traced in zip(runs[False], runs[True]):
+        torch.testing.assert_close(kernel, traced, rtol=0, atol=1e-5)
+    assert runs[True][0].is_contiguous(memory_format=torch.channels_last)
+    assert int(runs[True][-1]) == 6
+    assert (runs[True][4] - base.running_mean).abs().max() > 0.05  # the statistics moved
+    torch.testing.assert_close(runs[False, "bf16"], runs[True, "bf16"], rtol=0.02, atol=0.05)
+
+
+def test_traced_model_step_equals_the_kernels_in_float64(tiny_config, monkeypatch):
+    """The whole pre-training step with every split BatchNorm as torch.compile traces it
+    (reductions; the query branch in one pass, as under compile on any device) equals the
+    kernel path: loss, every gradient and running statistic, in float64 to 1e-10. (In fp32
+    the two orders of summation differ by up to 5e-3 in the stem's gradient: batch-4
+    BatchNorms at 2 x 2 pixels amplify rounding.)"""
+    import caid_hf.objectives.moco as moco_module
+
+    base = CAiDForPreTraining(tiny_config).train().double()
+    q_img, k_img, target = (t.double() for t in _inputs(batch=8))
+    runs = []
+    for traced in (False, True):
+        model = copy.deepcopy(base)
+        monkeypatch.setattr(moco_module, "query_in_one_pass", lambda x: True)
+        monkeypatch.setattr(moco_module, "_traced", lambda t=traced: t)
+        torch.manual_seed(1)
+        out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
+        out.loss.backward()
+        runs.append((out.loss, {n: p.grad for n, p in model.named_parameters()
+                                if p.grad is not None}, dict(model.named_buffers())))
+    (loss_k, grads_k, buffers_k), (loss_t, grads_t, buffers_t) = runs
+    torch.testing.assert_close(loss_k, loss_t, rtol=0, atol=1e-10)
+    assert grads_k.keys() == grads_t.keys() and len(grads_k) > 50
+    for name in grads_k:
+        torch.testing.assert_close(grads_k[name], grads_t[name], rtol=0, atol=1e-10, msg=name)
+    for name in buffers_k:
+        torch.testing.assert_close(buffers_k[name], buffers_t[name], rtol=0, atol=1e-10,
+                                   msg=name)
+    moved = base.caid.encoder.bn1.running_var
+    assert (buffers_t["caid.encoder.bn1.running_var"] - moved).abs().max() > 1e-3
 
 
 def test_split_batch_norm_without_gradient_adds_no_autograd_node():

@@ -69,10 +69,18 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(splits)
         args = (self.weight, self.bias, self.running_mean, self.running_var, splits, factors,
                 self.eps)
+        if _traced():  # traceable ops, one update of each buffer
+            return _split_batch_norm_composite(x, *args)
         if torch.is_grad_enabled() and (x.requires_grad or (
                 self.weight is not None and self.weight.requires_grad)):
             return _SplitBatchNorm.apply(x, *args)
         return _split_batch_norm(x, *args)[0]  # no gradient (the key encoder): no autograd node
+
+
+def _traced() -> bool:
+    """Whether torch.compile is tracing (one place, so tests can take the traced path
+    eagerly)."""
+    return torch.compiler.is_compiling()
 
 
 def _split_batch_norm(x, weight, bias, running_mean, running_var, splits, factors, eps):
@@ -99,6 +107,38 @@ def _split_batch_norm(x, weight, bias, running_mean, running_var, splits, factor
         outputs.append(part_out)
         saved += [mean, invstd]
     return torch.cat(outputs, dim=0), saved
+
+
+def _split_batch_norm_composite(x, weight, bias, running_mean, running_var, splits, factors,
+                                eps):
+    """:func:`_split_batch_norm`'s output and running statistics from elementwise and
+    reduction ops (autograd gives the gradient), for ``torch.compile``: the kernel path
+    updates each running statistic once per sub-batch in place, and inductor rejects such
+    chained in-place updates of one buffer in a graph (an AssertionError on ``copy_``,
+    torch 2.14.1). Here the sub-batches' updates are folded into one ``copy_`` per buffer.
+    Statistics are computed in float32 at least, as the kernel does."""
+    outputs = []
+    new_mean, new_var = running_mean, running_var
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    for part, factor in zip(x.tensor_split(splits), factors):
+        values = part.to(dtype)
+        var, mean = torch.var_mean(values, dim=(0, 2, 3), correction=0)
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight.to(dtype)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(dtype)
+        outputs.append((values * scale[:, None, None] + shift[:, None, None]).to(x.dtype))
+        count = part.numel() // part.shape[1]
+        with torch.no_grad():
+            new_mean = new_mean * (1 - factor) + mean.to(new_mean.dtype) * factor
+            new_var = new_var * (1 - factor) + (var * (count / max(count - 1, 1))).to(
+                new_var.dtype) * factor
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return torch.cat(outputs, dim=0)
 
 
 class _SplitBatchNorm(torch.autograd.Function):
@@ -189,9 +229,11 @@ def query_in_one_pass(x: torch.Tensor) -> bool:
     measured 3.5–5.6 % of a step at ResNet-18, 128 px, batch 32, while sub-batch passes
     join nothing in the backward and their half-batch convolutions cost no more
     (``benchmarks/RESULTS.md``). Elsewhere (GPUs, where a halved batch leaves the device
-    less to do) in one pass.
+    less to do) in one pass; and in one pass under ``torch.compile`` on any device: passes
+    per sub-batch update each BatchNorm's running statistics several times in one graph,
+    which inductor rejects (an AssertionError on chained ``copy_``, torch 2.14.1).
     """
-    return x.device.type != "cpu"
+    return x.device.type != "cpu" or _traced()
 
 
 def query_branch_in_splits(encode, reconstruct, x: torch.Tensor, splits: int,
@@ -416,10 +458,11 @@ class MoCoV2(Objective):
         """Write the keys of all ranks [world * B, D] at the pointer (wrapping around) and advance it."""
         keys = concat_all_gather(keys)
         size = self.queue.shape[1]
-        ptr = int(self.queue_ptr)
-        index = torch.arange(ptr, ptr + keys.shape[0], device=keys.device) % size
+        # the pointer stays a tensor: no host sync, and no graph break under torch.compile
+        # (where a break between the loss and this write let the backward see the new queue)
+        index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[:, index] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + keys.shape[0]) % size
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     def forward(
         self,
