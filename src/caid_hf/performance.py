@@ -138,9 +138,9 @@ def compile_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     shuffle-BN permutation ``x[torch.randperm(n)]``, the queue) stays eager. Compiling the
     whole pre-training model crashed inductor's pattern matcher on torch 2.11 with CUDA
     ("Not all inputs to pattern found in match.kwargs", pytorch/pytorch#183988, on an H200);
-    on torch 2.14.1's CPU inductor it now compiles and trains as the eager model does
-    (``tests/test_performance.py``; ``benchmarks/train_step.py --compile whole``), not yet
-    measured on a GPU.
+    on torch 2.14.1's CPU inductor it now compiles (``benchmarks/train_step.py --compile
+    whole``; MoCo's step with the emulation compiled equals the eager one,
+    ``tests/test_performance.py``), not yet measured on a GPU.
     The first steps then take minutes (about 5 on a 2-core CPU). Off by default: on that CPU
     the compiled step was no faster (ResNet-50) or slower (ResNet-18) than the eager one,
     whose time is almost all oneDNN convolutions. With gradient checkpointing, the encoder's
