@@ -63,6 +63,14 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
     assert performance.cpu_flags(tmp_path / "missing") == frozenset()
 
 
+def test_describe_cpu_names_model_capability_bf16_flags_and_threads(cpu, tmp_path):
+    cpu("AVX512", "avx2 avx512f avx512_bf16")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some   CPU 9000\n" + cpuinfo.read_text())
+    line = performance.describe_cpu(threads=3)
+    assert line.startswith("Some CPU 9000; torch kernels AVX512; avx512_bf16 yes, amx_bf16 no; 3 threads of ")
+
+
 def test_autocast_context_casts_only_with_a_dtype():
     layer = torch.nn.Linear(4, 4)
     x = torch.rand(2, 4)

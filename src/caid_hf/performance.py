@@ -38,6 +38,38 @@ def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model_name(cpuinfo: str | Path | None = None) -> str:
+    """The CPU's marketing name (first ``model name`` line of ``cpuinfo``, by default
+    :data:`CPUINFO`; ``platform.processor()`` where there is no such file)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return " ".join(line.partition(":")[2].split())
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_cpu(threads: int | None = None, cpuinfo: str | Path | None = None) -> str:
+    """One line naming the CPU a figure was measured on: its model name, torch's kernel
+    capability (``torch.backends.cpu.get_cpu_capability()``), whether it reports the bf16
+    instructions (``avx512_bf16``, ``amx_bf16``) and the torch threads used (``threads``,
+    by default ``torch.get_num_threads()``) out of the cores it has, e.g.
+    ``"AMD EPYC; torch kernels AVX2; avx512_bf16 no, amx_bf16 no; 2 threads of 2 cores"``.
+    bf16 speed depends on those flags: fast with AMX, slower than fp32 without."""
+    import os
+
+    flags = cpu_flags(cpuinfo)
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    bf16 = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in _CPU_BF16_FLAGS)
+    return (f"{cpu_model_name(cpuinfo)}; torch kernels {torch.backends.cpu.get_cpu_capability()}; "
+            f"{bf16}; {threads} thread{'s' if threads != 1 else ''} of {cores} cores")
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bf16 natively: torch's kernels are built for AVX-512 here
     (``torch.backends.cpu.get_cpu_capability()``) and the CPU reports ``avx512_bf16`` or
