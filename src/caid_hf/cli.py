@@ -310,6 +310,12 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
           f"{result.png}")
 
 
+def _evaluate_transfer(argv: list[str], prog: str) -> None:
+    from .finetuning.transfer import main as transfer_main
+
+    transfer_main(argv, prog=prog)
+
+
 def _pretrain(argv: list[str], prog: str) -> None:
     from .training.pretrain import main as pretrain_main
 
@@ -322,6 +328,8 @@ COMMANDS = {  # name: (what it does, handler of its arguments)
                  _finetune),
     "evaluate-features": ("k-NN / linear-probe scores and a t-SNE map of frozen embeddings",
                           _evaluate_features),
+    "evaluate-transfer": ("label efficiency of backbones: probes and fine-tuning at several "
+                          "label fractions", _evaluate_transfer),
     "phantoms": ("write synthetic chest phantoms to a folder", _phantoms),
     "prepare-data": ("decode a source once into a memory-mapped training cache", _prepare_data),
     "export": ("write a backbone as a segmentation_models_pytorch Unet folder", _export),
