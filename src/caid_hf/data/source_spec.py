@@ -3,7 +3,9 @@
 One string names any source (``train_source``, ``validation_source``, ``caid-hf
 prepare-data SOURCE``):
 
-- ``phantoms``: the embedded synthetic chest phantoms;
+- ``phantoms``: the embedded synthetic chest phantoms (the first version);
+  ``phantoms:cxr14``: the ChestX-ray14-like phantoms with eight findings
+  (:mod:`caid_hf.data.chest_phantoms`); ``phantoms:v1`` names the first version;
 - a folder made by ``caid-hf prepare-data`` (it holds ``caid_cache.json``): the
   decode-once cache (Arrow shards: random access or a stream; parquet shards: a stream);
 - a folder written by ``datasets``' ``save_to_disk``: that dataset (``split`` picks one
@@ -26,6 +28,7 @@ from torch.utils.data import Dataset, Subset
 from .sources import ImageFolderSource, PhantomSource, SplitListSource
 
 PHANTOMS = "phantoms"
+PHANTOM_SPECS = {"phantoms": "v1", "phantoms:v1": "v1", "phantoms:cxr14": "cxr14"}
 HF_PREFIX = "hf:"
 _HF_FILES = (".parquet", ".arrow")
 
@@ -87,8 +90,9 @@ def _open_source(spec: str, images_root: str | None, num_phantoms: int, phantom_
                  phantom_seed: int, hf_options: HFOptions | None):
     from .cache import CachedSource, is_cache
 
-    if spec == PHANTOMS:
-        return PhantomSource(num_phantoms, size=phantom_size, seed=phantom_seed)
+    if spec in PHANTOM_SPECS:
+        return PhantomSource(num_phantoms, size=phantom_size, seed=phantom_seed,
+                             version=PHANTOM_SPECS[spec])
     options = hf_options or HFOptions()
     path = Path(spec)
     if path.is_dir() and is_cache(path):
@@ -105,7 +109,7 @@ def _open_source(spec: str, images_root: str | None, num_phantoms: int, phantom_
     if path.is_file():
         return SplitListSource(path, images_root if images_root is not None else path.parent)
     raise FileNotFoundError(
-        f"data source {spec!r} is neither 'phantoms', 'hf:NAME', an existing split-list file, "
+        f"data source {spec!r} is neither 'phantoms' ('phantoms:cxr14'), 'hf:NAME', an existing split-list file, "
         "a parquet/arrow file nor a folder"
     )
 

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..decoding import IMAGE_EXTENSIONS, decode_grey
+from .chest_phantoms import FINDINGS, LOCALISED_FINDINGS, generate_chest_phantom
 from .phantoms import generate_phantom
 
 __all__ = [
@@ -224,33 +225,79 @@ def _image_entries(root: Path) -> list[str]:
     return found
 
 
-class PhantomSource:
-    """Synthetic chest phantoms drawn on demand (see ``phantoms.generate_phantom``).
+PHANTOM_VERSIONS = ("v1", "cxr14")
 
-    ``load(i)`` is phantom ``i`` of the set fixed by ``seed``: grey uint8
-    [size, size]; ``load_mask(i)`` its nodule mask, uint8 {0, 1}.
+
+class PhantomSource:
+    """Synthetic chest phantoms drawn on demand.
+
+    ``version="v1"`` (the default) is the first generator (``phantoms.generate_phantom``):
+    ``load(i)`` is phantom ``i`` of the set fixed by ``seed``, grey uint8 [size, size];
+    ``load_mask(i)`` its nodule mask, uint8 {0, 1}.
+
+    ``version="cxr14"`` is the ChestX-ray14-like set (``chest_phantoms``): ``load(i)`` as
+    above; ``labels(i)`` its findings, uint8 [8] in ``label_names`` order (drawn without
+    the image); ``targets`` all of them, float32 [N, 8]; ``load_masks(i)`` the masks of
+    the localised findings, uint8 [6, size, size] in ``mask_names`` order;
+    ``load_mask(i)`` their union, uint8 [size, size] in {0, 1}.
     """
 
-    def __init__(
-        self, num_images: int, size: int = 256, seed: int = 0, nodules: bool = True
-    ) -> None:
+    def __init__(self, num_images: int, size: int = 256, seed: int = 0, nodules: bool = True,
+                 version: str = "v1") -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be positive, got {num_images}")
+        if version not in PHANTOM_VERSIONS:
+            raise ValueError(f"unknown phantom version {version!r}; choose one of "
+                             f"{', '.join(PHANTOM_VERSIONS)}")
         self.num_images = num_images
         self.size = size
         self.seed = seed
         self.nodules = nodules
+        self.version = version
+        self.label_names = list(FINDINGS) if version == "cxr14" else ["nodule"]
+        self.mask_names = list(LOCALISED_FINDINGS) if version == "cxr14" else ["nodule"]
+        self._last: tuple[int, object] | None = None  # load() then load_masks() draw once
 
     def __len__(self) -> int:
         return self.num_images
 
+    def _chest(self, i: int):
+        i = _check_index(i, len(self))
+        if self._last is None or self._last[0] != i:
+            self._last = (i, generate_chest_phantom(i, self.size, self.seed))
+        return self._last[1]
+
     def load(self, i: int) -> np.ndarray:
         """Phantom ``i``: grey uint8 [size, size]."""
+        if self.version == "cxr14":
+            return self._chest(i).image
         return generate_phantom(_check_index(i, len(self)), self.size, self.seed, self.nodules)[0]
 
     def load_mask(self, i: int) -> np.ndarray:
-        """Nodule mask of phantom ``i``: uint8 [size, size] with values {0, 1}."""
+        """Nodule mask of phantom ``i`` (``cxr14``: the union of its finding masks): uint8
+        [size, size] with values {0, 1}."""
+        if self.version == "cxr14":
+            return self._chest(i).masks.max(axis=0)
         return generate_phantom(_check_index(i, len(self)), self.size, self.seed, self.nodules)[1]
+
+    def load_masks(self, i: int) -> np.ndarray:
+        """Masks of phantom ``i``: uint8 [len(mask_names), size, size] in {0, 1}."""
+        if self.version == "cxr14":
+            return self._chest(i).masks
+        return self.load_mask(i)[None]
+
+    def labels(self, i: int) -> np.ndarray:
+        """Findings of phantom ``i``: uint8 [len(label_names)] in {0, 1}."""
+        if self.version == "cxr14":
+            from .chest_phantoms import chest_phantom_labels
+
+            return chest_phantom_labels(_check_index(i, len(self)), self.seed)
+        return np.asarray([self.load_mask(i).any()], dtype=np.uint8)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """float32 [N, len(label_names)]: every phantom's findings."""
+        return np.stack([self.labels(i) for i in range(len(self))]).astype(np.float32)
 
     def image_id(self, i: int) -> str:
         """``phantom_00042`` style name, matching ``write_phantoms``' file stems."""
