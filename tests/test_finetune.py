@@ -238,7 +238,7 @@ def test_csv_sources(tmp_path):
     source = CSVLabelledSource(table, label_columns=["Finding Labels"])
     assert source.label_names == ["Effusion", "Mass"]
     assert source.targets.tolist() == [[1, 1], [0, 0], [0, 1]]
-    with pytest.raises(ValueError, match=r"labels.csv: no column 'finding'"):
+    with pytest.raises(ValueError, match=r"labels.csv:1: no column 'finding'"):
         CSVLabelledSource(table, label_columns=["finding"])
     table.write_text("image,label\npng/phantom_00000.png,yes\n")
     with pytest.raises(ValueError, match=r"labels.csv:2 column 'label': label must be 1, 0, -1 \(uncertain\) or blank"):

@@ -23,6 +23,7 @@ from caid_hf.data.patients import (
 from caid_hf.data.phantoms import generate_phantom
 from caid_hf.finetuning.arguments import parse_finetuning_args
 from caid_hf.finetuning.data import (
+    CHESTXRAY14_LABELS,
     ClassificationDataset,
     CSVLabelledSource,
     labelled_source_from_spec,
@@ -190,7 +191,8 @@ def test_padchest_list_literals_and_projection(tmp_path):
     assert {n for n, v in zip(source.label_names, source.targets[k]) if v} == expected
     chosen = CSVLabelledSource(table, label_names=["nodule", "pneumonia"])
     assert chosen.targets.shape == (30, 2)
-    with pytest.raises(ValueError, match=r"'pnemonia' \(did you mean 'pneumonia'\?\) never occur"):
+    with pytest.raises(ValueError, match=r"label_names 'pnemonia' is not among PadChest's 193 "
+                                         r"labels \(did you mean 'pneumonia'\?\)"):
         CSVLabelledSource(table, label_names=["pnemonia"])
     assert len(CSVLabelledSource(table, views=["frontal"])) == 20  # PA and AP_horizontal
     assert len(CSVLabelledSource(table, views=["lateral"])) == 10
@@ -418,3 +420,315 @@ def test_views_of_dicom_files_come_from_their_view_position_header(tmp_path):
     assert frontal.targets[:, 0].tolist() == [0, 0] and frontal.dropped_views == 3
     assert len(CSVLabelledSource(table, views=["lateral"])) == 2
     assert frontal.patient_ids == ["00000000", "00000002"]  # ChestX-ray14-style names
+
+
+# --- the real files' layouts: header, quoting, multi-line cells, view quirks -------------
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
+# (patient, study, view file, Frontal/Lateral, AP/PA) as CheXpert-v1.0-small/train.csv has
+# them: laterals carry no AP/PA; two frontal films say LL and RL there, as 17 of the real
+# file do (e.g. line 32627, patient07958/study5/view2_frontal.jpg, Frontal, LL).
+CHEXPERT_FILMS = [
+    (1, 1, "view1_frontal", "Frontal", "AP"), (1, 1, "view2_lateral", "Lateral", ""),
+    (2, 1, "view1_frontal", "Frontal", "PA"), (2, 1, "view2_lateral", "Lateral", ""),
+    (3, 1, "view1_frontal", "Frontal", "AP"), (3, 1, "view2_lateral", "Lateral", ""),
+    (3, 2, "view2_frontal", "Frontal", "LL"),
+    (4, 1, "view1_frontal", "Frontal", "PA"), (4, 1, "view2_lateral", "Lateral", ""),
+    (5, 1, "view1_frontal", "Frontal", "AP"), (5, 1, "view2_lateral", "Lateral", ""),
+    (5, 2, "view2_frontal", "Frontal", "RL"),
+    (6, 1, "view1_frontal", "Frontal", "PA"), (6, 1, "view2_lateral", "Lateral", ""),
+]  # lines 2-15 of train.csv
+
+
+def write_chexpert_quirks(root: Path, films=CHEXPERT_FILMS, drop: str | None = None,
+                          cells: dict | None = None) -> Path:
+    """CheXpert-v1.0-small/train.csv in the real layout ('\\n' line ends, 1.0/0.0/-1.0/blank
+    cells), with its images; ``drop`` leaves a column out, ``cells`` {(line, column):
+    text} overrides cells."""
+    rows = []
+    for k, (patient, study, view, side, appa) in enumerate(films):
+        path = f"CheXpert-v1.0-small/train/patient{patient:05d}/study{study}/{view}.jpg"
+        _image(root / path, k)
+        labels = [("1.0", "0.0", "-1.0", "")[(k + j) % 4] for j in range(len(CHEXPERT_LABELS))]
+        rows.append([path, "Female" if patient % 2 else "Male", str(50 + patient), side, appa,
+                     *labels])
+    for (line, column), text in (cells or {}).items():
+        rows[line - 2][CHEXPERT_HEADER.index(column)] = text
+    keep = [j for j, c in enumerate(CHEXPERT_HEADER) if c != drop]
+    table = root / "CheXpert-v1.0-small" / "train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerows([[row[j] for j in keep] for row in [CHEXPERT_HEADER, *rows]])
+    return table
+
+
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+              "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+              "OriginalImagePixelSpacing[x", "y]"]  # Data_Entry_2017_v2020.csv
+
+
+def write_nih(root: Path, findings: list[str], views: list[str] | None = None,
+              films_per_patient: int = 2, drop: str | None = None, name="Data_Entry_2017_v2020.csv",
+              first_patient: int = 1) -> Path:
+    """ChestX-ray14's Data_Entry_2017_v2020.csv (one row per film, ``findings[k]`` its
+    Finding Labels) with the images in ``images/``."""
+    rows = []
+    for k, finding in enumerate(findings):
+        patient, follow_up = first_patient + k // films_per_patient, k % films_per_patient
+        image = f"{patient:08d}_{follow_up:03d}.png"
+        _image(root / "images" / image, k)
+        view = views[k] if views else ("PA", "AP")[k % 2]
+        rows.append([image, finding, str(follow_up), str(patient), str(40 + k % 30),
+                     "MF"[k % 2], view, "2500", "2048", "0.168", "0.168"])
+    keep = [j for j, c in enumerate(NIH_HEADER) if c != drop]
+    table = root / name
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerows([[row[j] for j in keep] for row in [NIH_HEADER, *rows]])
+    return table
+
+
+PADCHEST_HEADER = [
+    "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
+    "PatientSex_DICOM", "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric",
+    "Modality_DICOM", "PixelRepresentation_DICOM", "BitsStored_DICOM", "ReportID", "Report",
+    "MethodLabel", "Labels", "Localizations", "LabelsLocalizationsBySentence", "labelCUIS",
+    "LocalizationsCUIS"]
+
+
+def write_padchest_real(root: Path, records: list[tuple[str, str, str]],
+                        drop: str | None = None) -> Path:
+    """PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv in its layout: ``records`` are
+    (Projection, Report, Labels); a Report with line breaks spans several physical lines
+    (quoted), as 5,214 records of the real file do."""
+    rows = []
+    for k, (projection, report, labels) in enumerate(records):
+        image = f"2168401113669640128192070611120{k:05d}_04-024-184.png"
+        _image(root / str(k % 2) / image, k)
+        rows.append([image, str(k % 2), "20100315", f"study{k // 2}", f"patient{k // 2}",
+                     "1948.0", "MF"[k % 2], "POSTEROANTERIOR" if projection == "PA" else
+                     "LATERAL", projection, "Manual review of DICOM fields", "No", "CR", "0",
+                     "12", str(4765777 + k), report, "Physician", labels, "[]",
+                     "[" + labels + "]", "[]", "[]"])
+    keep = [j for j, c in enumerate(PADCHEST_HEADER) if c != drop]
+    table = root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerows([[row[j] for j in keep] for row in [PADCHEST_HEADER, *rows]])
+    return table
+
+
+def test_chexpert_frontal_lateral_decides_and_ap_pa_only_refines_frontal_films(tmp_path):
+    table = write_chexpert_quirks(tmp_path)
+    lateral = CSVLabelledSource(table, views=["lateral"])
+    frontal = CSVLabelledSource(table, views=["frontal"])
+    lateral_ids = [lateral.image_id(i) for i in range(len(lateral))]
+    frontal_ids = [frontal.image_id(i) for i in range(len(frontal))]
+    assert len(lateral_ids) == 6 and all(i.endswith("view2_lateral.jpg") for i in lateral_ids)
+    assert len(frontal_ids) == 8 and all("frontal" in i for i in frontal_ids)
+    assert "CheXpert-v1.0-small/train/patient00003/study2/view2_frontal.jpg" in frontal_ids  # LL
+    assert "CheXpert-v1.0-small/train/patient00005/study2/view2_frontal.jpg" in frontal_ids  # RL
+    assert not set(lateral_ids) & set(frontal_ids) and len(lateral_ids) + len(frontal_ids) == 14
+    assert lateral.dropped_views == 8 and frontal.dropped_views == 6
+    pa = CSVLabelledSource(table, views=["PA"])
+    assert [pa.image_id(i).split("/")[2] for i in range(len(pa))] == [
+        "patient00002", "patient00004", "patient00006"]
+    with pytest.raises(ValueError, match=r"views \['ll'\]: CheXpert's Frontal/Lateral column "
+                                         r"decides which films are lateral"):
+        CSVLabelledSource(table, views=["LL"])
+    table = write_chexpert_quirks(tmp_path, cells={(9, "Frontal/Lateral"): "frontal view"})
+    with pytest.raises(ValueError, match=r"train.csv:9 column 'Frontal/Lateral': must be "
+                                         r"'Frontal' or 'Lateral', got 'frontal view'"):
+        CSVLabelledSource(table, views=["lateral"])
+
+
+def test_finetune_and_evaluate_features_keep_chexpert_frontal_and_lateral_apart(tmp_path):
+    import json
+
+    from caid_hf.cli import main
+
+    table = write_chexpert_quirks(tmp_path / "data")
+    seen = {}
+    for view in ("frontal", "lateral"):
+        model_args, data_args, args = _args(tmp_path, table, "--views", view)
+        splits = build_splits(model_args, data_args, args.seed)
+        seen[view] = {splits.train.image_id(i) for i in range(len(splits.train))}
+    assert len(seen["frontal"]) == 8 and len(seen["lateral"]) == 6
+    assert not seen["frontal"] & seen["lateral"]
+    counts = {}
+    for view in ("frontal", "lateral"):
+        out = tmp_path / f"features_{view}"
+        main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "32",
+              "--source", str(table), "--views", view, "--k", "3", "--folds", "2",
+              "--label-columns", "Edema", "--uncertain-labels", "zeros", "--out", str(out)])
+        counts[view] = json.loads((out / "scores.json").read_text())["num_images"]
+    assert counts == {"frontal": 8, "lateral": 6}
+
+
+def test_messages_name_the_physical_line_after_a_view_filter(tmp_path):
+    # CheXpert: line 13 is the RL frontal film; five laterals come before it
+    table = write_chexpert_quirks(tmp_path / "chexpert", cells={(13, "Edema"): "2.0"})
+    for views in (None, ["frontal"]):
+        with pytest.raises(ValueError, match=r"train.csv:13 column 'Edema': label must be 1, 0, "
+                                             r"-1 \(uncertain\) or blank .*got '2.0'"):
+            CSVLabelledSource(table, views=views)
+    # ChestX-ray14 with --views PA: line 7 is the second PA film (an AP film's cells are
+    # not read at all)
+    findings = ["No Finding", "Mass", "Effusion", "Hernia", "Effusion|maybe", "Nodule"]
+    table = write_nih(tmp_path / "nih", findings, views=["AP", "AP", "PA", "AP", "AP", "PA"])
+    pa = CSVLabelledSource(table, views=["PA"], images_root=tmp_path / "nih" / "images")
+    assert pa.label_names == ["Effusion", "Nodule"] and pa.dropped_views == 4
+    table = write_nih(tmp_path / "nih", findings[:4] + ["Nodule", "Effusion|maybe"],
+                      views=["AP", "AP", "PA", "AP", "AP", "PA"])
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv:7 column 'Finding Labels': "
+                                         r"'maybe'"):
+        CSVLabelledSource(table, views=["PA"], images_root=tmp_path / "nih" / "images")
+    # PadChest: quoted reports spanning lines 2-4 and 5-6; the record on line 9 is bad
+    records = [("PA", "cardiomegalia.\nderrame pleural\nbilateral", "['cardiomegaly']"),
+               ("L", "sin hallazgos\npatologicos", "['normal']"),
+               ("PA", "nodulo", "['nodule']"),
+               ("L", "sin cambios", "['unchanged']"),
+               ("PA", "neumonia", "['pneumonia'")]
+    table = write_padchest_real(tmp_path / "padchest", records)
+    assert table.read_text().count("\n") == 9  # header + 5 records on 8 lines
+    for views in (None, ["frontal"]):
+        with pytest.raises(ValueError, match=r"PADCHEST_.*\.csv:9 column 'Labels': Labels must "
+                                             r"be a list of names"):
+            CSVLabelledSource(table, views=views)
+    records[-1] = ("PA", "neumonia", "['pneumonia']")
+    table = write_padchest_real(tmp_path / "padchest", records)
+    source = CSVLabelledSource(table, views=["frontal"])
+    assert [source.row_place(i).rsplit(":", 1)[1] for i in range(len(source))] == ["2", "7", "9"]
+    assert source.label_names == ["cardiomegaly", "nodule", "pneumonia"]
+    assert source.targets.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def test_a_row_with_more_or_fewer_cells_than_the_header_is_refused(tmp_path):
+    table = write_nih(tmp_path, ["Mass", "Nodule", "Edema"])
+    lines = table.read_text().splitlines()
+    lines[2] = lines[2].replace("Nodule", "Nodule,Mass")  # an unquoted comma
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020.csv:3: 12 cells, but the header "
+                                         r"\(line 1\) has 11 columns"):
+        CSVLabelledSource(table, images_root=tmp_path / "images")
+
+
+@pytest.mark.parametrize("layout,drop,label_format,message", [
+    ("chexpert", "Path", "auto", r"train.csv:1: no column 'Path' \(the image paths\): its header "
+                                 r"has the signature columns of CheXpert's"),
+    ("chexpert", "Path", "chexpert", r"train.csv:1: no column 'Path' \(the image paths\): "
+                                     r"label_format 'chexpert' reads CheXpert's"),
+    ("chexpert", "Edema", "auto", r"train.csv:1: no column 'Edema' \(the 14 observations are the "
+                                  r"labels; label_columns picks some\)"),
+    ("nih", "Image Index", "auto", r"Data_Entry_2017_v2020.csv:1: no column 'Image Index' \(the "
+                                   r"image file names\)"),
+    ("nih", "Finding Labels", "auto", r"Data_Entry_2017_v2020.csv:1: no column 'Finding Labels'"),
+    ("padchest", "Labels", "auto", r"PADCHEST_.*\.csv:1: no column 'Labels' \(the findings\)"),
+    ("padchest", "ImageID", "auto", r"PADCHEST_.*\.csv:1: no column 'ImageID' \(the image file "
+                                    r"names\)"),
+    ("padchest", "ImageID", "padchest", r"PADCHEST_.*\.csv:1: no column 'ImageID'"),
+])
+def test_a_known_layout_missing_a_column_is_refused_naming_it(tmp_path, layout, drop,
+                                                              label_format, message):
+    if layout == "chexpert":
+        table = write_chexpert_quirks(tmp_path, drop=drop)
+    elif layout == "nih":
+        table = write_nih(tmp_path, ["Mass", "Nodule|Effusion", "No Finding"], drop=drop)
+    else:
+        table = write_padchest_real(tmp_path, [("PA", "nodulo", "['nodule']"),
+                                               ("L", "normal", "['normal']")], drop=drop)
+    with pytest.raises(ValueError, match=message):
+        CSVLabelledSource(table, label_format=label_format)
+
+
+def test_a_subset_of_chexpert_observations_is_read_when_named(tmp_path):
+    table = write_chexpert_quirks(tmp_path, drop="Edema")
+    source = CSVLabelledSource(table, label_columns=["Atelectasis", "Cardiomegaly"],
+                               uncertain_labels="ones")
+    value = {"1.0": 1, "0.0": 0, "-1.0": 1, "": 0}
+    assert source.targets.tolist() == [
+        [value[a], value[c]] for a, c in zip(_raw_cells(table, "Atelectasis"),
+                                             _raw_cells(table, "Cardiomegaly"))]
+
+
+def test_an_image_column_without_image_file_names_is_refused(tmp_path):
+    for k in range(3):
+        _image(tmp_path / f"{k}.png", k)
+    table = tmp_path / "labels.csv"
+    table.write_text("sex,effusion,film\nFemale,1,0.png\nMale,0,1.png\nFemale,1,2.png\n")
+    with pytest.raises(ValueError, match=r"labels.csv:2 column 'sex': 'Female' is not an image "
+                                         r"file name, and neither is any other cell of the "
+                                         r"column .*the first was taken; name the image column"):
+        CSVLabelledSource(table)
+    assert CSVLabelledSource(table, image_column="film").targets.tolist() == [[1], [0], [1]]
+
+
+def test_unknown_finding_names_are_refused_with_their_lines_or_accepted(tmp_path):
+    findings = ["Effusion", "Effusion|maybe", "No Finding", "2.0", "Efusion", "Mass"]
+    table = write_nih(tmp_path, findings)
+    root = tmp_path / "images"
+    with pytest.raises(ValueError) as error:
+        CSVLabelledSource(table, images_root=root)
+    message = str(error.value)
+    assert "3 finding name(s) ['2.0', 'Efusion', 'maybe'] are not among ChestX-ray14's" in message
+    assert f"{table}:3 column 'Finding Labels': 'maybe'" in message
+    assert f"{table}:5 column 'Finding Labels': '2.0'" in message
+    assert f"{table}:6 column 'Finding Labels': 'Efusion' (did you mean 'Effusion'?)" in message
+    assert "accept_unknown_findings" in message
+    accepted = CSVLabelledSource(table, images_root=root, accept_unknown_findings=True)
+    assert accepted.label_names == ["2.0", "Effusion", "Efusion", "Mass", "maybe"]
+    assert accepted.targets[:, [1, 4]].tolist() == [[1, 0], [1, 1], [0, 0], [0, 0], [0, 0],
+                                                    [0, 0]]
+    # under label_names too: an unknown name is not silently dropped
+    with pytest.raises(ValueError, match=r":3 column 'Finding Labels': 'maybe'"):
+        CSVLabelledSource(table, images_root=root, label_names=["Effusion"])
+    chosen = CSVLabelledSource(table, images_root=root, label_names=["Effusion"],
+                               accept_unknown_findings=True)
+    assert chosen.targets[:, 0].tolist() == [1, 1, 0, 0, 0, 0]
+    # PadChest: against its 193 labels, case aside; the physical line counts the report's
+    records = [("PA", "derrame\npleural", "['pleural effusion', 'Chilaiditi sign']"),
+               ("PA", "neumonia", "['pneumonnia']")]
+    table = write_padchest_real(tmp_path / "padchest", records)
+    with pytest.raises(ValueError, match=r"\.csv:4 column 'Labels': 'pneumonnia' \(did you mean "
+                                         r"'pneumonia'\?\)"):
+        CSVLabelledSource(table)
+    records[1] = ("PA", "neumonia", "[' pneumonia', 'chilaiditi sign']")
+    source = CSVLabelledSource(write_padchest_real(tmp_path / "padchest", records))
+    assert source.label_names == ["Chilaiditi sign", "pleural effusion", "pneumonia"]
+    assert source.targets.tolist() == [[1, 1, 0], [1, 0, 1]]
+
+
+def test_listed_findings_absent_from_a_small_file_warn_and_are_all_zero(tmp_path):
+    import json
+
+    from caid_hf.cli import main
+
+    # a 60-film validation subset: 12 of the 14 findings occur, Hernia and Fibrosis do not
+    present = [n for n in CHESTXRAY14_LABELS if n not in ("Hernia", "Fibrosis")]
+    findings = [present[k % 12] if k % 5 else "No Finding" for k in range(60)]
+    table = write_nih(tmp_path, findings)
+    with pytest.warns(UserWarning, match=r"column 'Finding Labels': label_names \['Fibrosis', "
+                                         r"'Hernia'\] occur in none of the 60 rows read; their "
+                                         r"columns are all 0 and their AUC is undefined"):
+        source = CSVLabelledSource(table, images_root=tmp_path / "images",
+                                   label_names=CHESTXRAY14_LABELS)
+    assert source.label_names == CHESTXRAY14_LABELS and source.targets.shape == (60, 14)
+    absent = [CHESTXRAY14_LABELS.index(n) for n in ("Fibrosis", "Hernia")]
+    assert not source.targets[:, absent].any()
+    assert source.targets.sum() == 48  # one finding on each of the 48 films with one
+    metrics = classification_metrics(source.targets, np.random.default_rng(0).random((60, 14)),
+                                      CHESTXRAY14_LABELS)
+    assert math.isnan(metrics["auc/Hernia"]) and math.isfinite(metrics["mean_auc"])
+    with pytest.raises(ValueError, match=r"label_names 'Hernai' is not among ChestX-ray14's 14 "
+                                         r"findings \(and 'No Finding'\) \(did you mean "
+                                         r"'Hernia'\?\)"):
+        CSVLabelledSource(table, images_root=tmp_path / "images", label_names=["Hernai"])
+    out = tmp_path / "features"
+    with pytest.warns(UserWarning, match="occur in none of the 60 rows"):
+        main(["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "32",
+              "--source", str(table), "--images-root", str(tmp_path / "images"), "--k", "3",
+              "--folds", "2", "--label-names", *CHESTXRAY14_LABELS, "--out", str(out)])
+    scores = json.loads((out / "scores.json").read_text())
+    assert math.isnan(scores["linear_probe"]["auc/Hernia"])
+    assert math.isnan(scores["knn"]["auc/Fibrosis"])
+    assert math.isfinite(scores["linear_probe"]["mean_auc"])

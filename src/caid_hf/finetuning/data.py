@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..data.crops import BAD_IMAGE_ERRORS
 from ..data.patients import check_patient_rule, patient_ids_from_names
 from ..data.source_spec import PHANTOMS, HFOptions, is_hf_spec, open_hf_spec
 from ..data.sources import (
@@ -55,7 +56,7 @@ from ..data.sources import (
     _check_index,
     decode_grey,
 )
-from .label_formats import read_label_table
+from .label_formats import CHESTXRAY14_FINDINGS, read_label_table
 
 __all__ = [
     "CHESTXRAY14_LABELS",
@@ -67,16 +68,13 @@ __all__ = [
     "PhantomLabelledSource",
     "SegmentationDataset",
     "SplitListLabelledSource",
+    "collate_labelled",
     "decode_mask",
     "labelled_source_from_spec",
 ]
 
 # The 14 findings of ChestX-ray14, in the column order of the official split lists.
-CHESTXRAY14_LABELS = [
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
-    "Hernia",
-]
+CHESTXRAY14_LABELS = CHESTXRAY14_FINDINGS
 
 
 @dataclass
@@ -103,6 +101,7 @@ class LabelledSourceOptions:
     metadata_csv: str | None = None
     patient_id_from: str = "auto"
     bits_stored: int | None = None
+    accept_unknown_findings: bool = False
 
 
 def decode_mask(path: str | os.PathLike | io.BytesIO | None = None,
@@ -208,27 +207,38 @@ class CSVLabelledSource:
     ``uncertain_labels`` / ``blank_labels``, an ignored entry is NaN in ``targets`` (left out
     of the loss and the metrics), and ``views`` keeps some views only.
 
+    Every image (and mask) is looked up when the table is read, one ``stat`` per row: a row
+    whose file is missing is left out and listed in ``bad_images`` as ``(image path,
+    "FILE:LINE: image not found: …")``, so the caller can log and count it (fine-tuning and
+    ``evaluate-features`` write ``bad_files.tsv`` and stop beyond ``max_bad_fraction``).
+    ``rows_read`` is the number of rows before that (after ``views``).
+
     Args:
         csv_file: the CSV file (header row required; ``.csv.gz`` too).
         images_root: folder the image (and mask) paths are relative to; default the CSV's
             (CheXpert: the folder above it, where its paths start).
         image_column: column of image paths; default the layout's, else the first of
             ``image``, ``path``, ``Path``, ``image_path``, ``file``, ``filename``,
-            ``Image Index`` present, else the first.
+            ``Image Index`` present, else the first (if it holds image file names).
         label_columns: classification: the label columns; default the layout's, else every
             other column whose cells are all 1, 0, -1 or blank. One column of names holds
             ``|``-separated findings (ChestX-ray14's ``Finding Labels``).
         mask_column: segmentation: column of mask paths.
         label_names: the label names; for a column of finding names (ChestX-ray14, PadChest)
-            the findings to keep, in this order.
+            the findings to keep, in this order (a listed finding absent from the file
+            warns and gives an all-zero column).
         binary_masks: read masks as {0, 1} (non-zero = foreground).
         patient_id_from: how ``patient_ids`` are read (:mod:`caid_hf.data.patients`).
+        accept_unknown_findings: read finding names outside the data set's vocabulary as
+            findings of their own instead of refusing the file.
+        check_images: look every image up now (``False``: find missing ones when loading).
 
     Raises:
-        FileNotFoundError: the CSV file or ``images_root`` does not exist.
+        FileNotFoundError: the CSV file or ``images_root`` does not exist, or none of the
+            listed images does.
         ValueError: a named column is missing (the columns are listed), a label cell that is
-            not 1, 0, -1 or blank, or an absolute / escaping path; messages name file, row
-            and column.
+            not 1, 0, -1 or blank, or an absolute / escaping path; messages name file,
+            physical line and column.
     """
 
     bits_stored: int | None = None  # of 16-bit pixels (None: the header's, else guessed)
@@ -239,35 +249,62 @@ class CSVLabelledSource:
                  binary_masks: bool = True, label_format: str = "auto",
                  uncertain_labels: str = "ignore", blank_labels: str = "zeros",
                  views: list[str] | None = None, view_column: str | None = None,
-                 metadata_csv: str | None = None, patient_id_from: str = "auto") -> None:
+                 metadata_csv: str | None = None, patient_id_from: str = "auto",
+                 accept_unknown_findings: bool = False, check_images: bool = True) -> None:
         self.csv_file = Path(csv_file)
         segmentation = mask_column is not None
         table = read_label_table(
             self.csv_file, None if images_root is None else str(images_root), image_column,
             label_columns, label_names, "binary" if segmentation and label_format == "auto"
             else label_format, uncertain_labels, blank_labels, views, view_column,
-            metadata_csv, with_labels=not segmentation)
+            metadata_csv, with_labels=not segmentation,
+            accept_unknown_findings=accept_unknown_findings)
         self.base, self.label_format = table.base, table.label_format
         if not self.base.is_dir():
             raise FileNotFoundError(f"images folder not found: {self.base}")
-
-        def where(row: int, column: str) -> str:  # row 1 is the header
-            return f"{self.csv_file}:{row + 2} column {column!r}"
-
-        self.relative_paths = [_checked_relative_path(p, self.base, where(k, "image path"))
-                               for k, p in enumerate(table.paths)]
-        self.binary_masks = binary_masks
-        self.mask_paths = None
-        self.targets, self.label_names = table.targets, table.label_names
-        self.dropped_views = table.dropped_views
-        self.patient_ids = self._patient_ids(table, patient_id_from)
+        for k, path in enumerate(table.paths):
+            _checked_relative_path(path, self.base, f"{table.image_where(k)} column "
+                                                    f"{table.path_column!r}")
         if segmentation:
             if mask_column not in table.rows[0]:
                 raise ValueError(f"{self.csv_file}: no column {mask_column!r} (columns: "
                                  f"{list(table.rows[0])})")
-            self.mask_paths = [_checked_relative_path(r[mask_column], self.base,
-                                                      where(k, mask_column))
-                               for k, r in enumerate(table.rows)]
+            for k, row in enumerate(table.rows):
+                _checked_relative_path(row[mask_column], self.base, table.where(k, mask_column))
+        self.rows_read = len(table.paths)
+        self.bad_images: list[tuple[str, str]] = []
+        if check_images:
+            self._leave_out_missing(table, mask_column)
+        self.relative_paths = table.paths
+        self._image_file = table.image_file or table.csv_file
+        self._image_lines = table.image_lines or table.lines
+        self.binary_masks = binary_masks
+        self.targets, self.label_names = table.targets, table.label_names
+        self.dropped_views = table.dropped_views
+        self.patient_ids = self._patient_ids(table, patient_id_from)
+        self.mask_paths = [r[mask_column] for r in table.rows] if segmentation else None
+
+    def _leave_out_missing(self, table, mask_column: str | None) -> None:
+        """Drop the rows whose image (or mask) file does not exist, recording each with the
+        line that names it."""
+        keep = []
+        for k, (path, row) in enumerate(zip(table.paths, table.rows)):
+            missing = [(what, name) for what, name in
+                       (("image", path), ("mask", row[mask_column] if mask_column else None))
+                       if name is not None and not os.path.isfile(self.base / name)]
+            if missing:
+                what, name = missing[0]
+                self.bad_images.append((path, f"{table.image_where(k)}: {what} not found: "
+                                              f"{self.base / name}"))
+            else:
+                keep.append(k)
+        if not keep:
+            shown = "; ".join(reason for _, reason in self.bad_images[:3])
+            raise FileNotFoundError(
+                f"{self.csv_file}: none of the {len(table.paths)} images exists below "
+                f"{self.base} ({shown}); is images_root right?")
+        if len(keep) < len(table.paths):
+            table.select(keep)
 
     def _patient_ids(self, table, rule: str) -> list[str] | None:
         check_patient_rule(rule)
@@ -278,7 +315,7 @@ class CSVLabelledSource:
             if column not in table.rows[0]:
                 raise ValueError(f"{self.csv_file}: patient_id_from {rule!r}: no column "
                                  f"{column!r} (columns: {list(table.rows[0])})")
-            return [(r[column] or "").strip() or f"row {k + 2}"
+            return [(r[column] or "").strip() or f"line {table.lines[k]}"
                     for k, r in enumerate(table.rows)]
         return patient_ids_from_names(table.paths, rule, str(self.csv_file))
 
@@ -293,6 +330,10 @@ class CSVLabelledSource:
 
     def __len__(self) -> int:
         return len(self.relative_paths)
+
+    def row_place(self, i: int) -> str:
+        """``FILE:LINE`` of the CSV record that names image ``i``."""
+        return f"{self._image_file}:{self._image_lines[_check_index(i, len(self))]}"
 
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` as grey uint8 [H, W]."""
@@ -627,7 +668,8 @@ def _open_labelled(spec: str, options: LabelledSourceOptions, split: str | None,
                                  blank_labels=options.blank_labels, views=options.views,
                                  view_column=options.view_column,
                                  metadata_csv=options.metadata_csv,
-                                 patient_id_from=options.patient_id_from)
+                                 patient_id_from=options.patient_id_from,
+                                 accept_unknown_findings=options.accept_unknown_findings)
     if segmentation:
         raise ValueError(f"{spec}: a split list carries class labels, not masks; for "
                          "segmentation give a folder with masks/, a CSV with mask_column, or a "
@@ -649,14 +691,23 @@ class _LabelledDataset(Dataset):
     Training (``train=True``): a RandomResizedCrop with area in ``[crop_scale_min, 1]``
     and aspect ratio in [3/4, 4/3], and a horizontal flip with ``horizontal_flip``, applied
     alike to image and mask (torchvision's v2 transforms).
+
+    ``report_bad_images``: an image (or mask) that cannot be read (missing, truncated, not
+    an image: the source raises ``ValueError`` or ``OSError``) does not stop the loader;
+    its item is a stand-in (black pixels, labels the loss and the metrics leave out: NaN,
+    -100 or the ignore index, see :meth:`_ignored_labels`) with ``readable`` False and
+    ``bad_file`` ``(image_id, "FILE:LINE: reason")``; batch such items with
+    :func:`collate_labelled`. Without it, items are ``pixel_values`` and ``labels`` only
+    and an unreadable image raises.
     """
 
     def __init__(self, source, image_size: int, train: bool = False,
                  crop_scale_min: float = 0.8, horizontal_flip: bool = False,
-                 indices: list[int] | None = None) -> None:
+                 indices: list[int] | None = None, report_bad_images: bool = False) -> None:
         self.source = source
         self.image_size = image_size
         self.train = train
+        self.report_bad_images = report_bad_images
         self.indices = list(range(len(source))) if indices is None else list(indices)
         if train:
             steps = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0),
@@ -686,10 +737,44 @@ class _LabelledDataset(Dataset):
         image = image.as_subclass(torch.Tensor).clamp_(0.0, 1.0)
         return image.expand(3, -1, -1).contiguous(), mask
 
+    def _ignored_labels(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _item(self, i: int, labels) -> dict:
+        """The item of image ``i`` (``labels(image, mask)`` builds its labels), or with
+        ``report_bad_images`` the stand-in of an unreadable one."""
+        if not self.report_bad_images:
+            return labels(*self._image_and_mask(i, self._with_mask))
+        try:
+            item = labels(*self._image_and_mask(i, self._with_mask))
+        except BAD_IMAGE_ERRORS as error:
+            k = self.indices[i]
+            place = self.source.row_place(k) if hasattr(self.source, "row_place") else None
+            reason = " ".join(str(error).split()) or type(error).__name__
+            if not isinstance(error, ValueError):
+                reason = f"{type(error).__name__}: {reason}"
+            bad = (self.source.image_id(k), f"{place}: {reason}" if place else reason)
+            return {"pixel_values": torch.zeros(3, self.image_size, self.image_size),
+                    "labels": self._ignored_labels(), "readable": False, "bad_file": bad}
+        return {**item, "readable": True, "bad_file": None}
+
+
+def collate_labelled(items: list[dict]) -> dict:
+    """Batch items of a dataset with ``report_bad_images``: ``pixel_values`` float32
+    [B, 3, S, S], ``labels`` stacked, ``readable`` bool [B] and ``bad_files`` (the
+    ``(image_id, reason)`` of each unreadable image)."""
+    return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "labels": torch.stack([item["labels"] for item in items]),
+            "readable": torch.tensor([item["readable"] for item in items], dtype=torch.bool),
+            "bad_files": [item["bad_file"] for item in items if item["bad_file"] is not None]}
+
 
 class ClassificationDataset(_LabelledDataset):
     """Items ``{"pixel_values": float32 [3, S, S] in [0, 1], "labels": float32 [L] in {0, 1}}``
-    (or, with ``single_label``, ``labels`` int64 [], the class index)."""
+    (or, with ``single_label``, ``labels`` int64 [], the class index); an unreadable image's
+    stand-in has labels NaN (or -100), which the loss and the metrics leave out."""
+
+    _with_mask = False
 
     def __init__(self, source, image_size: int, single_label: bool = False, **kwargs) -> None:
         super().__init__(source, image_size, **kwargs)
@@ -707,22 +792,46 @@ class ClassificationDataset(_LabelledDataset):
                 f"single_label_classification needs exactly one positive label per image; "
                 f"{source.image_id(self.indices[bad])} has {int(self.targets[bad].sum())}")
 
+    def _ignored_labels(self) -> torch.Tensor:
+        if self.single_label:
+            return torch.tensor(-100)  # cross-entropy's ignore_index
+        return torch.full((self.targets.shape[1],), float("nan"))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, _ = self._image_and_mask(i, with_mask=False)
-        target = torch.from_numpy(self.targets[i])
-        return {"pixel_values": image,
-                "labels": target.argmax() if self.single_label else target}
+        def labels(image, _):
+            target = torch.from_numpy(self.targets[i])
+            return {"pixel_values": image,
+                    "labels": target.argmax() if self.single_label else target}
+
+        return self._item(i, labels)
 
 
 class SegmentationDataset(_LabelledDataset):
     """Items ``{"pixel_values": float32 [3, S, S] in [0, 1], "labels": ...}``: float32
-    [1, S, S] in {0, 1} for ``num_labels=1`` (binary), int64 [S, S] class indices otherwise."""
+    [1, S, S] in {0, 1} for ``num_labels=1`` (binary), int64 [S, S] class indices otherwise.
 
-    def __init__(self, source, image_size: int, num_labels: int = 1, **kwargs) -> None:
+    An unreadable image's stand-in (``report_bad_images``) has a mask of ``ignore_index``
+    for several classes (left out of loss and counts); a binary mask cannot say "ignore",
+    so there it is empty (the evaluation drops it by ``readable``; in training it is one
+    black image with an empty mask)."""
+
+    _with_mask = True
+
+    def __init__(self, source, image_size: int, num_labels: int = 1, ignore_index: int = 255,
+                 **kwargs) -> None:
         super().__init__(source, image_size, **kwargs)
         self.num_labels = num_labels
+        self.ignore_index = ignore_index
+
+    def _ignored_labels(self) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        if self.num_labels == 1:
+            return torch.zeros(1, *size)
+        return torch.full(size, self.ignore_index, dtype=torch.long)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, mask = self._image_and_mask(i, with_mask=True)
-        labels = mask.float().unsqueeze(0) if self.num_labels == 1 else mask.long()
-        return {"pixel_values": image, "labels": labels}
+        def labels(image, mask):
+            return {"pixel_values": image,
+                    "labels": mask.float().unsqueeze(0) if self.num_labels == 1 else mask.long()}
+
+        return self._item(i, labels)
