@@ -31,14 +31,18 @@ class BadFileLog:
             An existing file (a resumed run) is read back, so counts continue.
         total_images: the number of images the fraction refers to.
         max_fraction: the largest tolerated fraction of bad images.
+        remedy: what the stopping message advises (default: pre-training's).
     """
 
-    def __init__(self, path: str | Path | None, total_images: int, max_fraction: float = 0.01):
+    def __init__(self, path: str | Path | None, total_images: int, max_fraction: float = 0.01,
+                 remedy: str | None = None):
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_fraction}")
         self.path = Path(path) if path is not None else None
         self.total_images = max(1, int(total_images))
         self.max_fraction = max_fraction
+        self.remedy = remedy or ("Fix or remove them (or run `caid-hf prepare-data`, which "
+                                 "leaves them out), or raise max_bad_fraction.")
         self.reasons: dict[str, str] = {}
         if self.path is not None and self.path.is_file():
             with self.path.open(newline="", encoding="utf-8") as handle:
@@ -79,6 +83,5 @@ class BadFileLog:
         where = f"; all of them are listed in {self.path}" if self.path is not None else ""
         raise TooManyBadFiles(
             f"{len(self)} of {self.total_images} images ({self.fraction:.1%}) could not be read, "
-            f"more than max_bad_fraction={self.max_fraction:g}: {examples}{where}. Fix or remove "
-            "them (or run `caid-hf prepare-data`, which leaves them out), or raise max_bad_fraction."
+            f"more than max_bad_fraction={self.max_fraction:g}: {examples}{where}. {self.remedy}"
         )

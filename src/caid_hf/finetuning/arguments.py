@@ -113,10 +113,15 @@ class FinetuneDataArguments:
     blank_labels: str = field(default="zeros", metadata={
         "help": "Blank (not mentioned) labels: 'zeros' (negative, as CheXpert's labeller "
                 "means it) or 'ignore'."})
+    accept_unknown_findings: bool = field(default=False, metadata={
+        "help": "Read finding names outside the data set's vocabulary (ChestX-ray14's 14, "
+                "PadChest's 193, or --label_names for other name columns) as findings of "
+                "their own; default: refuse the file, naming every line holding one."})
     views: list[str] | None = field(default=None, metadata={
         "help": "Keep only these views: 'frontal', 'lateral' or the data set's codes (PA, AP, "
-                "...), from CheXpert's Frontal/Lateral and AP/PA, MIMIC's ViewPosition, "
-                "PadChest's Projection or --view_column (default: every view)."})
+                "...), from MIMIC's ViewPosition, PadChest's Projection, ChestX-ray14's View "
+                "Position or --view_column; CheXpert: Frontal/Lateral decides, AP/PA only "
+                "refines frontal films (default: every view)."})
     view_column: str | None = field(default=None, metadata={
         "help": "CSV column of view codes for --views (default: the layout's)."})
     metadata_csv: str | None = field(default=None, metadata={
@@ -130,6 +135,10 @@ class FinetuneDataArguments:
     bits_stored: int | None = field(default=None, metadata={
         "help": "Bit depth of 16-bit PNG and DICOM pixels (e.g. 12) for every source; default: "
                 "the file's header (DICOM BitsStored, PNG sBIT), else a per-image guess."})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "Images missing when a CSV is read, or unreadable when loaded, are left out "
+                "and listed with their CSV line in <output_dir>/bad_files.tsv; the run stops "
+                "when more than this fraction of the images is bad."})
     hf_split: str = field(default="train", metadata={"help": "Training split of a HF dataset."})
     hf_validation_split: str = field(default="validation", metadata={
         "help": "Split of a HF validation_source/test_source naming the same dataset."})
@@ -168,6 +177,8 @@ class FinetuneDataArguments:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_patient_rule(self.patient_id_from)
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from ..console import (
     quiet_loading,
     quiet_progress_bars,
 )
+from ..data.bad_files import BadFileLog
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
 from ..data.source_spec import PHANTOMS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
@@ -63,6 +64,7 @@ from .data import (
     ClassificationDataset,
     LabelledSourceOptions,
     SegmentationDataset,
+    collate_labelled,
     labelled_source_from_spec,
 )
 from .metrics import (
@@ -91,6 +93,9 @@ class LabelledSplits:
     test_split: str  # "test", or "validation" when there is no test set
     test_source: str
     label_names: list[str]
+    # images of CSV sources found missing when their tables were read: (image_id, reason)
+    missing_images: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    rows_read: int = 0  # rows of the sources (each source once), missing images included
 
 
 def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
@@ -103,6 +108,9 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
     draw whole patients when the images have patient ids (``patient_id_from``, see
     :mod:`caid_hf.data.patients`), so no patient is on both sides. Without
     a test source, phantoms get their own (phantom_seed + 2), others report on validation.
+
+    Images that CSV sources found missing (left out when their tables were read) are
+    gathered in ``missing_images``, each with the file and line naming it.
     """
     segmentation = model_args.task == "segmentation"
     options = LabelledSourceOptions(
@@ -116,7 +124,8 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         uncertain_labels=data_args.uncertain_labels, blank_labels=data_args.blank_labels,
         views=data_args.views, view_column=data_args.view_column,
         metadata_csv=data_args.metadata_csv, patient_id_from=data_args.patient_id_from,
-        bits_stored=data_args.bits_stored)
+        bits_stored=data_args.bits_stored,
+        accept_unknown_findings=data_args.accept_unknown_findings)
 
     def open_source(spec: str, num_phantoms: int, offset: int, split: str | None):
         options.num_phantoms = num_phantoms
@@ -167,8 +176,11 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
             if list(other.label_names) != list(names):
                 raise ValueError(f"{what} has labels {other.label_names} but train_source has "
                                  f"{names}; they must be the same, in the same order")
+    sources = list({id(s): s for s in (train, validation, test)}.values())
+    missing = [record for s in sources for record in getattr(s, "bad_images", [])]
+    rows_read = sum(getattr(s, "rows_read", len(s)) for s in sources)
     return LabelledSplits(train, train_indices, validation, validation_indices, test,
-                          test_indices, test_split, test_spec, list(names))
+                          test_indices, test_split, test_spec, list(names), missing, rows_read)
 
 
 def load_encoder_weights(model, weights: str) -> None:
@@ -260,20 +272,31 @@ def build_model(model_args: FinetuneModelArguments, label_names: list[str]):
 def predict(model, loader, accelerator, task: str, single_label: bool = False) -> dict:
     """Run ``model`` over ``loader`` (every process its shard) and gather per-image results.
 
+    Batches of :func:`~caid_hf.finetuning.data.collate_labelled` carry ``readable``:
+    unreadable images' stand-ins are left out of the scores and counts (N counts the
+    readable images) and listed in ``"bad_files"``.
+
     Returns:
-        ``{"loss": mean loss over the images, "num_images": N}`` plus, for classification,
+        ``{"loss": mean loss over the images, "num_images": N, "bad_files": [...]}`` plus,
+        for classification,
         ``"scores"`` float32 [N, L] (sigmoid, or softmax for single-label) and ``"labels"``
         float32 [N, L] in {0, 1}; for segmentation ``"counts"`` int64 [N, C, 3] (TP, FP, FN
         per class; C = 2 for binary masks).
     """
     model.eval()
     config = accelerator.unwrap_model(model).config
-    loss_sum, parts = 0.0, []
+    loss_sum, parts, bad_files = 0.0, [], []
     for batch in loader:
+        readable = batch.pop("readable", None)
+        bad_files.extend(batch.pop("bad_files", ()))
         out = model(**batch)
         n = batch["pixel_values"].shape[0]
         loss_sum += out.loss.item() * n
         logits = out.logits.float()
+        if readable is not None and not bool(readable.all()):
+            # an unreadable image's stand-in counts in no metric (nor, where the labels
+            # can say so, in the loss)
+            logits, batch = logits[readable], {k: v[readable] for k, v in batch.items()}
         if task == "classification":
             labels = batch["labels"]
             if single_label:
@@ -290,10 +313,11 @@ def predict(model, loader, accelerator, task: str, single_label: bool = False) -
                                       ignore_index=config.semantic_loss_ignore_index)
             parts.append(counts.cpu().numpy())
     model.train()
-    gathered = gather_object([(loss_sum, parts)]) if accelerator.num_processes > 1 \
-        else [(loss_sum, parts)]
-    parts = [p for _, process_parts in gathered for p in process_parts]
-    total_loss = sum(loss for loss, _ in gathered)
+    gathered = gather_object([(loss_sum, parts, bad_files)]) if accelerator.num_processes > 1 \
+        else [(loss_sum, parts, bad_files)]
+    parts = [p for _, process_parts, _ in gathered for p in process_parts]
+    total_loss = sum(loss for loss, _, _ in gathered)
+    bad_files = [record for _, _, process_bad in gathered for record in process_bad]
     if task == "classification":
         result = {"scores": np.concatenate([s for s, _ in parts]),
                   "labels": np.concatenate([y for _, y in parts])}
@@ -301,7 +325,8 @@ def predict(model, loader, accelerator, task: str, single_label: bool = False) -
     else:
         result = {"counts": np.concatenate(parts)}
         n = len(result["counts"])
-    result.update(loss=total_loss / max(n, 1), num_images=n)
+    result.update(loss=total_loss / max(n + len(bad_files), 1), num_images=n,
+                  bad_files=bad_files)
     return result
 
 
@@ -351,6 +376,8 @@ class FinetuneRun:
     min_steps: int  # validations before it do not count towards early stopping
     run: dict  # the arguments, as run_config.yaml holds them
     console: RunConsole
+    bad_files: BadFileLog | None = None  # unreadable images met, <output_dir>/bad_files.tsv
+    new_bad_files: list = dataclasses.field(default_factory=list)  # not yet reported
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     best_value: float | None = None
@@ -383,16 +410,21 @@ def choose_metric(model_args: FinetuneModelArguments, args: FinetuningArguments)
     return metric
 
 
-def build_datasets(model_args, data_args, splits: LabelledSplits, config) -> tuple:
-    """(train, validation, test) datasets of the task at the model's image size."""
+def build_datasets(model_args, data_args, splits: LabelledSplits, config,
+                   report_bad_images: bool = False) -> tuple:
+    """(train, validation, test) datasets of the task at the model's image size;
+    ``report_bad_images``: unreadable images become stand-ins the loss and the metrics leave
+    out (batch them with :func:`~caid_hf.finetuning.data.collate_labelled`)."""
     segmentation = model_args.task == "segmentation"
     single_label = not segmentation and model_args.problem_type == "single_label_classification"
 
     def dataset(source, indices, train=False):
         options = {"train": train, "indices": indices, "crop_scale_min": data_args.crop_scale_min,
-                   "horizontal_flip": data_args.horizontal_flip}
+                   "horizontal_flip": data_args.horizontal_flip,
+                   "report_bad_images": report_bad_images}
         if segmentation:
-            return SegmentationDataset(source, config.image_size, config.num_labels, **options)
+            return SegmentationDataset(source, config.image_size, config.num_labels,
+                                       ignore_index=config.semantic_loss_ignore_index, **options)
         return ClassificationDataset(source, config.image_size, single_label, **options)
 
     return (dataset(splits.train, splits.train_indices, train=True),
@@ -420,12 +452,15 @@ def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataAr
     set_seed(args.seed)
     metric = choose_metric(model_args, args)
     splits = build_splits(model_args, data_args, args.seed)
+    bad_files = open_bad_file_log(splits, data_args, output_dir, accelerator)
     model = build_model(model_args, splits.label_names)
-    train_set, val_set, test_set = build_datasets(model_args, data_args, splits, model.config)
+    train_set, val_set, test_set = build_datasets(model_args, data_args, splits, model.config,
+                                                  report_bad_images=True)
     workers = (args.dataloader_num_workers if args.dataloader_num_workers is not None
                else default_num_workers())
     loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
-                     "pin_memory": accelerator.device.type == "cuda"}
+                     "pin_memory": accelerator.device.type == "cuda",
+                     "collate_fn": collate_labelled}
     batch_size = min(args.per_device_train_batch_size, len(train_set))  # few labels: one batch
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
@@ -449,7 +484,43 @@ def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataAr
                        val_loader=val_loader, test_loader=test_loader, num_train=len(train_set),
                        num_validation=len(val_set), batch_size=batch_size, metric=metric,
                        total_steps=total_steps, min_steps=min_steps, run=run,
-                       console=RunConsole(enabled=accelerator.is_main_process))
+                       console=RunConsole(enabled=accelerator.is_main_process),
+                       bad_files=bad_files)
+
+
+_REMEDY = ("Fix the paths (images_root?) or the files, remove their rows, or raise "
+           "max_bad_fraction.")
+
+
+def open_bad_file_log(splits: LabelledSplits, data_args: FinetuneDataArguments,
+                      output_dir: Path, accelerator) -> BadFileLog:
+    """The run's log of unreadable images (``<output_dir>/bad_files.tsv``, written by the
+    main process), holding the images found missing when the tables were read; stops
+    the run when they are more than ``max_bad_fraction`` of the rows read."""
+    sources = {id(s): s for s in (splits.train, splits.validation, splits.test)}.values()
+    total = splits.rows_read or sum(len(s) for s in sources)
+    log = BadFileLog(output_dir / "bad_files.tsv" if accelerator.is_main_process else None,
+                     total, data_args.max_bad_fraction, remedy=_REMEDY)
+    new = log.add(splits.missing_images)
+    if new:
+        examples = "; ".join(reason for _, reason in new[:3])
+        accelerator.print(f"{len(new)} listed image(s) not found, left out ({examples}"
+                          f"{' …' if len(new) > 3 else ''}); all of them are in "
+                          f"{output_dir / 'bad_files.tsv'}")
+    log.check()
+    return log
+
+
+def report_bad_files(ft: FinetuneRun, records=()) -> None:
+    """Add the unreadable images met since the last report (every process's, so call it on
+    all processes alike) to ``bad_files.tsv``, say each once, and stop the run when they
+    are more than ``max_bad_fraction`` of the images."""
+    new, ft.new_bad_files = [*ft.new_bad_files, *records], []
+    if ft.accelerator.num_processes > 1:
+        new = gather_object(new)
+    for image_id, reason in ft.bad_files.add(new):
+        ft.console.say(f"skipped unreadable image {image_id}: {reason}")
+    ft.bad_files.check()
 
 
 def show_header(ft: FinetuneRun) -> None:
@@ -471,9 +542,10 @@ def show_header(ft: FinetuneRun) -> None:
 
 def validate(ft: FinetuneRun) -> bool:
     """Validate and keep the best weights (on the CPU); True when early stopping says stop."""
-    metrics = compute_metrics(predict(ft.model, ft.val_loader, ft.accelerator,
-                                      ft.model_args.task, ft.single_label),
-                              ft.splits.label_names)
+    prediction = predict(ft.model, ft.val_loader, ft.accelerator, ft.model_args.task,
+                         ft.single_label)
+    report_bad_files(ft, prediction["bad_files"])
+    metrics = compute_metrics(prediction, ft.splits.label_names)
     value = metrics[ft.metric]
     logs = {f"val/{k}": v for k, v in metrics.items()}
     ft.accelerator.log(logs, step=ft.step)
@@ -515,6 +587,8 @@ def train(ft: FinetuneRun) -> None:
     train_mode(ft)
     while ft.step < ft.total_steps and not ft.stopped_early:
         for batch in ft.train_loader:
+            batch.pop("readable", None)
+            ft.new_bad_files.extend(batch.pop("bad_files", ()))
             out = ft.model(**batch)
             ft.accelerator.backward(out.loss)
             ft.optimizer.step()
@@ -524,6 +598,7 @@ def train(ft: FinetuneRun) -> None:
             ft.console.update(1)
             if ft.step % args.logging_steps == 0 or ft.step == 1:
                 log_step(ft, out.loss)
+                report_bad_files(ft)
             end_of_epoch = ft.step % steps_per_epoch == 0
             if (ft.step % args.eval_steps == 0) if args.eval_steps else end_of_epoch:
                 ft.stopped_early, validated_at = validate(ft), ft.step
@@ -550,6 +625,7 @@ def test_best_model(ft: FinetuneRun) -> dict:
         ft.accelerator.unwrap_model(ft.model).load_state_dict(ft.best_state)
     prediction = predict(ft.model, ft.test_loader, ft.accelerator, ft.model_args.task,
                          ft.single_label)
+    report_bad_files(ft, prediction["bad_files"])
     report = {}
     if ft.accelerator.is_main_process:
         options = {"num_resamples": ft.args.bootstrap_resamples,
@@ -605,6 +681,7 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
                  "best_step": ft.best_step, "global_step": ft.step,
                  "stopped_early": ft.stopped_early, "num_train_images": ft.num_train,
                  "num_validation_images": ft.num_validation,
+                 "bad_files": len(ft.bad_files),
                  "hardware": describe_hardware(ft.accelerator),
                  "training_time_s": round(time.perf_counter() - ft.started, 1)}
         if ft.accelerator.is_main_process:
