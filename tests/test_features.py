@@ -168,3 +168,91 @@ def test_evaluate_features_command(tmp_path, capsys):
     assert stages["embedding"] == "stages" and stages["embedding_dim"] == 1024
     assert (tmp_path / "stages" / "tsne.png").is_file()
     assert (tmp_path / "tsne.png").is_file()
+
+
+def _patients_with_films(seed: int = 0):
+    """30 patients × 4 films whose embeddings are the patient's (plus a little noise), and a
+    finding drawn per patient, unrelated to the embedding: the figures a probe gets here
+    come from recognising patients, nothing else."""
+    rng = np.random.default_rng(seed)
+    patients = np.repeat(np.arange(30), 4)
+    x = rng.normal(size=(30, 32))[patients] + 0.05 * rng.normal(size=(120, 32))
+    y = (rng.permutation(30) % 2)[patients].astype(np.float32)[:, None]
+    return x, y, [f"patient{p:02d}" for p in patients]
+
+
+def test_cross_validation_folds_keep_every_patient_on_one_side():
+    from caid_hf.finetuning.features import cross_validation_folds
+
+    _, y, groups = _patients_with_films()
+    groups = np.asarray(groups)
+    for seed in range(5):
+        split = cross_validation_folds(y[:, 0].astype(int), 5, seed, groups)
+        assert len(split) == 5
+        assert sorted(np.concatenate([scored for _, scored in split]).tolist()) == list(range(120))
+        for fit, scored in split:
+            assert not set(groups[fit]) & set(groups[scored])
+            assert 0 < y[fit, 0].sum() < len(fit)  # both outcomes to fit on
+    # two patients with the finding: at most two folds
+    labels = np.zeros(120, dtype=int)
+    labels[:8] = 1  # patient00 and patient01
+    assert len(cross_validation_folds(labels, 5, 0, groups)) == 2
+    labels[4:8] = 0
+    assert cross_validation_folds(labels, 5, 0, groups) is None  # one patient: no folds
+
+
+def test_patient_grouped_folds_do_not_score_recognised_patients():
+    x, y, groups = _patients_with_films()
+    by_image = probe_scores(x, y, ["finding"], k=3, folds=5)
+    by_patient = probe_scores(x, y, ["finding"], k=3, folds=5, groups=groups)
+    # image-level folds put a patient's other films in the fit: perfect, and meaningless
+    assert by_image["knn"]["mean_auc"] == 1.0 and by_image["linear_probe"]["mean_auc"] == 1.0
+    assert by_patient["knn"]["mean_auc"] < 0.7 and by_patient["linear_probe"]["mean_auc"] < 0.7
+
+
+def test_evaluate_features_groups_the_folds_by_patient_as_fine_tuning_does(tmp_path):
+    from test_label_formats import write_chexpert
+
+    from caid_hf.cli import main
+    from caid_hf.finetuning.data import CSVLabelledSource
+    from caid_hf.finetuning.features import cross_validation_folds
+
+    table = write_chexpert(tmp_path / "data")  # 12 patients, 4 films each
+    source = CSVLabelledSource(table, uncertain_labels="zeros")
+    groups = np.asarray(source.patient_ids)
+    for j in range(len(source.label_names)):
+        for fit, scored in cross_validation_folds(source.targets[:, j].astype(int), 3, 0,
+                                                  groups):
+            assert not set(groups[fit]) & set(groups[scored])
+    common = ["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "32",
+              "--source", str(table), "--uncertain-labels", "zeros", "--k", "3", "--folds", "3"]
+    main([*common, "--out", str(tmp_path / "grouped")])
+    grouped = json.loads((tmp_path / "grouped" / "scores.json").read_text())
+    assert grouped["evaluation"] == "3-fold cross-validation grouped by patient (12 patients)"
+    assert grouped["num_patients"] == 12 and grouped["patient_id_from"] == "auto"
+    main([*common, "--patient-id-from", "none", "--out", str(tmp_path / "images")])
+    by_image = json.loads((tmp_path / "images" / "scores.json").read_text())
+    assert by_image["evaluation"] == "3-fold cross-validation" and by_image["num_patients"] is None
+
+
+def test_evaluate_features_lists_missing_and_undecodable_images(tmp_path, capsys):
+    from test_label_formats import write_nih
+
+    from caid_hf.cli import main
+
+    table = write_nih(tmp_path, ["Mass", "No Finding", "Effusion", "Mass|Effusion"] * 6)
+    (tmp_path / "images" / "00000003_000.png").unlink()  # line 6
+    (tmp_path / "images" / "00000007_001.png").write_bytes(b"\x89PNG")  # line 15
+    command = ["evaluate-features", "random", "--encoder-name", "resnet18", "--image-size", "32",
+               "--source", str(table), "--images-root", str(tmp_path / "images"), "--k", "3",
+               "--folds", "2"]
+    main([*command, "--max-bad-fraction", "0.1", "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert summary["num_images"] == 22 and summary["bad_files"] == 2
+    rows = (tmp_path / "out" / "bad_files.tsv").read_text().splitlines()
+    assert rows[1].startswith(f"00000003_000.png\t{table}:6: image not found: ")
+    assert rows[2].startswith(f"00000007_001.png\t{table}:15: cannot decode")
+    with pytest.raises(SystemExit):
+        main([*command, "--out", str(tmp_path / "strict")])
+    assert ("error: 1 of 24 images (4.2%) could not be read, more than max_bad_fraction=0.01: "
+            f"00000003_000.png ({table}:6: image not found") in capsys.readouterr().err

@@ -223,7 +223,14 @@ def _evaluate_features_parser(prog: str) -> ArgumentParser:
     parser.add_argument("--phantom-seed", type=int, default=1000,
                         help="Seed of the phantoms (a phantom test set uses seed + 2).")
     parser.add_argument("--k", type=int, default=20, help="Neighbours of the k-NN classifier.")
-    parser.add_argument("--folds", type=int, default=5, help="Cross-validation folds.")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="Cross-validation folds, grouped by patient when the images have "
+                             "patient ids (--patient-id-from).")
+    parser.add_argument("--patient-id-from", default="auto",
+                        help="Patient of each image, as fine-tuning reads it: 'auto' (CheXpert "
+                             "patientNNNNN, MIMIC subject_id, PadChest PatientID, ChestX-ray14 "
+                             "file names), 'filename_prefix', 'column:NAME', 'regex:PATTERN' "
+                             "or 'none' (image-level folds).")
     parser.add_argument("--color-label", default=None,
                         help="Colour the map by this label (present / absent).")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -244,7 +251,14 @@ def _evaluate_features_parser(prog: str) -> ArgumentParser:
     parser.add_argument("--blank-labels", choices=BLANK_POLICIES, default="zeros",
                         help="Blank (not mentioned) labels: negative, or left out.")
     parser.add_argument("--views", nargs="+", default=None,
-                        help="Keep only these views: frontal, lateral or codes (PA, AP ...).")
+                        help="Keep only these views: frontal, lateral or codes (PA, AP ...); "
+                             "CheXpert's Frontal/Lateral column decides frontal vs lateral.")
+    parser.add_argument("--accept-unknown-findings", action="store_true",
+                        help="Read finding names outside the data set's vocabulary as findings "
+                             "of their own (default: refuse the file, naming their lines).")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="Missing or undecodable images are left out and listed in "
+                             "OUT/bad_files.tsv; more than this fraction stops the evaluation.")
     parser.add_argument("--bits-stored", type=int, default=None,
                         help="Bit depth of 16-bit PNG / DICOM pixels (default: the header's, "
                              "else guessed per image).")
@@ -284,7 +298,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
         label_names=a.label_names, hf=HFOptions(split=a.hf_split),
         num_phantoms=a.num_phantoms, phantom_size=a.phantom_size, phantom_seed=a.phantom_seed,
         label_format=a.label_format, uncertain_labels=a.uncertain_labels,
-        blank_labels=a.blank_labels, views=a.views, bits_stored=a.bits_stored)
+        blank_labels=a.blank_labels, views=a.views, bits_stored=a.bits_stored,
+        patient_id_from=a.patient_id_from, accept_unknown_findings=a.accept_unknown_findings)
     source = labelled_source_from_spec(a.source, options)
     test = None
     if a.test_source is not None:
@@ -302,7 +317,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
                                batch_size=a.batch_size, color_label=a.color_label,
                                device=device, batch_norm_statistics=a.batch_norm_statistics
                                or ("data" if a.model == "random" else "model"),
-                               embedding=a.embedding)
+                               embedding=a.embedding, patient_id_from=a.patient_id_from,
+                               max_bad_fraction=a.max_bad_fraction)
     for method, values in result.scores.items():
         print(f"{method:>12}: mean AUC {values['mean_auc']:.4f}, "
               f"mean accuracy {values['mean_accuracy']:.4f}")

@@ -9,7 +9,15 @@ map of the embeddings coloured by label, saved as PNG (matplotlib, Agg backend).
 Scores are ROC-AUC per label and their mean (each label a binary problem, as in
 multi-label fine-tuning), plus accuracy. They come from a separate test set when one is
 given, otherwise from stratified k-fold cross-validation on the one set (out-of-fold
-predictions, so every image is scored by a probe that never saw it).
+predictions, so every image is scored by a probe that never saw it). When the images have
+patient ids (``patient_id_from``, the rule fine-tuning splits by, see
+:mod:`caid_hf.data.patients`), the folds are grouped by patient
+(scikit-learn's ``StratifiedGroupKFold``): a patient's films are all in one fold, so no
+probe is scored on a patient whose other films it was fit on.
+
+Images a CSV lists but that are missing, or that cannot be decoded, are left out and
+listed with their CSV line in ``out_dir/bad_files.tsv``; more than ``max_bad_fraction`` of
+them stop the evaluation with one message.
 """
 
 from __future__ import annotations
@@ -23,13 +31,15 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from .data import ClassificationDataset
+from ..data.bad_files import BadFileLog
+from ..data.patients import patient_ids_of
+from .data import ClassificationDataset, collate_labelled
 
 __all__ = ["EMBEDDINGS", "FeatureScores", "extract_embeddings", "plot_embedding_map", "probe_scores",
            "evaluate_features", "recalibrate_batch_norm"]
@@ -58,9 +68,12 @@ def recalibrate_batch_norm(backbone, source, image_size: int, batch_size: int = 
         m.momentum = None  # cumulative average over the batches
     backbone.encoder.train()
     try:
-        loader = DataLoader(ClassificationDataset(source, image_size), batch_size=batch_size)
+        loader = DataLoader(ClassificationDataset(source, image_size, report_bad_images=True),
+                            batch_size=batch_size, collate_fn=collate_labelled)
         for batch in loader:
-            backbone.encoder(batch["pixel_values"].to(device))
+            pixels = batch["pixel_values"][batch["readable"]]  # unreadable images left out
+            if len(pixels):
+                backbone.encoder(pixels.to(device))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -83,7 +96,8 @@ def _check_embedding(embedding: str) -> None:
 @torch.no_grad()
 def extract_embeddings(backbone, source, image_size: int, batch_size: int = 64,
                        device: str | torch.device | None = None, num_workers: int = 0,
-                       embedding: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
+                       embedding: str = "pooled", bad_files: list | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and labels of every image of a labelled source.
 
     Args:
@@ -93,6 +107,9 @@ def extract_embeddings(backbone, source, image_size: int, batch_size: int = 64,
         embedding: ``"pooled"`` (``pooler_output``, [N, C_last]) or ``"stages"`` (every
             encoder stage's global average, concatenated; the last ``C_last`` columns are
             ``pooler_output``); see :data:`EMBEDDINGS`.
+        bad_files: a list to collect unreadable images in: given, such an image is left out
+            of the returned arrays and ``(index in source, image_id, reason)`` appended;
+            without it, an unreadable image raises.
 
     Returns:
         ``(embeddings float32 [N, C], targets float32 [N, L] in {0, 1})``.
@@ -101,17 +118,32 @@ def extract_embeddings(backbone, source, image_size: int, batch_size: int = 64,
     stages = embedding == "stages"
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     backbone = backbone.to(device).eval()
-    loader = DataLoader(ClassificationDataset(source, image_size), batch_size=batch_size,
-                        num_workers=num_workers)
-    parts, labels = [], []
+    report = bad_files is not None
+    loader = DataLoader(ClassificationDataset(source, image_size, report_bad_images=report),
+                        batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_labelled if report else None)
+    parts, labels, start = [], [], 0
     for batch in loader:
-        out = backbone(batch["pixel_values"].to(device), compute_reconstruction=False,
+        pixels, targets = batch["pixel_values"], batch["labels"]
+        if report:
+            readable = batch["readable"]
+            unreadable = iter(batch["bad_files"])
+            for offset in torch.nonzero(~readable).flatten().tolist():
+                bad_files.append((start + offset, *next(unreadable)))
+            start += len(readable)
+            pixels, targets = pixels[readable], targets[readable]
+            if not len(pixels):
+                continue
+        out = backbone(pixels.to(device), compute_reconstruction=False,
                        output_hidden_states=stages)
         # hidden_states[0] is the input image itself, not a feature
         x = (torch.cat([h.mean(dim=(2, 3)) for h in out.hidden_states[1:]], dim=1) if stages
              else out.pooler_output)
         parts.append(x.float().cpu().numpy())
-        labels.append(batch["labels"].numpy())
+        labels.append(targets.numpy())
+    if not parts:
+        raise ValueError(f"none of the {len(source)} images could be read: "
+                         + "; ".join(f"{i} ({r})" for _, i, r in (bad_files or [])[:3]))
     return np.concatenate(parts), np.concatenate(labels)
 
 
@@ -123,9 +155,34 @@ def _knn(k: int):
     return KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
 
 
+def cross_validation_folds(y: np.ndarray, folds: int, seed: int,
+                           groups: np.ndarray | None = None
+                           ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """(fit, scored) index arrays of stratified k-fold cross-validation on labels ``y``
+    [N] in {0, 1}; with ``groups`` [N] (patient ids) grouped: every group's images in one
+    fold (``StratifiedGroupKFold``). Fewer folds than ``folds`` where the smaller class has
+    fewer images (or patients); ``None`` when no split leaves both classes in every fit.
+    """
+    if groups is None:
+        splits = min(folds, int(np.bincount(y, minlength=2).min()))
+        if splits < 2:
+            return None
+        cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
+        return list(cv.split(np.zeros(len(y)), y))
+    # a fold's fit must hold both classes: at most as many folds as patients with each
+    splits = min(folds, len(set(groups[y == 1])), len(set(groups[y == 0])))
+    for n in range(splits, 1, -1):
+        cv = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+        split = list(cv.split(np.zeros(len(y)), y, groups))
+        if all(0 < y[fit].sum() < len(fit) for fit, _ in split):
+            return split
+    return None
+
+
 def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str],
                  test_x: np.ndarray | None = None, test_y: np.ndarray | None = None,
-                 k: int = 20, folds: int = 5, seed: int = 0) -> dict[str, dict[str, float]]:
+                 k: int = 20, folds: int = 5, seed: int = 0,
+                 groups: list[str] | np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """k-NN and linear-probe scores of embeddings, per label and on average.
 
     Args:
@@ -134,27 +191,36 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, label_names: list[str
         test_x, test_y: a held-out set scored by probes fit on all of ``train``; without it,
             out-of-fold predictions of ``folds``-fold stratified cross-validation on ``train``.
         k: neighbours of the k-NN classifier (cosine distance, distance-weighted votes).
+        groups: the patient of every training image [N]: the folds are then grouped by
+            patient (:func:`cross_validation_folds`), so no patient is on both sides.
 
     Returns:
         ``{"linear_probe": {...}, "knn": {...}}``, each with ``mean_auc``, ``mean_accuracy``,
         ``auc/<name>``, ``accuracy/<name>``; a label with one outcome only (in the scored
-        set) gets NaN.
+        set), or too few patients of one outcome to fold, gets NaN.
     """
     scores: dict[str, dict[str, float]] = {"linear_probe": {}, "knn": {}}
+    groups = None if groups is None else np.asarray(groups)
+    if groups is not None and len(groups) != len(train_x):
+        raise ValueError(f"{len(groups)} patient ids for {len(train_x)} images")
     for j, name in enumerate(label_names):
         known = np.isfinite(train_y[:, j])  # ignored (NaN) entries are left out, per label
         fit_x, y = train_x[known], train_y[known, j].astype(int)
-        if np.bincount(y, minlength=2).min() < 2:
+        split = None
+        if np.bincount(y, minlength=2).min() >= 2 and test_x is None:
+            split = cross_validation_folds(y, folds, seed,
+                                           None if groups is None else groups[known])
+        if np.bincount(y, minlength=2).min() < 2 or (test_x is None and split is None):
             for method in scores:
                 scores[method][f"auc/{name}"] = scores[method][f"accuracy/{name}"] = math.nan
             continue
-        splits = min(folds, int(np.bincount(y).min()))
-        fit_size = len(y) if test_x is not None else len(y) - math.ceil(len(y) / splits)
+        fit_size = len(y) if test_x is not None else min(len(fit) for fit, _ in split)
+        if test_x is None and groups is None:  # image-level folds: k as it always was
+            fit_size = len(y) - math.ceil(len(y) / len(split))
         probes = {"linear_probe": _linear_probe(seed), "knn": _knn(max(1, min(k, fit_size)))}
         for method, probe in probes.items():
             if test_x is None:
-                cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
-                probability = cross_val_predict(probe, fit_x, y, cv=cv,
+                probability = cross_val_predict(probe, fit_x, y, cv=split,
                                                 method="predict_proba")[:, 1]
                 truth = y
             else:
@@ -261,8 +327,17 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
                       folds: int = 5, seed: int = 0, batch_size: int = 64,
                       color_label: str | None = None, device: str | None = None,
                       batch_norm_statistics: str = "model",
-                      embedding: str = "pooled") -> FeatureScores:
+                      embedding: str = "pooled", patient_id_from: str = "auto",
+                      max_bad_fraction: float = 0.01) -> FeatureScores:
     """Embed a labelled set, score k-NN and linear probes, and draw its t-SNE map.
+
+    Without ``test_source`` the probes are cross-validated on ``source``, in folds grouped
+    by patient when its images have patient ids under ``patient_id_from`` (the rule
+    fine-tuning splits by; ``none``: image-level folds).
+
+    Images the sources found missing (``bad_images``) or that cannot be decoded are left
+    out and listed in ``out_dir/bad_files.tsv``; more than ``max_bad_fraction`` of them
+    stop the evaluation.
 
     ``embedding``: ``"pooled"`` (``pooler_output``) or ``"stages"`` (every encoder stage's
     average, concatenated); see :func:`extract_embeddings`.
@@ -280,23 +355,40 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
         raise ValueError(f"batch_norm_statistics must be 'model' or 'data', got "
                          f"{batch_norm_statistics!r}")
     _check_embedding(embedding)
+    names = list(source.label_names)
+    groups = None if test_source is not None else patient_ids_of(source, patient_id_from)
     out_dir = Path(out_dir)  # created only once the arguments are known to be good
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(source.label_names)
+    sources = [s for s in (source, test_source) if s is not None]
+    bad_files = BadFileLog(out_dir / "bad_files.tsv",
+                           sum(getattr(s, "rows_read", len(s)) for s in sources),
+                           max_bad_fraction, remedy="Fix the paths (--images-root?) or the "
+                           "files, remove their rows, or raise --max-bad-fraction.")
+    bad_files.add(record for s in sources for record in getattr(s, "bad_images", []))
+    bad_files.check()
     if batch_norm_statistics == "data":
         recalibrate_batch_norm(backbone, source, image_size, batch_size, device)
+    unreadable: list = []
     x, y = extract_embeddings(backbone, source, image_size, batch_size, device,
-                              embedding=embedding)
+                              embedding=embedding, bad_files=unreadable)
+    if groups is not None and unreadable:
+        left_out = {i for i, _, _ in unreadable}
+        groups = [g for i, g in enumerate(groups) if i not in left_out]
     test_x = test_y = None
     if test_source is not None:
         if list(test_source.label_names) != names:
             raise ValueError(f"the test set's labels {test_source.label_names} differ from "
                              f"the set's {names}")
         test_x, test_y = extract_embeddings(backbone, test_source, image_size, batch_size,
-                                            device, embedding=embedding)
-    scores = probe_scores(x, y, names, test_x, test_y, k=k, folds=folds, seed=seed)
+                                            device, embedding=embedding, bad_files=unreadable)
+    bad_files.add((image_id, reason) for _, image_id, reason in unreadable)
+    bad_files.check()
+    scores = probe_scores(x, y, names, test_x, test_y, k=k, folds=folds, seed=seed,
+                          groups=groups)
     evaluation = (f"test set of {len(test_x)} images" if test_x is not None
-                  else f"{folds}-fold cross-validation")
+                  else f"{folds}-fold cross-validation" if groups is None
+                  else f"{folds}-fold cross-validation grouped by patient "
+                       f"({len(set(groups))} patients)")
     png = plot_embedding_map(
         tsne_map(x, seed), point_categories(y, names, color_label), out_dir / "tsne.png",
         title=f"t-SNE of {model_name} embeddings ({len(x)} images"
@@ -309,7 +401,9 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
                "num_test_images": None if test_x is None else len(test_x),
                "evaluation": evaluation, "embedding_dim": int(x.shape[1]), "knn_k": k,
                "image_size": image_size, "batch_norm_statistics": batch_norm_statistics,
-               "embedding": embedding,
+               "embedding": embedding, "patient_id_from": patient_id_from,
+               "num_patients": None if groups is None else len(set(groups)),
+               "bad_files": len(bad_files),
                "label_names": names, **scores}
     path = out_dir / "scores.json"
     path.write_text(json.dumps(summary, indent=2))
