@@ -9,18 +9,44 @@ from .console import ArgumentParser, format_duration, quiet_loading, run_command
 
 
 def _phantoms(argv: list[str], prog: str) -> None:
-    from .data.phantoms import write_phantoms
-
     parser = ArgumentParser(
-        prog=prog, description="Write synthetic chest phantoms as 8-bit PNGs."
+        prog=prog, description="Write synthetic chest phantoms as 8-bit PNGs "
+                               "(--version cxr14: with a ChestX-ray14-layout label file)."
     )
     parser.add_argument("--out", required=True, help="Folder to write phantom_00000.png … into.")
     parser.add_argument("--num", type=int, default=100, help="Number of phantoms.")
     parser.add_argument("--size", type=int, default=256, help="Side in pixels.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-nodules", action="store_true", help="Draw no nodules.")
-    parser.add_argument("--masks", action="store_true", help="Also write nodule masks to masks/.")
+    parser.add_argument("--version", choices=("v1", "cxr14"), default="v1",
+                        help="v1: the first phantoms (one finding, nodules); cxr14: "
+                             "ChestX-ray14-like phantoms with eight findings, written with "
+                             "Data_Entry.csv (docs/phantoms.md).")
+    parser.add_argument("--no-nodules", action="store_true", help="Draw no nodules (v1).")
+    parser.add_argument("--masks", action="store_true",
+                        help="Also write masks: v1 masks/NAME.png (nodules); cxr14 "
+                             "masks/FINDING/NAME.png for its six localised findings.")
+    parser.add_argument("--sheet", default=None, metavar="PNG",
+                        help="cxr14: draw the picture sheet (labelled phantoms, each finding "
+                             "alone at 64 and 256 px) to this file instead of writing a set.")
     a = parser.parse_args(argv)
+    if a.version == "cxr14":
+        if a.no_nodules:
+            parser.error("--no-nodules applies to --version v1 only")
+        if a.sheet:
+            from .data.phantom_sheet import draw_phantom_sheet
+
+            draw_phantom_sheet(a.sheet, seed=a.seed)
+            print(f"wrote the phantom sheet to {a.sheet}")
+            return
+        from .data.chest_phantoms import write_chest_phantoms
+
+        paths = write_chest_phantoms(a.out, a.num, size=a.size, seed=a.seed, masks=a.masks)
+        print(f"wrote {len(paths)} phantoms and {a.out}/Data_Entry.csv to {a.out}")
+        return
+    if a.sheet:
+        parser.error("--sheet needs --version cxr14")
+    from .data.phantoms import write_phantoms
+
     paths = write_phantoms(a.out, a.num, size=a.size, seed=a.seed, nodules=not a.no_nodules,
                            write_masks=a.masks)
     print(f"wrote {len(paths)} phantoms to {a.out}")

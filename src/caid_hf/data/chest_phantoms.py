@@ -401,37 +401,45 @@ def _heart(p: _Patient, c: _Canvas):
 def _vessel_tree(rng: np.random.Generator, p: _Patient, c: _Canvas, hilum_y: float,
                  collapsed) -> None:
     """Pulmonary vessels: branches from each hilum, tapering and halving outwards, drawn
-    into the canvas (stopping at the lung's edge, or at a collapsed lung's edge)."""
-    for lung, visible in zip(p.lungs, collapsed, strict=True):
-        side = lung.side
-        x0 = p.shift_mediastinum + side * (p.mediastinum + 12.0)
-        angles = np.radians([_u(rng, 60, 80), _u(rng, 20, 35), _u(rng, -15, 0),
-                             _u(rng, -50, -35), _u(rng, -80, -65)])
-        x = np.full(5, x0)
-        y = hilum_y + np.array([-10.0, -4.0, 0.0, 6.0, 12.0])
-        length = np.array([_u(rng, 26, 34) for _ in range(5)])
-        diameter = np.array([_u(rng, 6.5, 8.5) for _ in range(5)])
-        for generation in range(7):
-            x1 = x + side * length * np.cos(angles)
-            y1 = y - length * np.sin(angles)
-            inside = visible.inside(x1, y1, margin=2.0) > 0
-            # a branch that would leave the lung ends half way
-            x1 = np.where(inside, x1, (x + x1) / 2)
-            y1 = np.where(inside, y1, (y + y1) / 2)
-            area = 0.03 * np.pi / 4 * diameter**2
-            c.line(x, y, x1, y1, area, sigma=2.0 if generation < 2 else 0.8)
-            n = len(x)
-            keep = inside & (rng.random(n) < (p.airways if generation >= 2 else 1.0))
-            spread = np.radians(rng.uniform(14.0, 32.0, n))
-            twist = np.radians(rng.normal(0.0, 6.0, n))
-            x = np.repeat(x1[keep], 2)
-            y = np.repeat(y1[keep], 2)
-            angles = np.stack([angles + twist - spread, angles + twist + spread], 1)[keep]
-            angles = angles.ravel()
-            length = np.repeat(length[keep], 2) * rng.uniform(0.7, 0.9, 2 * keep.sum())
-            diameter = np.repeat(diameter[keep], 2) * 0.7
-            if not len(x):
-                break
+    into the canvas (stopping at the lung's edge, or at a collapsed lung's edge). Both
+    lungs' branches of one generation are handled as one array."""
+    fields = ("cx", "cy", "ax", "ay", "dome_top", "dome_peak", "dome_height")
+    params = {name: np.array([getattr(lung, name) for lung in collapsed]) for name in fields}
+    which = np.repeat([0, 1], 5)
+    side = np.where(which == 0, -1.0, 1.0)
+    x = p.shift_mediastinum + side * (p.mediastinum + 12.0)
+    angles = np.radians(rng.uniform([60, 20, -15, -50, -80] * 2, [80, 35, 0, -35, -65] * 2))
+    y = hilum_y + np.tile([-10.0, -4.0, 0.0, 6.0, 12.0], 2)
+    length = rng.uniform(26.0, 34.0, 10)
+    diameter = rng.uniform(6.5, 8.5, 10)
+    segments: dict[bool, list] = {True: [], False: []}
+    for generation in range(7):
+        x1 = x + side * length * np.cos(angles)
+        y1 = y - length * np.sin(angles)
+        q = {name: values[which] for name, values in params.items()}
+        ellipse = (1.0 - np.sqrt(((x1 - q["cx"]) / q["ax"]) ** 2
+                                 + ((y1 - q["cy"]) / q["ay"]) ** 2)) * q["ax"]
+        dome = q["dome_top"] + q["dome_height"] * ((x1 - q["dome_peak"]) / q["ax"]) ** 2
+        inside = np.minimum(ellipse, dome - y1) > 2.0
+        # a branch that would leave the lung ends half way
+        x1 = np.where(inside, x1, (x + x1) / 2)
+        y1 = np.where(inside, y1, (y + y1) / 2)
+        segments[generation < 2].append((x, y, x1, y1, 0.03 * np.pi / 4 * diameter**2))
+        n = len(x)
+        keep = inside & (rng.random(n) < (p.airways if generation >= 2 else 1.0))
+        spread = np.radians(rng.uniform(14.0, 32.0, n))
+        twist = np.radians(rng.normal(0.0, 6.0, n))
+        x, y = np.repeat(x1[keep], 2), np.repeat(y1[keep], 2)
+        which, side = np.repeat(which[keep], 2), np.repeat(side[keep], 2)
+        angles = np.stack([angles + twist - spread, angles + twist + spread], 1)[keep].ravel()
+        length = np.repeat(length[keep], 2) * rng.uniform(0.7, 0.9, 2 * keep.sum())
+        diameter = np.repeat(diameter[keep], 2) * 0.7
+        if not len(x):
+            break
+    for thick, parts in segments.items():
+        if parts:
+            x0, y0, x1, y1, area = (np.concatenate(v) for v in zip(*parts, strict=True))
+            c.line(x0, y0, x1, y1, area, sigma=2.0 if thick else 0.8)
 
 
 def _bones(p: _Patient, c: _Canvas, lungs_soft: np.ndarray) -> np.ndarray:
@@ -479,7 +487,7 @@ def _bones(p: _Patient, c: _Canvas, lungs_soft: np.ndarray) -> np.ndarray:
     medial = (p.inner - (38.0 if p.scapula_over_lungs else 8.0)) - 0.15 * (y + 120.0)
     scapulae = (c.ramp(lateral - medial, 3.0) * c.ramp(y + 125.0, 6.0)
                 * c.ramp(-10.0 - y + 0.5 * (lateral - medial), 6.0))
-    return column + 0.16 * ribs + 0.18 * clavicles + 0.08 * scapulae
+    return column + 0.12 * ribs + 0.18 * clavicles + 0.08 * scapulae
 
 
 # --------------------------------------------------------------------------- findings
@@ -525,7 +533,7 @@ def _findings(rng: np.random.Generator, p: _Patient, c: _Canvas, labels: np.ndar
         for side in details["effusion_sides"]:
             lung = p.lungs[(side + 1) // 2]
             height = _u(rng, 20.0, 110.0)
-            rise = _u(rng, 25.0, 50.0)
+            rise = _u(rng, 35.0, 60.0)
             cp_y = lung.costophrenic()[1]
             medial_edge = lung.cx - side * lung.ax
             t = np.clip((x - medial_edge) * side / (2 * lung.ax), 0.0, 1.0)
@@ -560,7 +568,7 @@ def _findings(rng: np.random.Generator, p: _Patient, c: _Canvas, labels: np.ndar
         lung = p.lungs[(side + 1) // 2]
         if kind == "band":  # plate-like (or compressive, above an effusion) atelectasis
             length, thick = _u(rng, 45.0, 85.0), _u(rng, 8.0, 14.0)
-            bx = lung.cx + side * _u(rng, -0.2, 0.25) * lung.ax
+            bx = lung.cx + side * _u(rng, 0.05, 0.35) * lung.ax  # clear of the heart
             by = min(lung.dome_top - _u(rng, 18.0, 45.0), effusion_top - 12.0)
             angle = math.radians(_u(rng, -15.0, 15.0))
             along = (x - bx) * math.cos(angle) + (y - by) * math.sin(angle)
@@ -571,7 +579,7 @@ def _findings(rng: np.random.Generator, p: _Patient, c: _Canvas, labels: np.ndar
             medial = lung.cx - side * lung.ax
             if kind == "lower":
                 tip_y, base_y = lung.dome_top - _u(rng, 70.0, 110.0), lung.dome_top + 10.0
-                reach = _u(rng, 35.0, 55.0)
+                reach = _u(rng, 65.0, 90.0)  # out past the heart's border
                 slope = (x - medial) * side / reach
                 region = c.ramp(y - tip_y - (base_y - tip_y) * np.clip(slope, 0, None), 3.0)
             else:
@@ -581,8 +589,10 @@ def _findings(rng: np.random.Generator, p: _Patient, c: _Canvas, labels: np.ndar
                 region = c.ramp(base_y - (base_y - lung.apex) * slope ** 1.5 - y, 3.0)
             region = region * c.ramp((x - medial) * side + 2.0)
         region = region * c.ramp(lung.inside(x, y))
-        keep_air *= 1.0 - 0.75 * region
-        add += 0.03 * region
+        keep_air *= 1.0 - 0.85 * region
+        # a collapsed lobe is denser than the heart it lies behind (the retrocardiac
+        # triangle): its density adds even where no air is left to replace
+        add += (0.06 if kind == "band" else 0.12) * region
         masks[LOCALISED_FINDINGS.index("Atelectasis")] |= (region >= 0.5).astype(np.uint8)
     if labels[_F["Mass"]]:
         diameter = _u(rng, 30.0, 60.0)
@@ -771,17 +781,18 @@ def generate_chest_phantom(index: int, size: int = 256, seed: int = 0) -> ChestP
     trachea_x = p.shift_mediastinum * 0.7 - p.rotation / 4
     trachea = c.ramp(8.0 - np.abs(c.x - trachea_x), 2.0) * c.ramp(hilum_y - 35.0 - c.y, 6.0)
     air = air + 0.13 * trachea
-    density = body - air * keep_air + vessels + 0.07 * hila + _bones(p, c, lungs_soft) * (
-        body > 0.05)
+    density = body - air * keep_air + vessels + 0.07 * hila + _bones(
+        p, c, lungs_soft * keep_air) * (body > 0.05)
     if pneumothorax is not None:
         k, rim = pneumothorax
         lung, visible = p.lungs[k], collapsed[k]
         outside = c.ramp(-visible.inside(c.x, c.y)) * c.ramp(lung.inside(c.x, c.y))
-        density -= outside * (vessels + 0.06)  # no markings, no lung tissue: only air
+        density -= outside * (vessels + 0.12)  # no markings, no lung tissue: only air
+        density += 0.05 * c.ramp(visible.inside(c.x, c.y))  # the collapsed lung is denser
         boundary = visible.inside(c.x, c.y)
         width = max(0.9, 0.5 * c.spacing)  # the visceral pleura: a hairline
         line = np.exp(-(boundary / width) ** 2) * (0.9 / width) * c.ramp(lung.inside(c.x, c.y))
-        density += 0.12 * line
+        density += 0.2 * line
         masks[LOCALISED_FINDINGS.index("Pneumothorax")] |= (outside >= 0.5).astype(np.uint8)
     if "air_bronchograms" in details:
         region, bx, by, radius = details.pop("air_bronchograms")
