@@ -233,3 +233,21 @@ def test_phantom_source_versions():
     assert source.targets.shape == (5, 8) and source.targets.dtype == np.float32
     with pytest.raises(ValueError, match="version"):
         PhantomSource(3, version="v3")
+
+
+def test_cli_writes_cxr14_set_and_keeps_v1(tmp_path):
+    from caid_hf.cli import _phantoms
+
+    _phantoms(["--version", "cxr14", "--out", str(tmp_path / "c"), "--num", "2", "--size", "64",
+               "--masks"], "caid-hf phantoms")
+    assert (tmp_path / "c" / "Data_Entry.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "c" / "masks").iterdir()) == sorted(
+        LOCALISED_FINDINGS)
+    _phantoms(["--out", str(tmp_path / "v1"), "--num", "1", "--size", "64"], "caid-hf phantoms")
+    from caid_hf.data.phantoms import generate_phantom
+
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "v1" / "phantom_00000.png")),
+                                  generate_phantom(0, 64)[0])
+    assert not (tmp_path / "v1" / "Data_Entry.csv").exists()
+    with pytest.raises(SystemExit):
+        _phantoms(["--version", "cxr14", "--out", str(tmp_path / "x"), "--no-nodules"], "p")
