@@ -16,9 +16,11 @@ ratios hold even on a shared machine:
   decode-once cache (``caid-hf prepare-data``).
 - the batched augmentation (jitter, blur, flip, distortion, target) per sample when it runs
   on this CPU too (CPU-only training), for reference.
-- decoding alone: 1024x1024 8-bit PNGs, PIL against libpng; 1024x1024 16-bit PNGs (12-bit
-  data, as PadChest's) before (PIL, then the bit-depth arithmetic per pixel) and now
-  (libpng, then a table of the same arithmetic); both give the same pixels.
+- decoding alone: 1024x1024 8-bit PNGs, PIL against libpng; the same with their last rows
+  black (the PIL path then inflates the image data a second time, to tell a complete image
+  from one whose data ends early); 1024x1024 16-bit PNGs (12-bit data, as PadChest's)
+  before (PIL, then the bit-depth arithmetic per pixel) and now (libpng, then a table of
+  the same arithmetic). Both paths give the same pixels (checked before timing).
 
     python benchmarks/data_pipeline.py                    # generated phantom PNGs
     python benchmarks/data_pipeline.py --images DIR       # your own 8-bit PNGs
@@ -150,6 +152,16 @@ def write_deep_phantoms(folder: Path, count: int, size: int, seed: int) -> None:
         Image.fromarray(deep).save(folder / f"deep_{index:05d}.png")
 
 
+def write_black_edged(sources: list[Path], folder: Path, rows: int = 8) -> None:
+    """Copies of 8-bit PNGs whose last ``rows`` rows are black, as on a film with a black border."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sources:
+        with Image.open(path) as image:
+            grey = np.array(image.convert("L"))
+        grey[-rows:] = 0
+        Image.fromarray(grey).save(folder / path.name)
+
+
 def time_arms(arms: dict, repeats: int) -> dict[str, float]:
     """Median CPU ms per item of each arm: ``arms[name] = (function, items)``, every arm
     run once per pass, the order rotated each pass; the first pass is dropped."""
@@ -204,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"writing {args.num_deep_images} 1024x1024 16-bit phantom PNGs ...")
             write_deep_phantoms(deep_images, args.num_deep_images, 1024, args.seed)
         pngs = ImageFolderSource(images)
+        black_edged = workdir / "png1024_black_edge"
+        if not black_edged.is_dir():
+            write_black_edged([pngs.path(i) for i in range(min(16, len(pngs)))], black_edged)
+        black = ImageFolderSource(black_edged)
         cache = workdir / f"cache{args.cache_size or default_cache_size()}"
         if not cache.is_dir():
             prepare_cache(pngs, cache, size=args.cache_size, progress=False,
@@ -224,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
         both_paths_agree(pngs)
         both_paths_agree(deep)
+        both_paths_agree(black)
         original = OriginalViews(args.image_size, args.seed)
         on_pil, on_libpng, on_cache = views(PILFolderSource(images)), views(pngs), views(cached)
         crops = torch.stack([on_libpng[i] for i in range(len(on_libpng))])
@@ -231,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=True, seed=args.seed)
         indices = range(len(pngs))
         deep_paths = [deep.path(i) for i in range(len(deep))]
+        black_paths = [black.path(i) for i in range(len(black))]
         arms = {
             "original": (original, [pngs.path(i) for i in indices]),
             "png_pil": (on_pil.__getitem__, indices),
@@ -239,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             "augment": (augmenter, batches),
             "decode8_pil": (lambda i: decoding.decode_grey(pngs.path(i), libpng=False), indices),
             "decode8_libpng": (lambda i: decoding.decode_grey(pngs.path(i)), indices),
+            "decode8_black_pil": (lambda p: decoding.decode_grey(p, libpng=False), black_paths),
+            "decode8_black_libpng": (decoding.decode_grey, black_paths),
             "decode16_before": (decode_deep_before, deep_paths),
             "decode16_now": (decoding.decode_grey, deep_paths),
         }
@@ -265,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{ms['augment']:7.2f} ms")
     print(f"decode 1024x1024 8-bit PNG:  PIL {ms['decode8_pil']:.2f} ms, libpng "
           f"{ms['decode8_libpng']:.2f} ms ({ms['decode8_pil'] / ms['decode8_libpng']:.2f}x)")
+    print(f"decode 1024x1024 8-bit PNG, last 8 rows black:  PIL {ms['decode8_black_pil']:.2f} ms, "
+          f"libpng {ms['decode8_black_libpng']:.2f} ms "
+          f"({ms['decode8_black_pil'] / ms['decode8_black_libpng']:.2f}x)")
     print(f"decode 1024x1024 16-bit PNG: before (PIL, arithmetic) {ms['decode16_before']:.2f} ms, "
           f"now (libpng, table) {ms['decode16_now']:.2f} ms "
           f"({ms['decode16_before'] / ms['decode16_now']:.2f}x)")
