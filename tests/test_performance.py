@@ -4,9 +4,12 @@ the training-step benchmark script."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,181 @@ def test_cuda_autocast_dtype(monkeypatch, major, expected):
 
 def test_other_devices_stay_fp32():
     assert performance.autocast_dtype("meta") is None
+
+
+@pytest.mark.parametrize("device, capability, flags, precision, channels_last, expected", [
+    # a CPU with bf16 instructions: both precisions and both memory formats are timed
+    ("cpu", "AVX512", "avx512f avx512_bf16", "auto", None,
+     ["fp32, channels_last", "fp32, contiguous", "bf16, channels_last", "bf16, contiguous"]),
+    ("cpu", "AVX512", "avx512f amx_bf16 amx_tile", "auto", False,
+     ["fp32, contiguous", "bf16, contiguous"]),
+    # no bf16 arithmetic: torch emulates bf16, several times slower, so it is not timed
+    ("cpu", "AVX2", "avx2", "auto", None, ["fp32, channels_last", "fp32, contiguous"]),
+    ("cpu", "AVX512", "avx512f", "auto", True, ["fp32, channels_last"]),
+    # a precision given: only the memory format is left to time
+    ("cpu", "AVX512", "avx512f avx512_bf16", "no", None, ["fp32, channels_last", "fp32, contiguous"]),
+    ("cpu", "AVX512", "avx512f avx512_bf16", "bf16", True, ["bf16, channels_last"]),
+])
+def test_step_setting_candidates(cpu, device, capability, flags, precision, channels_last, expected):
+    cpu(capability, flags)
+    candidates = performance.step_setting_candidates(precision, channels_last, device)
+    assert [c.label for c in candidates] == expected
+
+
+@pytest.mark.parametrize("major, expected", [(9, "bf16, channels_last"), (7, "fp32, channels_last")])
+def test_a_gpu_has_one_candidate_known_without_measuring(monkeypatch, major, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    candidates = performance.step_setting_candidates("auto", None, "cuda:0")
+    assert [c.label for c in candidates] == [expected]
+    choice = performance.calibrate_step_settings(candidates, make_step=None, shape={})
+    assert choice.how == "requested" and choice.ms_per_step == {}
+
+
+FP32_CL, FP32, BF16_CL = (performance.StepSettings("no", True), performance.StepSettings("no", False),
+                          performance.StepSettings("bf16", True))
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    ({FP32_CL: 1.0, FP32: 0.96, BF16_CL: 0.97}, FP32_CL),  # 4 % and 3 % faster: within the margin
+    ({FP32_CL: 1.0, FP32: 0.96, BF16_CL: 0.94}, BF16_CL),  # 6 % faster: chosen
+    ({FP32_CL: 1.0, FP32: 0.80, BF16_CL: 0.94}, FP32),  # the fastest of those beyond the margin
+    ({FP32_CL: 1.0, FP32: 1.20, BF16_CL: float("inf")}, FP32_CL),  # a failed arm never wins
+])
+def test_choose_faster_keeps_the_reference_within_the_margin(seconds, expected):
+    assert performance.choose_faster(seconds) == expected
+
+
+def test_time_step_settings_interleaves_arms_and_stops_timing_a_hopeless_one():
+    calls = []
+
+    def make_step(settings):
+        return lambda: (calls.append(settings.label),
+                        time.sleep(0.03 if settings == FP32_CL else 0.0))
+
+    seconds = performance.time_step_settings(make_step, [FP32_CL, FP32], rounds=3)
+    # warm-ups, then round 1 in order; the reference is over 1.5x the other: not timed again
+    assert calls == ["fp32, channels_last", "fp32, contiguous", "fp32, channels_last",
+                     "fp32, contiguous", "fp32, contiguous", "fp32, contiguous"]
+    assert seconds[FP32_CL] >= 0.03 > seconds[FP32]
+
+
+def _tiny_calibration(tmp_path, slow: performance.StepSettings | None, sleep: float = 1.0):
+    """Calibrate the tiny pre-training step (ResNet-18 U-Net, 64 px, batch 4) with its real
+    forward and backward, ``slow``'s step made ``sleep`` seconds slower."""
+    from caid_hf.training.arguments import parse_pretraining_args
+    from caid_hf.training.pretrain import calibration_shape, calibration_steps
+
+    model_args, data_args, args = parse_pretraining_args(
+        ["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
+         "--projection_dim", "16", "--per_device_train_batch_size", "4"])
+    config = CAiDConfig(**dataclasses.asdict(model_args))
+    real = calibration_steps(config, data_args, args, torch.device("cpu"))
+    made = []
+
+    def make_step(settings):
+        step = real(settings)
+        made.append(settings)
+        if settings != slow:
+            return step
+        return lambda: (step(), time.sleep(sleep))
+
+    choice = performance.calibrate_step_settings([FP32_CL, FP32], make_step,
+                                                 calibration_shape(config, args),
+                                                 cache_dir=tmp_path / "cache")
+    return choice, made
+
+
+@pytest.mark.parametrize("slow, expected", [(FP32_CL, FP32), (FP32, FP32_CL)])
+def test_calibration_picks_the_faster_arm_when_one_is_made_slow(tmp_path, slow, expected):
+    choice, made = _tiny_calibration(tmp_path, slow)
+    assert choice.how == "measured" and choice.settings == expected
+    assert made == [FP32_CL, FP32]
+    assert choice.ms_per_step[slow.label] >= 1000
+    # the next start of the same model shape on this machine reuses it, timing nothing
+    again, made = _tiny_calibration(tmp_path, slow=expected)
+    assert again.how == "cached" and again.settings == expected and made == []
+    assert again.ms_per_step == choice.ms_per_step
+
+
+def test_calibration_cache_key_file_and_corruption(tmp_path, monkeypatch):
+    monkeypatch.setenv(performance.CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(performance, "time_step_settings",
+                        lambda make_step, candidates, rounds=2: timed.append(1) or
+                        {FP32_CL: 1.0, FP32: 0.5})
+    timed = []
+    shape = {"encoder_name": "resnet18", "image_size": 64, "batch_size": 4}
+    first = performance.calibrate_step_settings([FP32_CL, FP32], None, shape)
+    path = tmp_path / "cache" / performance.CALIBRATION_FILE
+    assert first.how == "measured" and first.settings == FP32 and path.is_file()
+    assert performance.calibrate_step_settings([FP32_CL, FP32], None, shape).how == "cached"
+    # another batch size, other candidates, another thread count or torch: measured again
+    assert performance.calibrate_step_settings([FP32_CL, FP32], None,
+                                               {**shape, "batch_size": 8}).how == "measured"
+    assert performance.calibrate_step_settings([FP32_CL, FP32, BF16_CL], None,
+                                               shape).how == "measured"
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert performance.calibrate_step_settings([FP32_CL, FP32], None, shape).how == "measured"
+    assert len(timed) == 4
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 4 and entries[0]["key"]["threads"] == torch.get_num_threads()
+    assert entries[0]["key"]["cpu"] == performance.cpu_model_name()
+    # a damaged file is ignored and rewritten whole; no temporary file is left behind
+    path.write_text('{"entries": [{"key": ')
+    again = performance.calibrate_step_settings([FP32_CL, FP32], None, shape)
+    assert again.how == "measured" and len(timed) == 5
+    assert len(json.loads(path.read_text())["entries"]) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == [".step_settings.lock",
+                                                            "step_settings.json"]
+
+
+def test_calibration_cache_folder_defaults_to_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(performance.CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert performance.calibration_cache_dir() == tmp_path / "caid-hf"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert performance.calibration_cache_dir() == tmp_path / "home" / ".cache" / "caid-hf"
+
+
+def test_calibration_draws_nothing_from_the_random_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    def make_step(settings):
+        torch.rand(3)
+        return lambda: (torch.randperm(10), np.random.rand(), random.random())
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    performance.calibrate_step_settings([FP32_CL, FP32], make_step, {}, cache_dir=tmp_path)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert (np.random.rand(), random.random()) == expected[1:]
+
+
+def test_first_training_step_is_the_same_with_and_without_calibration(tmp_path, monkeypatch):
+    """A run that times its candidates (real steps of its model: MoCo's shuffles draw from
+    torch's stream) trains exactly as a run given the same settings, which times nothing."""
+    import yaml
+
+    monkeypatch.setenv(performance.CACHE_VARIABLE, str(tmp_path / "cache"))
+    timed = []
+    real = performance.time_step_settings
+    monkeypatch.setattr(performance, "time_step_settings",
+                        lambda *a, **k: timed.append(1) or real(*a, **k))
+    measured = _pretrain(tmp_path, "measured", "--max_steps", "1")
+    chosen = yaml.safe_load((tmp_path / "measured" / "run_config.yaml").read_text())
+    assert timed == [1] and chosen["step_settings"]["decided_by"] == "measured"
+    given = _pretrain(tmp_path, "given", "--max_steps", "1", "--mixed_precision",
+                      chosen["training"]["mixed_precision"], "--channels_last",
+                      str(chosen["training"]["channels_last"]).lower())
+    assert timed == [1]  # nothing left to decide
+    first = [h for h in measured.history if "train/loss" in h]
+    assert [h["train/loss"] for h in first] == [
+        h["train/loss"] for h in given.history if "train/loss" in h]
+    for key, value in measured.model.state_dict().items():
+        assert torch.equal(value, given.model.state_dict()[key]), key
 
 
 def test_cpu_flags_reads_the_flags_line(tmp_path):
@@ -190,14 +368,25 @@ def _pretrain(tmp_path, name, *extra):
                         "--num_train_epochs", "1", *extra])
 
 
-def test_pretraining_uses_the_fast_path_by_default(tmp_path):
+def test_pretraining_uses_the_fast_path_by_default(tmp_path, monkeypatch):
     import yaml
     from safetensors.torch import load_file
 
+    monkeypatch.setenv(performance.CACHE_VARIABLE, str(tmp_path / "cache"))
+    # channels_last measured faster than contiguous on this machine (the reference arm)
+    monkeypatch.setattr(performance, "time_step_settings",
+                        lambda make_step, candidates, rounds=2: {c: 1.0 + c.label.count("bf16")
+                                                                 + 0.5 * (not c.channels_last)
+                                                                 for c in candidates})
     result = _pretrain(tmp_path, "fast")
     chosen = yaml.safe_load((tmp_path / "fast" / "run_config.yaml").read_text())
-    # 'auto' is recorded as what it chose for this CPU
-    assert chosen["training"]["mixed_precision"] == ("bf16" if performance.cpu_supports_bf16() else "no")
+    # 'auto' and the unset memory format are recorded as what was chosen, and how
+    assert chosen["training"]["mixed_precision"] == "no"
+    assert chosen["training"]["channels_last"] is True
+    assert chosen["step_settings"]["requested_mixed_precision"] == "auto"
+    assert chosen["step_settings"]["requested_channels_last"] is None
+    assert chosen["step_settings"]["decided_by"] == "measured"
+    assert chosen["step_settings"]["ms_per_step"]["fp32, contiguous"] == 1500.0
     conv = result.model.caid.encoder.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     # published weights are ordinary (contiguous) tensors equal to the trained ones

@@ -1,21 +1,29 @@
 """Speed settings of a training step: mixed precision, memory format, optimizer kernels,
 gradient checkpointing and compilation, each decided for the device at hand.
 
-Measured with ``benchmarks/train_step.py`` (figures in ``benchmarks/RESULTS.md``): on a
-2-core AVX-512 BF16 CPU, bf16 autocast and channels_last made a CAiD step 2.5–3× cheaper
-than the original's fp32 step. bf16 is chosen only where the hardware has bf16 arithmetic
-(Ampere+ GPUs; CPUs with AVX-512 BF16 or AMX); elsewhere training stays fp32. Losses and
-MoCo's queue stay fp32 whatever the autocast dtype (the objectives cast to fp32 themselves).
+Precision and memory format are decided by measuring where the answer depends on the CPU
+(:func:`calibrate_step_settings`): bf16 autocast made a CAiD step about twice as fast as
+fp32 on a CPU with AMX, but 23-29 % slower on an AVX-512 BF16 CPU without AMX and several
+times slower on a CPU without bf16 instructions, where torch emulates it; channels_last was
+1.26x faster than contiguous tensors on the AVX-512 CPU and slower on an AVX2 one
+(``benchmarks/train_step.py``, figures with their CPU in ``benchmarks/RESULTS.md``). On
+GPUs the answer is known (bf16 from Ampere on, channels_last). Losses and MoCo's queue stay
+fp32 whatever the autocast dtype (the objectives cast to fp32 themselves).
 
-In an Accelerate loop, autocast comes from ``Accelerator(mixed_precision=...)`` (see
-:func:`resolve_mixed_precision`), which also works on a CPU; :func:`autocast` is for code
-that runs the model without Accelerate (benchmarks, evaluation scripts).
+In an Accelerate loop, autocast comes from ``Accelerator(mixed_precision=...)``, which also
+works on a CPU; :func:`autocast` is for code that runs the model without Accelerate
+(benchmarks, evaluation scripts, the calibration).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -60,8 +68,6 @@ def describe_cpu(threads: int | None = None, cpuinfo: str | Path | None = None) 
     by default ``torch.get_num_threads()``) out of the cores it has, e.g.
     ``"AMD EPYC; torch kernels AVX2; avx512_bf16 no, amx_bf16 no; 2 threads of 2 cores"``.
     bf16 speed depends on those flags: fast with AMX, slower than fp32 without."""
-    import os
-
     flags = cpu_flags(cpuinfo)
     threads = torch.get_num_threads() if threads is None else threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -71,10 +77,11 @@ def describe_cpu(threads: int | None = None, cpuinfo: str | Path | None = None) 
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively: torch's kernels are built for AVX-512 here
-    (``torch.backends.cpu.get_cpu_capability()``) and the CPU reports ``avx512_bf16`` or
-    ``amx_bf16``. Without them there is no bf16 arithmetic to gain from, so training
-    stays fp32 (that case is not measured here)."""
+    """Whether this CPU has bf16 arithmetic at all: torch's kernels are built for AVX-512
+    here (``torch.backends.cpu.get_cpu_capability()``) and the CPU reports ``avx512_bf16``
+    or ``amx_bf16``. Only then is bf16 worth measuring (:func:`step_setting_candidates`):
+    without them torch emulates bf16, and a step took 7 to 70 times as long as in fp32 on a
+    2-core AVX2 CPU (ResNet-18 U-Net, 64 px, batch 32)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability and "AMX" not in capability:
         return False
@@ -82,12 +89,13 @@ def cpu_supports_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype a training step should use on ``device``, or None for fp32.
+    """The autocast dtype a step can use on ``device`` without measuring, or None for fp32.
 
     bf16 on CUDA GPUs of compute capability 8.0 or newer (Ampere, Hopper, …) and on CPUs
     where :func:`cpu_supports_bf16`; None elsewhere (older GPUs would need fp16 with loss
     scaling, which CAiD's fp32 losses do not need enough to be worth it; other devices are
-    left in fp32).
+    left in fp32). On a CPU this says only that bf16 *may* be faster: pre-training decides
+    by measuring (:func:`calibrate_step_settings`).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -99,9 +107,10 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
 
 
 def resolve_mixed_precision(requested: str, device: torch.device | str) -> str:
-    """Accelerate's ``mixed_precision`` for a requested setting: ``"auto"`` becomes
-    ``"bf16"`` where :func:`autocast_dtype` says bf16, else ``"no"``; anything else
-    (``"no"``, ``"bf16"``, ``"fp16"``) is returned unchanged."""
+    """Accelerate's ``mixed_precision`` for a requested setting without measuring:
+    ``"auto"`` becomes ``"bf16"`` where :func:`autocast_dtype` says bf16, else ``"no"``;
+    anything else (``"no"``, ``"bf16"``, ``"fp16"``) is returned unchanged. (Pre-training
+    measures instead where the answer depends on the CPU: :func:`calibrate_step_settings`.)"""
     if requested != "auto":
         return requested
     return "bf16" if autocast_dtype(device) == torch.bfloat16 else "no"
@@ -202,3 +211,278 @@ def set_cpu_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+# Precision and memory format decided by measuring (``--mixed_precision auto``)
+
+CACHE_VARIABLE = "CAID_HF_CACHE"  # folder of the measurements (default: the user's cache)
+CALIBRATION_FILE = "step_settings.json"
+CALIBRATION_MARGIN = 0.05  # another setting must take 5 % less time per step than the reference
+_CACHE_ENTRIES = 100  # newest measurements kept
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What a training step runs with: Accelerate's ``mixed_precision`` (``"no"`` = fp32,
+    ``"bf16"``, ``"fp16"``) and whether the model is in channels_last memory format."""
+
+    mixed_precision: str
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"bf16, channels_last"`` or ``"fp32, contiguous"``."""
+        precision = "fp32" if self.mixed_precision == "no" else self.mixed_precision
+        return f"{precision}, {'channels_last' if self.channels_last else 'contiguous'}"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None: fp32)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+
+
+@dataclasses.dataclass
+class StepSettingsChoice:
+    """Decided :class:`StepSettings` and how: ``"requested"`` (nothing left to decide),
+    ``"known"`` (a GPU: no measuring), ``"measured"`` (timed at this start), ``"cached"``
+    (timed at an earlier start of the same model shape on this machine) or ``"recorded"``
+    (the choice a resumed run started with). ``ms_per_step``: each candidate's time per
+    step as measured (label → ms; empty when nothing was timed); ``seconds``: what deciding
+    cost at this start."""
+
+    settings: StepSettings
+    how: str
+    ms_per_step: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def step_setting_candidates(mixed_precision: str, channels_last: bool | None,
+                            device: torch.device | str) -> list[StepSettings]:
+    """The settings a step on ``device`` may run with, the reference first.
+
+    ``mixed_precision`` ``"auto"`` on a CPU: fp32, and bf16 where :func:`cpu_supports_bf16`;
+    on a GPU the one known answer (:func:`resolve_mixed_precision`); anything else as given.
+    ``channels_last`` None on a CPU: channels_last and contiguous; on a GPU
+    :func:`use_channels_last`; True/False as given. The reference is fp32 and, where both
+    are candidates, channels_last (the setting used before measuring)."""
+    device = torch.device(device)
+    if mixed_precision == "auto":
+        precisions = (["no", "bf16"] if cpu_supports_bf16() else ["no"]) if device.type == "cpu" \
+            else [resolve_mixed_precision("auto", device)]
+    else:
+        precisions = [mixed_precision]
+    if channels_last is None:
+        formats = [True, False] if device.type == "cpu" else [use_channels_last(device)]
+    else:
+        formats = [channels_last]
+    return [StepSettings(precision, memory) for precision in precisions for memory in formats]
+
+
+@contextlib.contextmanager
+def untouched_rng() -> Iterator[None]:
+    """Run a block without moving Python's, NumPy's or torch's global random streams (CPU,
+    and CUDA where it is in use): their states are saved before it and set back after."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def time_step_settings(make_step: Callable[[StepSettings], Callable[[], None]],
+                       candidates: list[StepSettings], rounds: int = 2,
+                       drop_above: float = 1.5) -> dict[StepSettings, float]:
+    """Seconds per step of each candidate, the arms interleaved.
+
+    ``make_step(settings)`` returns one training step in those settings (forward, backward;
+    it must leave the caller's model and random streams alone). Each arm runs one untimed
+    warm-up step (kernel choice, allocation), then ``rounds`` rounds time one step of each
+    arm in turn, in alternating order; an arm's figure is its fastest step (load from other
+    jobs only ever adds time). An arm over ``drop_above`` x the fastest after a round is
+    not timed again: it cannot win. An arm other than the reference (the first) that fails
+    is left out with a warning (inf)."""
+    steps, seconds = {}, {}
+    for index, settings in enumerate(candidates):
+        try:
+            steps[settings] = make_step(settings)
+            steps[settings]()
+        except Exception as error:  # noqa: BLE001 - a setting the model cannot run in
+            if index == 0:
+                raise
+            warnings.warn(f"{settings.label} failed a calibration step ({error}); not used",
+                          stacklevel=2)
+            steps.pop(settings, None)
+            seconds[settings] = float("inf")
+    times: dict[StepSettings, list[float]] = {settings: [] for settings in steps}
+    live = list(steps)
+    for round_index in range(rounds):
+        for settings in live if round_index % 2 == 0 else live[::-1]:
+            start = time.perf_counter()
+            steps[settings]()
+            times[settings].append(time.perf_counter() - start)
+        fastest = min(min(t) for t in times.values())
+        live = [s for s in live if min(times[s]) <= drop_above * fastest]
+    return {settings: min(times[settings]) if settings in times else seconds[settings]
+            for settings in candidates}
+
+
+def choose_faster(seconds: dict[StepSettings, float],
+                  margin: float = CALIBRATION_MARGIN) -> StepSettings:
+    """The first setting of ``seconds`` (the reference) unless another's step takes at
+    most ``1 - margin`` of its time; then the fastest. The margin keeps a run on the
+    reference when the difference is within what a shared machine's noise can make."""
+    reference = next(iter(seconds))
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] <= (1 - margin) * seconds[reference] else reference
+
+
+def calibration_cache_dir() -> Path:
+    """Where measurements are kept: ``$CAID_HF_CACHE``, else ``$XDG_CACHE_HOME/caid-hf``,
+    else ``~/.cache/caid-hf``."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caid-hf"
+
+
+def calibration_key(shape: dict) -> dict:
+    """What a measurement holds for: this machine (CPU model, torch's kernel capability,
+    the CPU's AVX-512 and AMX flags, torch's threads), the torch version, and ``shape`` (the
+    model, batch and candidates measured)."""
+    flags = sorted(flag for flag in cpu_flags() if flag.startswith(("avx512", "amx")))
+    return {"cpu": cpu_model_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            **shape}
+
+
+def _read_cache(path: Path) -> list[dict]:
+    """The entries of a cache file; none when it is missing or unreadable (it is then
+    rewritten whole at the next measurement)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _cached(entries: list[dict], key: dict,
+            candidates: list[StepSettings]) -> StepSettingsChoice | None:
+    for entry in reversed(entries):
+        if entry.get("key") != key:
+            continue
+        try:
+            settings = StepSettings(str(entry["mixed_precision"]), bool(entry["channels_last"]))
+            ms = {str(k): float(v) for k, v in dict(entry.get("ms_per_step", {})).items()}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if settings in candidates:
+            return StepSettingsChoice(settings, "cached", ms)
+    return None
+
+
+def _write_cache(path: Path, entries: list[dict]) -> None:
+    """Replace ``path`` atomically (a temporary file in its folder, then ``os.replace``):
+    a reader sees the old file or the new one, never half of one."""
+    import tempfile
+
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump({"entries": entries[-_CACHE_ENTRIES:]}, file, indent=1)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path, timeout: float) -> Iterator[None]:
+    """Hold ``folder``'s lock file (``flock``) while measuring, so that runs started together
+    measure one after the other (not against each other) and the later ones read the first's
+    result. After ``timeout`` seconds of waiting, or without flock, go on unlocked."""
+    import fcntl
+
+    try:
+        handle = open(folder / ".step_settings.lock", "a", encoding="utf-8")  # noqa: SIM115
+    except OSError:  # a read-only cache folder: measure unlocked
+        yield
+        return
+    with handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            except OSError:  # no flock on this file system
+                break
+        yield  # the lock goes with the file's closing
+
+
+def calibrate_step_settings(candidates: list[StepSettings],
+                            make_step: Callable[[StepSettings], Callable[[], None]],
+                            shape: dict, cache_dir: str | Path | None = None, rounds: int = 2,
+                            margin: float = CALIBRATION_MARGIN,
+                            lock_timeout: float = 300.0) -> StepSettingsChoice:
+    """Choose among ``candidates`` (reference first, see :func:`step_setting_candidates`)
+    by timing real steps (:func:`time_step_settings`, :func:`choose_faster`), or reuse the
+    choice measured before for the same :func:`calibration_key` (``shape``: the model and
+    batch, e.g. encoder, image size, batch size, method).
+
+    Measurements live in ``cache_dir/step_settings.json`` (default
+    :func:`calibration_cache_dir`), one entry per key, written atomically under a lock
+    file; an unreadable file is ignored and rewritten. The timing draws nothing from the
+    global random streams (:func:`untouched_rng`). One candidate: returned as requested.
+    """
+    started = time.perf_counter()
+    if len(candidates) == 1:
+        return StepSettingsChoice(candidates[0], "requested")
+    key = calibration_key({**shape, "candidates": [c.label for c in candidates]})
+    folder = Path(cache_dir) if cache_dir is not None else calibration_cache_dir()
+    path: Path | None = folder / CALIBRATION_FILE
+    found = _cached(_read_cache(path), key, candidates)
+    if found is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = _cache_lock(folder, lock_timeout)
+        except OSError as error:  # e.g. a read-only home folder
+            warnings.warn(f"cannot keep step-settings measurements in {folder} ({error}); "
+                          "measuring at every start", stacklevel=2)
+            path, lock = None, contextlib.nullcontext()
+        with lock:
+            found = _cached(_read_cache(path), key, candidates) if path else None
+            if found is None:  # nobody measured it while this run waited for the lock
+                with untouched_rng():
+                    seconds = time_step_settings(make_step, candidates, rounds)
+                ms = {s.label: round(t * 1e3, 1) for s, t in seconds.items()}
+                found = StepSettingsChoice(choose_faster(seconds, margin), "measured", ms)
+                if path is not None:
+                    entry = {"key": key, "mixed_precision": found.settings.mixed_precision,
+                             "channels_last": found.settings.channels_last, "ms_per_step": ms,
+                             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    entries = [e for e in _read_cache(path) if e.get("key") != key]
+                    try:
+                        _write_cache(path, [*entries, entry])
+                    except OSError as error:
+                        warnings.warn(f"cannot write {path} ({error}); measuring again at "
+                                      "the next start", stacklevel=2)
+    found.seconds = time.perf_counter() - started
+    return found

@@ -1,6 +1,6 @@
 """What every training run shares, pre-training and fine-tuning alike.
 
-The Accelerator (precision already resolved when the arguments were parsed), the
+The Accelerator (precision already decided: see :func:`resolve_precision`), the
 learning-rate schedule, the output folder (its check, its lock, file permissions),
 worker defaults, ``run_config.yaml`` and trackers, and the two rules that keep processes
 in step: work done on the main process only, and an error on any process stopping all.
@@ -39,9 +39,11 @@ __all__ = [
 
 
 def resolve_precision(requested: str, use_cpu: bool) -> str:
-    """``mixed_precision`` as the run will use it: ``'auto'`` becomes bf16 where the device
-    computes in bf16, else ``'no'`` (called when the arguments are built, so run_config.yaml
-    and the model card say what ran)."""
+    """``mixed_precision`` without measuring: ``'auto'`` becomes bf16 where the device has
+    bf16 arithmetic (:func:`~caid_hf.performance.resolve_mixed_precision`), else ``'no'``;
+    anything else stays. Fine-tuning decides so when its arguments are built (so
+    run_config.yaml and the model card say what ran); pre-training times both on a CPU
+    instead (:func:`caid_hf.training.pretrain.decide_step_settings`)."""
     device = "cpu" if use_cpu or not torch.cuda.is_available() else "cuda"
     return resolve_mixed_precision(requested, device)
 
@@ -63,7 +65,8 @@ def forget_accelerator_settings() -> None:
 def make_accelerator(args, output_dir: str | Path, **accelerator_args):
     """The ``Accelerator`` of one training run.
 
-    ``args`` needs ``use_cpu``, ``mixed_precision`` (resolved, see :func:`resolve_precision`),
+    ``args`` needs ``use_cpu``, ``mixed_precision`` (decided; ``'auto'`` is resolved by
+    :func:`resolve_precision`),
     ``report_to`` and ``seed``. An earlier run's Accelerate settings in this process are
     forgotten; every process draws one data order from ``args.seed`` (each takes its shard,
     whatever its RNG seed), and uneven last validation batches stay uneven instead of being
@@ -145,11 +148,15 @@ def plain_model(accelerator, model):
 
 
 def agree_on_error(accelerator, error: BaseException | None):
-    """An error on any process becomes an error on every process (so none waits alone)."""
+    """An error on any process becomes an error on every process (so none waits alone).
+    ``accelerator``: an ``Accelerator`` or Accelerate's ``PartialState`` (before the
+    Accelerator exists)."""
+    from accelerate.utils import reduce
+
     if accelerator.num_processes == 1:
         return error
     flag = torch.tensor(float(error is not None), device=accelerator.device)
-    if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
+    if reduce(flag, reduction="sum").item() > 0 and error is None:
         return RuntimeError("another process failed to write its part")
     return error
 
@@ -158,7 +165,8 @@ def prepare_output_dir(output_dir: Path, held: list[str], overwrite: bool, resum
                        accelerator=None, what: str = "a run") -> None:
     """Refuse to mix two runs in one folder: when ``output_dir`` already holds any of
     ``held`` (file or folder names) and the run neither resumes nor overwrites, stop with
-    the choices; with ``overwrite`` delete them (main process)."""
+    the choices; with ``overwrite`` delete them (main process). ``accelerator``: an
+    ``Accelerator``, Accelerate's ``PartialState`` or None (one process)."""
     previous = [output_dir / name for name in held if (output_dir / name).exists()]
     if not previous or resume:
         return
@@ -302,7 +310,8 @@ class OutputLock:
 
 def lock_output_dir(accelerator, output_dir: Path, cleanup) -> None:
     """Take the output folder's lock on the main process (released by ``cleanup``, an
-    ``ExitStack``); when another run holds it, every process stops with the holder named."""
+    ``ExitStack``); when another run holds it, every process stops with the holder named.
+    ``accelerator``: an ``Accelerator`` or Accelerate's ``PartialState``."""
     lock, error = OutputLock(output_dir), None
     if accelerator.is_main_process:
         try:

@@ -18,7 +18,6 @@ from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig
 from ..data.patients import check_patient_rule
 from ..data.source_spec import HFOptions
-from ..runs import resolve_precision
 
 
 @dataclass
@@ -222,14 +221,22 @@ class PretrainingArguments:
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     mixed_precision: str = field(
-        default="auto", metadata={"help": "'auto' (bf16 autocast where the hardware computes in bf16: "
-                                          "Ampere or newer GPUs, CPUs with AVX-512 BF16 or AMX; "
-                                          "fp32 elsewhere), 'no', 'bf16' or 'fp16'. Losses and "
-                                          "MoCo's queue stay fp32."}
+        default="auto", metadata={"help": "'auto': decided at start-up by timing a few training "
+                                          "steps of this model and batch in fp32 and, where "
+                                          "the CPU has bf16 instructions (AVX-512 BF16, AMX), "
+                                          "in bf16 (bf16 must be 5 %% faster); the result is "
+                                          "kept per machine and model shape in "
+                                          "~/.cache/caid-hf (or $CAID_HF_CACHE), and a resumed "
+                                          "run keeps the choice it started with. GPUs need no "
+                                          "measuring: bf16 from Ampere on. Or 'no' (fp32), "
+                                          "'bf16' or 'fp16'. Losses and MoCo's queue stay fp32."}
     )
-    channels_last: bool = field(
-        default=True, metadata={"help": "Train in channels_last memory format (faster on GPUs and "
-                                        "on CPUs; checkpoints and published weights are the same)."}
+    channels_last: bool | None = field(
+        default=None, metadata={"help": "Train in channels_last memory format (checkpoints and "
+                                        "published weights are the same either way). Unset: "
+                                        "on GPUs; on a CPU timed against contiguous tensors "
+                                        "at start-up with the precision (channels_last is "
+                                        "faster on some CPUs, slower on others)."}
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute each encoder stage and decoder block in the "
@@ -330,8 +337,6 @@ class PretrainingArguments:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError("mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
                              f"got {self.mixed_precision!r}")
-        # 'auto' is decided now, so run_config.yaml and the model card say what ran
-        self.mixed_precision = resolve_precision(self.mixed_precision, self.use_cpu)
         if self.lr_scheduler_type not in ("cosine", "constant"):
             raise ValueError(f"lr_scheduler_type must be 'cosine' or 'constant', got {self.lr_scheduler_type!r}")
         if self.report_to not in ("tensorboard", "none"):

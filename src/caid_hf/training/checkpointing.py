@@ -51,6 +51,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     # a stream's place mid-epoch, one entry per process (PretrainingData.stream_position)
     stream_positions: list | None = None
+    # what the step ran with ({"mixed_precision": "no" | "bf16" | …, "channels_last": bool}),
+    # so that a resumed run keeps it (recorded_step_settings)
+    step_settings: dict | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -427,6 +430,28 @@ def resumable_checkpoint(output_dir: str | Path, num_processes: int = 1,
     if first_error is not None:
         raise first_error
     return None
+
+
+def recorded_step_settings(output_dir: str | Path,
+                           resume_from: str) -> tuple[Path, dict | None] | None:
+    """What a run about to resume (``--resume_from_checkpoint``: a folder or ``latest``)
+    recorded about its step (:attr:`TrainState.step_settings`), read before anything is
+    built: ``(checkpoint, settings)``, settings None for a checkpoint that holds no record
+    (saved by an older caid-hf, or unreadable: the resume itself then says why). None when
+    there is nothing to resume (``latest`` with no complete checkpoint: a new run).
+
+    Every checkpoint of a run holds the same record, so ``latest`` reads the newest one
+    whose state file is readable."""
+    folders = (list(reversed(list_checkpoints(output_dir))) if resume_from == "latest"
+               else [Path(resume_from)])
+    for folder in folders:
+        try:
+            saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        record = saved.get("step_settings") if isinstance(saved, dict) else None
+        return folder, record if isinstance(record, dict) else None
+    return (folders[0], None) if folders else None
 
 
 def load_checkpoint(accelerator, path: str | Path, state: TrainState, scheduler,

@@ -10,6 +10,7 @@ Launch with ``accelerate launch scripts/pretrain.py --config FILE``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -54,6 +55,7 @@ from .checkpointing import (
     atomic_folder,
     latest_checkpoint,
     load_checkpoint,
+    recorded_step_settings,
     resumable_checkpoint,
     save_checkpoint,
 )
@@ -201,8 +203,9 @@ def push_backbone(accelerator, folder: Path, args: PretrainingArguments) -> None
 
 def apply_speed_settings(model: CAiDForPreTraining, args: PretrainingArguments, accelerator
                          ) -> list[str]:
-    """channels_last, gradient checkpointing and compilation as ``args`` ask (see
-    :mod:`.performance`), in place on the unprepared model; returns what the step will use."""
+    """channels_last (as decided, :func:`decide_step_settings`), gradient checkpointing and
+    compilation as ``args`` ask (see :mod:`.performance`), in place on the unprepared
+    model; returns what the step will use."""
     device = accelerator.device
     settings = [{"no": "fp32"}.get(args.mixed_precision, f"{args.mixed_precision} autocast")]
     if device.type == "cuda" and not args.full_determinism:  # fixed shapes: let cuDNN choose
@@ -256,6 +259,7 @@ class PretrainRun:
     num_epochs: int | str
     settings: list[str]
     base_model: str | None
+    step_lines: list[str] = dataclasses.field(default_factory=list)  # the header's, on settings
     state: TrainState = dataclasses.field(default_factory=TrainState)
     epoch: int = 0  # the epoch being trained (state.epoch moves on once it is complete)
     stopping: bool = False  # a signal came: leave after this epoch's validation
@@ -308,18 +312,149 @@ def plan_steps(data: PretrainingData, args: PretrainingArguments) -> tuple[int, 
     return total, math.ceil(total / steps_per_epoch)
 
 
+def calibration_steps(config: CAiDConfig, data_args: DataArguments, args: PretrainingArguments,
+                      device: torch.device):
+    """``make_step`` for :func:`caid_hf.performance.calibrate_step_settings`: the run's
+    training step (forward with the method's loss and the reconstruction loss, backward)
+    on the run's model and batch shape, in given settings.
+
+    The model is built afresh from ``config`` (the run's own weights do not change the
+    time, and its momentum encoder, queue and BatchNorm statistics stay untouched), once
+    per memory format; the views come from the run's augmentation of random crops, made
+    once (the augmentation's cost does not depend on the settings, nor does the optimizer
+    step's, so neither is timed). Call only inside :func:`~caid_hf.performance.untouched_rng`:
+    building the model and MoCo's shuffles draw from the global random stream.
+    """
+    models: dict[bool, CAiDForPreTraining] = {}
+    views = []
+
+    def make_step(settings: performance.StepSettings):
+        if not models:
+            models[False] = CAiDForPreTraining(config).to(device).train()
+            if args.gradient_checkpointing:
+                performance.enable_gradient_checkpointing(models[False])
+            size, batch = config.image_size, args.per_device_train_batch_size
+            crops = torch.randint(0, 256, (batch, 2, size, size), dtype=torch.uint8)
+            augmenter = ViewAugmenter(data_args.augmentation_config(), config.context_prediction,
+                                      seed=0, key_target=config.reconstruct_views == "both")
+            views.append(augmenter(crops.to(device)))
+        if settings.channels_last not in models:
+            models[True] = performance.to_channels_last(copy.deepcopy(models[False]))
+        model, batch = models[settings.channels_last], views[0]
+
+        def step() -> None:
+            with performance.autocast(device, settings.dtype):
+                out = model(batch.query, batch.key, labels=batch.target,
+                            key_labels=batch.key_target)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    return make_step
+
+
+def calibration_shape(config: CAiDConfig, args: PretrainingArguments) -> dict:
+    """The part of the calibration's cache key that is the run's model and batch."""
+    fields = ["encoder_name", "encoder_depth", "decoder_channels", "in_channels", "image_size",
+              "discrimination_method", "context_prediction", "reconstruct_views",
+              "shuffle_bn_splits", "queue_size", "projection_dim", "projection_head"]
+    objective = objective_class(config.discrimination_method)
+    fields += [name for name in objective.config_fields if name not in fields]
+    return {**{name: getattr(config, name) for name in fields},
+            "batch_size": args.per_device_train_batch_size,
+            "gradient_checkpointing": args.gradient_checkpointing}
+
+
+def decide_step_settings(config: CAiDConfig, data_args: DataArguments,
+                         args: PretrainingArguments, output_dir: Path, processes
+                         ) -> performance.StepSettingsChoice:
+    """Decide ``--mixed_precision auto`` and an unset ``--channels_last`` once for the run
+    and write them into ``args`` (so run_config.yaml and the model card say what ran).
+
+    Where the answer is known (a GPU; a CPU without bf16 instructions and a memory format
+    given) nothing is measured. A resumed run takes what its checkpoint recorded (a
+    checkpoint of an older caid-hf: what ``auto`` meant then, the CPU's bf16 flags and
+    channels_last), so that it continues bit for bit. Otherwise the main process times the
+    candidates (:func:`caid_hf.performance.calibrate_step_settings`, cached per machine and
+    model shape) and every process takes its choice. ``processes``: Accelerate's
+    ``PartialState``.
+    """
+    device = processes.device
+    requested = (args.mixed_precision, args.channels_last)
+    candidates = performance.step_setting_candidates(*requested, device)
+    recorded = (recorded_step_settings(output_dir, args.resume_from_checkpoint)
+                if args.resume_from_checkpoint and len(candidates) > 1 else None)
+    if len(candidates) == 1:
+        choice = performance.StepSettingsChoice(
+            candidates[0], "requested" if None not in requested and "auto" not in requested
+            else "known")
+    elif recorded is not None:
+        record = recorded[1] or {"mixed_precision": performance.resolve_mixed_precision(
+            "auto", device), "channels_last": performance.use_channels_last(device)}
+        choice = performance.StepSettingsChoice(performance.StepSettings(
+            record["mixed_precision"] if args.mixed_precision == "auto" else args.mixed_precision,
+            bool(record["channels_last"]) if args.channels_last is None else args.channels_last),
+            "recorded")
+    else:
+        choice = None
+        if processes.is_main_process:
+            choice = performance.calibrate_step_settings(
+                candidates, calibration_steps(config, data_args, args, device),
+                calibration_shape(config, args))
+        if processes.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            choice = broadcast_object_list([choice])[0]
+    args.mixed_precision = choice.settings.mixed_precision
+    args.channels_last = choice.settings.channels_last
+    return choice
+
+
+def step_settings_lines(choice: performance.StepSettingsChoice, requested: tuple,
+                        device: torch.device) -> list[str]:
+    """The header's lines on the decided precision and memory format: what was chosen, how,
+    each candidate's time per step, and the flags that override it."""
+    settings = choice.settings
+    how = {"requested": "as requested",
+           "known": "known for this device, nothing measured",
+           "measured": f"measured now in {choice.seconds:.1f} s",
+           "cached": "measured at an earlier start on this machine (kept in "
+                     f"{performance.calibration_cache_dir()})",
+           "recorded": "the choice this run started with, kept on resuming"}[choice.how]
+    lines = [f"  step settings: {settings.label} ({how})"]
+    if choice.ms_per_step:
+        timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
+        lines.append(f"    time per step: {timings}; another setting must take "
+                     f"{performance.CALIBRATION_MARGIN:.0%} less than the first to be chosen")
+    decided = [flag for flag, value in zip(("--mixed_precision no|bf16", "--channels_last "
+                                            "true|false"), requested) if value in ("auto", None)]
+    if decided and choice.how != "requested":
+        lines.append(f"    {' and '.join(decided)} override{'s' if len(decided) == 1 else ''} "
+                     "this choice")
+    if device.type == "cpu":
+        lines.append(f"    CPU: {performance.describe_cpu()}")
+    return lines
+
+
 def setup_run(model_args, data_args: DataArguments, args: PretrainingArguments,
               preemption: PreemptionHandler, cleanup: contextlib.ExitStack) -> PretrainRun:
     """Check the arguments, take the output folder, build model, data, optimizer, schedule
     and augmenter, write run_config.yaml and start the trackers."""
+    from accelerate import PartialState
+
     output_dir = Path(args.output_dir)
+    # the processes first: the Accelerator takes the precision decided below
+    processes = PartialState(cpu=args.use_cpu or not torch.cuda.is_available())
+    config = CAiDConfig(**dataclasses.asdict(model_args))
+    check_run_config(config, args, processes.num_processes, data_args)
+    lock_output_dir(processes, output_dir, cleanup)  # before anything reads or deletes there
+    prepare_output_dir(output_dir, RUN_FOLDERS, args.overwrite_output_dir,
+                       bool(args.resume_from_checkpoint), processes)
+    requested = (args.mixed_precision, args.channels_last)
+    step_choice = decide_step_settings(config, data_args, args, output_dir, processes)
     accelerator = make_accelerator(args, output_dir,
                                    gradient_accumulation_steps=args.gradient_accumulation_steps)
-    config = CAiDConfig(**dataclasses.asdict(model_args))
-    check_run_config(config, args, accelerator.num_processes, data_args)
-    lock_output_dir(accelerator, output_dir, cleanup)  # before anything reads or deletes there
-    prepare_output_dir(output_dir, RUN_FOLDERS, args.overwrite_output_dir,
-                       bool(args.resume_from_checkpoint), accelerator)
     model = build_model(config, args)
     # from here on each process draws its own crops and key shuffles
     set_seed(args.seed, device_specific=True, deterministic=args.full_determinism)
@@ -343,15 +478,20 @@ def setup_run(model_args, data_args: DataArguments, args: PretrainingArguments,
     augmenter = ViewAugmenter(augmentation, config.context_prediction,
                               seed=args.seed * 1000 + accelerator.process_index,
                               key_target=config.reconstruct_views == "both")
-    start_run_records(accelerator, output_dir, run_record(model_args, data_args, args),
-                      args.report_to)
+    record = run_record(model_args, data_args, args)
+    record["step_settings"] = {"requested_mixed_precision": requested[0],
+                               "requested_channels_last": requested[1],
+                               "decided_by": step_choice.how,
+                               "ms_per_step": step_choice.ms_per_step}
+    start_run_records(accelerator, output_dir, record, args.report_to)
     base_model = args.init_from if args.init_from and not Path(args.init_from).exists() else None
     return PretrainRun(args=args, config=config, output_dir=output_dir, accelerator=accelerator,
                        model=model, optimizer=optimizer, scheduler=scheduler, data=data,
                        augmentation=augmentation, augmenter=augmenter, preemption=preemption,
                        console=RunConsole(enabled=accelerator.is_main_process),
                        probe=build_probe(args, config, accelerator), total_steps=total_steps,
-                       num_epochs=num_epochs, settings=settings, base_model=base_model)
+                       num_epochs=num_epochs, settings=settings, base_model=base_model,
+                       step_lines=step_settings_lines(step_choice, requested, accelerator.device))
 
 
 def build_probe(args: PretrainingArguments, config: CAiDConfig, accelerator):
@@ -423,6 +563,7 @@ def show_header(run: PretrainRun) -> None:
         f"{global_batch * args.gradient_accumulation_steps}, validation at each epoch end",
         lr_line(args, global_batch * args.gradient_accumulation_steps),
         f"  on {describe_hardware(run.accelerator)}: {', '.join(run.settings)}",
+        *run.step_lines,
         *([f"  online probe every {args.probe_steps} steps: k-NN and linear probe on "
            f"{run.probe.description} ({args.probe_embedding} embedding)"] if run.probe else []))
     run.console.bar(run.total_steps, initial=run.state.global_step, desc="pre-training")
@@ -533,6 +674,8 @@ def save(run: PretrainRun, best: bool = False) -> None:
     if best:
         run.state.best_checkpoint = f"checkpoint_{run.state.global_step}"
     run.state.stream_positions = None
+    run.state.step_settings = {"mixed_precision": run.args.mixed_precision,
+                               "channels_last": run.args.channels_last}  # kept on resuming
     if run.data.streaming and run.state.batches_in_epoch:  # mid-epoch: where each rank is
         mine = run.data.stream_position()
         run.state.stream_positions = (gather_object([mine]) if run.accelerator.num_processes > 1
