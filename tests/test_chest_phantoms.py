@@ -251,3 +251,60 @@ def test_cli_writes_cxr14_set_and_keeps_v1(tmp_path):
     assert not (tmp_path / "v1" / "Data_Entry.csv").exists()
     with pytest.raises(SystemExit):
         _phantoms(["--version", "cxr14", "--out", str(tmp_path / "x"), "--no-nodules"], "p")
+
+
+def test_labelled_cxr14_phantoms_carry_the_eight_findings_and_the_union_mask():
+    from caid_hf.finetuning.data import LabelledSourceOptions, labelled_source_from_spec
+
+    options = LabelledSourceOptions(num_phantoms=6, phantom_size=64, phantom_seed=3)
+    source = labelled_source_from_spec("phantoms:cxr14", options, phantom_seed_offset=2)
+    assert source.label_names == list(FINDINGS) and source.targets.shape == (6, 8)
+    for i in range(6):
+        phantom = generate_chest_phantom(i, 64, seed=5)  # seed 3 + offset 2
+        np.testing.assert_array_equal(source.targets[i], phantom.labels)
+        np.testing.assert_array_equal(source.load(i), phantom.image)
+        np.testing.assert_array_equal(source.load_mask(i), phantom.masks.max(axis=0))
+    v1 = labelled_source_from_spec("phantoms", options)
+    assert v1.label_names == ["nodule"] and v1.targets.shape == (6, 1)
+
+
+def test_online_probe_on_cxr14_logs_the_mean_and_every_finding(tiny_config):
+    from caid_hf import CAiDModel
+    from caid_hf.training.online_probe import OnlineProbe
+
+    probe = OnlineProbe("phantoms:cxr14", image_size=64, num_images=60, phantom_size=64,
+                        folds=2)
+    assert probe.description == "60 + 60 held-out phantoms"
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    logs = probe(CAiDModel(tiny_config)).logs()
+    per_label = {k.rpartition("/")[2]: v for k, v in logs.items()
+                 if k.startswith("probe/linear_probe_auc/")}
+    assert sorted(per_label) == sorted(FINDINGS)
+    defined = [v for v in per_label.values() if not math.isnan(v)]
+    assert len(defined) >= 6 and all(0 <= v <= 1 for v in defined)
+    assert logs["probe/linear_probe_auc"] == pytest.approx(float(np.mean(defined)), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_finetuning_on_cxr14_phantoms_scores_every_finding(tmp_path):
+    from caid_hf.finetuning.arguments import (
+        FinetuneDataArguments,
+        FinetuneModelArguments,
+        FinetuningArguments,
+    )
+    from caid_hf.finetuning.finetune import finetune
+
+    result = finetune(
+        FinetuneModelArguments(task="classification", init_from="random",
+                               encoder_name="resnet18", image_size=64),
+        FinetuneDataArguments(train_source="phantoms:cxr14", num_train_phantoms=32,
+                              num_validation_phantoms=24, num_test_phantoms=40,
+                              phantom_size=64),
+        FinetuningArguments(output_dir=str(tmp_path / "clf"), max_steps=2, eval_steps=2,
+                            per_device_train_batch_size=8, bootstrap_resamples=0,
+                            dataloader_num_workers=0, report_to="none"))
+    assert result.model.config.id2label == dict(enumerate(FINDINGS))
+    metrics = result.test_report["metrics"]
+    assert result.test_report["num_samples"] == 40
+    assert {f"auc/{name}" for name in FINDINGS} <= set(metrics)

@@ -356,7 +356,7 @@ def _card_data(run: dict[str, Any] | None, encoder: str, datasets, base_model, l
     """The card's Hub metadata, and what the weights were trained on in words: never a
     chest-radiograph claim (or tag) for the embedded phantoms."""
     source = ((run or {}).get("data") or {}).get("train_source")
-    phantoms = source == PHANTOMS
+    phantoms = str(source).partition(":")[0] == PHANTOMS  # phantoms, phantoms:cxr14 …
     extra = {"license_name": license_name, "license_link": license_link} \
         if license == "other" else {}
     card_data = ModelCardData(

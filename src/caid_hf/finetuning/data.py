@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 
 from ..data.crops import BAD_IMAGE_ERRORS
 from ..data.patients import check_patient_rule, patient_ids_from_names
-from ..data.source_spec import PHANTOMS, HFOptions, is_hf_spec, open_hf_spec
+from ..data.source_spec import PHANTOM_SPECS, HFOptions, is_hf_spec, open_hf_spec
 from ..data.sources import (
     IMAGE_EXTENSIONS,
     SplitListSource,
@@ -412,33 +412,44 @@ class MaskFolderSource:
 
 
 class PhantomLabelledSource:
-    """Synthetic chest phantoms with the label ``nodule`` (any nodule drawn) and nodule masks.
+    """Synthetic chest phantoms with their labels and masks.
+
+    ``version="v1"``: the first phantoms, label ``nodule`` (any nodule drawn) and nodule
+    masks. ``version="cxr14"``: the ChestX-ray14-like phantoms, the eight findings of
+    ``caid_hf.data.chest_phantoms.FINDINGS`` (read without drawing the images) and, for
+    segmentation, the union of the masks of the localised findings.
 
     Each phantom is drawn on first use and kept (2 × size² bytes each), since fine-tuning
-    reads every image many times; ``targets`` draws them all.
+    reads every image many times.
     """
 
-    label_names = ["nodule"]
+    def __init__(self, num_images: int, size: int = 128, seed: int = 0,
+                 version: str = "v1") -> None:
+        from ..data.sources import PhantomSource
 
-    def __init__(self, num_images: int, size: int = 128, seed: int = 0) -> None:
-        if num_images < 1:
-            raise ValueError(f"num_images must be positive, got {num_images}")
-        self.num_images, self.size, self.seed = num_images, size, seed
+        self._phantoms = PhantomSource(num_images, size=size, seed=seed, version=version)
+        self.num_images, self.size, self.seed, self.version = num_images, size, seed, version
+        self.label_names = self._phantoms.label_names
         self._drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _phantom(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from ..data.phantoms import generate_phantom
-
         i = _check_index(i, len(self))
         if i not in self._drawn:
-            self._drawn[i] = generate_phantom(i, size=self.size, seed=self.seed)
+            if self.version == "v1":
+                from ..data.phantoms import generate_phantom
+
+                self._drawn[i] = generate_phantom(i, size=self.size, seed=self.seed)
+            else:  # one drawing for both (the source keeps its last phantom)
+                self._drawn[i] = (self._phantoms.load(i), self._phantoms.load_mask(i))
         return self._drawn[i]
 
     @property
     def targets(self) -> np.ndarray:
-        """float32 [N, 1]: 1 where the phantom has a nodule."""
-        return np.asarray([[float(self._phantom(i)[1].any())] for i in range(len(self))],
-                          dtype=np.float32)
+        """float32 [N, len(label_names)] in {0, 1}."""
+        if self.version == "v1":
+            return np.asarray([[float(self._phantom(i)[1].any())] for i in range(len(self))],
+                              dtype=np.float32)
+        return self._phantoms.targets
 
     def __len__(self) -> int:
         return self.num_images
@@ -448,7 +459,8 @@ class PhantomLabelledSource:
         return self._phantom(i)[0]
 
     def load_mask(self, i: int) -> np.ndarray:
-        """Nodule mask of phantom ``i``: int64 [size, size] in {0, 1}."""
+        """Mask of phantom ``i`` (v1: its nodules; cxr14: its localised findings): int64
+        [size, size] in {0, 1}."""
         return self._phantom(i)[1].astype(np.int64)
 
     def image_id(self, i: int) -> str:
@@ -629,9 +641,10 @@ def _open_labelled(spec: str, options: LabelledSourceOptions, split: str | None,
     """
     segmentation = options.task == "segmentation"
     binary = options.binary_masks
-    if spec == PHANTOMS:
+    if spec in PHANTOM_SPECS:
         return PhantomLabelledSource(options.num_phantoms, options.phantom_size,
-                                     options.phantom_seed + phantom_seed_offset)
+                                     options.phantom_seed + phantom_seed_offset,
+                                     version=PHANTOM_SPECS[spec])
     if is_hf_spec(spec):
         hf = options.hf if split is None else HFOptions(split=split,
                                                         config_name=options.hf.config_name)

@@ -38,7 +38,7 @@ from ..console import (
 )
 from ..data.bad_files import BadFileLog
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
-from ..data.source_spec import PHANTOMS, HFOptions
+from ..data.source_spec import PHANTOM_SPECS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
 from ..runs import (
@@ -139,8 +139,9 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         validation = open_source(data_args.validation_source, data_args.num_validation_phantoms,
                                  1, data_args.hf_validation_split)
         validation_indices = list(range(len(validation)))
-    elif data_args.train_source == PHANTOMS:
-        validation = open_source(PHANTOMS, data_args.num_validation_phantoms, 1, None)
+    elif data_args.train_source in PHANTOM_SPECS:
+        validation = open_source(data_args.train_source, data_args.num_validation_phantoms, 1,
+                                 None)
         validation_indices = list(range(len(validation)))
     else:
         train_indices, validation_indices = grouped_hold_out(
@@ -154,9 +155,10 @@ def build_splits(model_args: FinetuneModelArguments, data_args: FinetuneDataArgu
         test = open_source(data_args.test_source, data_args.num_test_phantoms, 2,
                            data_args.hf_test_split)
         test_split, test_spec = "test", data_args.test_source
-    elif data_args.train_source == PHANTOMS:
-        test, test_split, test_spec = open_source(PHANTOMS, data_args.num_test_phantoms, 2,
-                                                  None), "test", "phantoms (held out)"
+    elif data_args.train_source in PHANTOM_SPECS:
+        test, test_split, test_spec = (open_source(data_args.train_source,
+                                                   data_args.num_test_phantoms, 2, None),
+                                       "test", f"{data_args.train_source} (held out)")
     else:
         test, test_split = validation, "validation"
         test_spec = data_args.validation_source or f"{data_args.train_source} (held out)"

@@ -17,11 +17,11 @@ AUC.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..data.source_spec import PHANTOMS
+from ..data.source_spec import PHANTOM_SPECS
 from ..finetuning.data import LabelledSourceOptions, labelled_source_from_spec
 from ..finetuning.features import EMBEDDINGS, extract_embeddings, probe_scores
 
@@ -34,18 +34,26 @@ class ProbeResult:
 
     linear_probe_auc: float
     knn_auc: float
+    label_aucs: dict[str, float] = field(default_factory=dict)  # linear probe, per label
 
     def logs(self) -> dict[str, float]:
-        return {"probe/linear_probe_auc": self.linear_probe_auc, "probe/knn_auc": self.knn_auc}
+        """The two means, and with several labels the linear probe's AUC of each
+        (``probe/linear_probe_auc/<label>``)."""
+        per_label = ({f"probe/linear_probe_auc/{name}": auc
+                      for name, auc in self.label_aucs.items()}
+                     if len(self.label_aucs) > 1 else {})
+        return {"probe/linear_probe_auc": self.linear_probe_auc, "probe/knn_auc": self.knn_auc,
+                **per_label}
 
 
 class OnlineProbe:
     """k-NN and linear-probe AUC of an encoder on a fixed labelled set.
 
     Args:
-        source: ``"phantoms"`` (label ``nodule``; ``num_images`` phantoms of side
-            ``phantom_size`` to fit on, as many others to score on: the sets of
-            ``caid-hf evaluate-features --source phantoms --test-source phantoms``), or any
+        source: ``"phantoms"`` (label ``nodule``) or ``"phantoms:cxr14"`` (eight findings,
+            each also logged alone): ``num_images`` phantoms of side ``phantom_size`` to fit
+            on, as many others to score on (the sets of ``caid-hf evaluate-features --source
+            phantoms --test-source phantoms``); or any
             labelled classification source spec fine-tuning reads (CSV, split list with
             labels, Hugging Face dataset), scored by ``folds``-fold cross-validation.
         image_size: side the images are resized to (the pre-training view size).
@@ -67,7 +75,7 @@ class OnlineProbe:
                                         phantom_seed=PROBE_PHANTOM_SEED)
         self.train = labelled_source_from_spec(source, options)
         self.test = (labelled_source_from_spec(source, options, phantom_seed_offset=2)
-                     if source == PHANTOMS else None)
+                     if source in PHANTOM_SPECS else None)
         self.image_size, self.embedding = image_size, embedding
         self.k, self.folds, self.seed, self.batch_size = k, folds, seed, batch_size
         self.description = (f"{len(self.train)} + {len(self.test)} held-out phantoms"
@@ -103,4 +111,6 @@ class OnlineProbe:
             backbone.train(was_training)
         scores = probe_scores(x, y, list(self.train.label_names), test_x, test_y, k=self.k,
                               folds=self.folds, seed=self.seed)
-        return ProbeResult(scores["linear_probe"]["mean_auc"], scores["knn"]["mean_auc"])
+        linear = scores["linear_probe"]
+        return ProbeResult(linear["mean_auc"], scores["knn"]["mean_auc"],
+                           {name: linear[f"auc/{name}"] for name in self.train.label_names})
