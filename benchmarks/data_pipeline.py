@@ -1,8 +1,8 @@
 """CPU cost per sample of CAiD's views: the original's per-sample pipeline against the package's.
 
-All arms are timed in one run, interleaved pass by pass (median of --repeats passes, the
-first dropped as warm-up), in CPU time of this process on one core (--threads 1), so the
-ratios hold even on a shared machine:
+All arms are timed in one run, taking turns sample by sample (median of --repeats passes,
+the first dropped as warm-up), in CPU time of this process on one core (--threads 1), so
+the ratios hold even on a shared machine:
 
 - original: a stand-in of the original implementation's per-sample work on a 1024x1024
   8-bit PNG: PIL open + ``convert("RGB")``; for each of two views torchvision's
@@ -163,19 +163,26 @@ def write_black_edged(sources: list[Path], folder: Path, rows: int = 8) -> None:
 
 
 def time_arms(arms: dict, repeats: int) -> dict[str, float]:
-    """Median CPU ms per item of each arm: ``arms[name] = (function, items)``, every arm
-    run once per pass, the order rotated each pass; the first pass is dropped."""
+    """Median CPU ms per item of each arm: ``arms[name] = (function, items)``. Arms take
+    turns item by item (item k of every arm, in an order rotated with k), so a change of
+    load on a shared machine falls on all arms alike; each pass runs every item of every
+    arm once, and the first pass is dropped as warm-up."""
     names = list(arms)
+    longest = max(len(items) for _, items in arms.values())
     times = {name: [] for name in names}
     for repeat in range(repeats + 1):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            function, items = arms[name]
-            start = time.process_time()
-            for item in items:
-                function(item)
-            if repeat:
-                times[name].append((time.process_time() - start) / len(items) * 1e3)
+        spent = dict.fromkeys(names, 0.0)
+        for k in range(longest):
+            shift = (k + repeat) % len(names)
+            for name in names[shift:] + names[:shift]:
+                function, items = arms[name]
+                if k < len(items):
+                    start = time.process_time()
+                    function(items[k])
+                    spent[name] += time.process_time() - start
+        if repeat:
+            for name in names:
+                times[name].append(spent[name] / len(arms[name][1]) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         crops = torch.stack([on_libpng[i] for i in range(len(on_libpng))])
         batches = list(torch.split(crops, args.batch_size))
         augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=True, seed=args.seed)
-        indices = range(len(pngs))
+        indices = list(range(len(pngs)))
         deep_paths = [deep.path(i) for i in range(len(deep))]
         black_paths = [black.path(i) for i in range(len(black))]
         arms = {
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {describe_cpu(args.threads)}")
     print(f"{len(pngs)} 1024x1024 8-bit and {len(deep)} 16-bit PNGs ({images}, {deep_images}); "
           f"views of {args.image_size} px, CAiD mode; CPU ms per sample, median of "
-          f"{args.repeats} interleaved passes; Pillow {PIL.__version__}, imagecodecs "
+          f"{args.repeats} passes, arms taking turns sample by sample; Pillow {PIL.__version__}, imagecodecs "
           f"{imagecodecs.__version__} ({imagecodecs.png_version()}); crop reducing_gap "
           f"{args.crop_reducing_gap}")
     rows = [
