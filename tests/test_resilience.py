@@ -342,6 +342,129 @@ def test_resume_names_an_unreadable_optimizer_or_weights_file(tmp_path, name, da
         checkpoints[0] / "model.safetensors").keys()
 
 
+def _timings_favouring(channels_last: bool, timed: list):
+    """A stand-in for the calibration's timing: the arms of ``channels_last`` take half the
+    time of the others (and the call is counted in ``timed``)."""
+    def time_step_settings(make_step, candidates, rounds=2):
+        timed.append(channels_last)
+        return {c: 0.5 if c.channels_last == channels_last else 1.0 for c in candidates}
+
+    return time_step_settings
+
+
+def _checkpoint_tensors(out: Path, step: int) -> dict:
+    weights, optimizer = _final_state(out, step)
+    return {**weights, **{f"optimizer.{index}.{name}": torch.as_tensor(value)
+                          for index, slots in optimizer["state"].items()
+                          for name, value in slots.items()}}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_step_settings_it_started_with(tmp_path, monkeypatch, capsys):
+    """Started when contiguous tensors measured faster, resumed (from step 3) when
+    channels_last would win a new measurement: the checkpoint's record decides, nothing is
+    timed, and steps 4-6 equal the uninterrupted run's bit for bit. Resuming in
+    channels_last instead gives other numbers, so the comparison can fail."""
+    from caid_hf import performance
+
+    timed = []
+    monkeypatch.setenv(performance.CACHE_VARIABLE, str(tmp_path / "cache-at-start"))
+    monkeypatch.setattr(performance, "time_step_settings", _timings_favouring(False, timed))
+    out, checkpoints = _two_checkpoints(tmp_path)  # checkpoints 3, 4 and 6
+    assert timed == [False] and checkpoints[0].name == "checkpoint_3"
+    uninterrupted = _checkpoint_tensors(out, 6)
+    # a new start would now measure channels_last faster (an empty cache, other timings)
+    monkeypatch.setenv(performance.CACHE_VARIABLE, str(tmp_path / "cache-at-resume"))
+    monkeypatch.setattr(performance, "time_step_settings", _timings_favouring(True, timed))
+    capsys.readouterr()
+    result = _resume(out, to_step=6, where=checkpoints[0])
+    said = capsys.readouterr().out
+    assert timed == [False] and result.global_step == 6
+    assert ("step settings: fp32, contiguous (the choice this run started with, kept on "
+            "resuming)") in said
+    assert result.model.caid.encoder.conv1.weight.is_contiguous()
+    resumed = _checkpoint_tensors(out, 6)
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    # the same resume told to use channels_last ends elsewhere
+    main(TINY + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
+                 "--save_total_limit", "0", "--full_determinism", "true",
+                 "--resume_from_checkpoint", str(checkpoints[0]), "--channels_last", "true"])
+    assert timed == [False]
+    other = _checkpoint_tensors(out, 6)
+    assert any(not torch.equal(other[key], value) for key, value in uninterrupted.items())
+
+
+def test_a_run_started_on_another_kind_of_device_measures_again(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from caid_hf import performance
+    from caid_hf.configuration_caid import CAiDConfig
+    from caid_hf.training.arguments import parse_pretraining_args
+    from caid_hf.training.pretrain import decide_step_settings
+
+    folder = tmp_path / "checkpoints" / "checkpoint_5"
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("{}")
+    record = {"mixed_precision": "bf16", "channels_last": True, "device": "cuda"}
+    (folder / checkpointing.STATE_FILE).write_text(
+        checkpointing.TrainState(global_step=5, step_settings=record).to_json())
+    monkeypatch.setattr(performance, "calibrate_step_settings", lambda candidates, *a, **k:
+                        performance.StepSettingsChoice(candidates[-1], "measured"))
+    _, data_args, args = parse_pretraining_args(["--resume_from_checkpoint", "latest"])
+    processes = SimpleNamespace(device=torch.device("cpu"), is_main_process=True,
+                                num_processes=1)
+    choice = decide_step_settings(CAiDConfig(), data_args, args, tmp_path, processes)
+    assert choice.how == "measured" and args.channels_last is choice.settings.channels_last
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"mixed_precision": "bf16", "channels_last": False, "device": "cpu"}, "bf16, contiguous"),
+    (None, "fp32, channels_last"),  # a checkpoint of an older caid-hf: what 'auto' meant then
+])
+def test_resume_reads_the_step_settings_before_anything_is_built(tmp_path, monkeypatch, record,
+                                                                   expected):
+    import json
+    from types import SimpleNamespace
+
+    from caid_hf import performance
+    from caid_hf.configuration_caid import CAiDConfig
+    from caid_hf.training.arguments import parse_pretraining_args
+    from caid_hf.training.pretrain import decide_step_settings
+
+    monkeypatch.setattr(performance, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(performance, "calibrate_step_settings",
+                        lambda *a, **k: pytest.fail("a resumed run measured"))
+    folder = tmp_path / "checkpoints" / "checkpoint_5"
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("{}")
+    state = checkpointing.TrainState(global_step=5, step_settings=record)
+    (folder / checkpointing.STATE_FILE).write_text(state.to_json())
+    assert json.loads(state.to_json())["step_settings"] == record
+    _, data_args, args = parse_pretraining_args(["--resume_from_checkpoint", "latest"])
+    processes = SimpleNamespace(device=torch.device("cpu"), is_main_process=True,
+                                num_processes=1)
+    choice = decide_step_settings(CAiDConfig(), data_args, args, tmp_path, processes)
+    assert choice.how == "recorded" and choice.settings.label == expected
+    assert (args.mixed_precision, args.channels_last) == (choice.settings.mixed_precision,
+                                                          choice.settings.channels_last)
+    # a flag given at the resume overrides the record; the rest of the record still holds
+    # (bf16 although this CPU has no bf16 instructions: the run started on one that had)
+    _, data_args, args = parse_pretraining_args(["--resume_from_checkpoint", "latest",
+                                                 "--channels_last", "true"])
+    choice = decide_step_settings(CAiDConfig(), data_args, args, tmp_path, processes)
+    assert choice.how == "recorded" and choice.settings.channels_last is True
+    assert choice.settings.mixed_precision == (record or {"mixed_precision": "no"})[
+        "mixed_precision"]
+    # both given: nothing to decide, nothing read
+    _, data_args, args = parse_pretraining_args(["--resume_from_checkpoint", "latest",
+                                                 "--channels_last", "false",
+                                                 "--mixed_precision", "no"])
+    choice = decide_step_settings(CAiDConfig(), data_args, args, tmp_path, processes)
+    assert choice.how == "requested" and choice.settings.label == "fp32, contiguous"
+
+
 def test_atomic_folder_keeps_the_old_folder_on_a_full_disk(tmp_path):
     final = tmp_path / "best"
     with checkpointing.atomic_folder(final) as folder:

@@ -51,8 +51,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     # a stream's place mid-epoch, one entry per process (PretrainingData.stream_position)
     stream_positions: list | None = None
-    # what the step ran with ({"mixed_precision": "no" | "bf16" | …, "channels_last": bool}),
-    # so that a resumed run keeps it (recorded_step_settings)
+    # what the step ran with ({"mixed_precision": "no" | "bf16" | …, "channels_last": bool,
+    # "device": "cpu" | "cuda" | …}), so that a resumed run keeps it (recorded_step_settings)
     step_settings: dict | None = None
 
     def state_dict(self) -> dict:

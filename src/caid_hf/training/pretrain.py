@@ -372,10 +372,11 @@ def decide_step_settings(config: CAiDConfig, data_args: DataArguments,
     """Decide ``--mixed_precision auto`` and an unset ``--channels_last`` once for the run
     and write them into ``args`` (so run_config.yaml and the model card say what ran).
 
-    Where the answer is known (a GPU; a CPU without bf16 instructions and a memory format
-    given) nothing is measured. A resumed run takes what its checkpoint recorded (a
-    checkpoint of an older caid-hf: what ``auto`` meant then, the CPU's bf16 flags and
-    channels_last), so that it continues bit for bit. Otherwise the main process times the
+    A resumed run takes what its checkpoint recorded (a checkpoint of an older caid-hf:
+    what ``auto`` meant then, the CPU's bf16 flags and channels_last), so that it continues
+    bit for bit, unless it started on another kind of device. Where the answer is known (a
+    GPU; a CPU without bf16 instructions and a memory format given) nothing is measured.
+    Otherwise the main process times the
     candidates (:func:`caid_hf.performance.calibrate_step_settings`, cached per machine and
     model shape) and every process takes its choice. ``processes``: Accelerate's
     ``PartialState``.
@@ -383,19 +384,23 @@ def decide_step_settings(config: CAiDConfig, data_args: DataArguments,
     device = processes.device
     requested = (args.mixed_precision, args.channels_last)
     candidates = performance.step_setting_candidates(*requested, device)
+    open_question = args.mixed_precision == "auto" or args.channels_last is None
     recorded = (recorded_step_settings(output_dir, args.resume_from_checkpoint)
-                if args.resume_from_checkpoint and len(candidates) > 1 else None)
-    if len(candidates) == 1:
-        choice = performance.StepSettingsChoice(
-            candidates[0], "requested" if None not in requested and "auto" not in requested
-            else "known")
-    elif recorded is not None:
+                if args.resume_from_checkpoint and open_question else None)
+    record = None
+    if recorded is not None:
         record = recorded[1] or {"mixed_precision": performance.resolve_mixed_precision(
             "auto", device), "channels_last": performance.use_channels_last(device)}
+        if record.get("device", device.type) != device.type:
+            record = None  # started on another kind of device: no bit-for-bit resume anyway
+    if record is not None:
         choice = performance.StepSettingsChoice(performance.StepSettings(
             record["mixed_precision"] if args.mixed_precision == "auto" else args.mixed_precision,
             bool(record["channels_last"]) if args.channels_last is None else args.channels_last),
             "recorded")
+    elif len(candidates) == 1:
+        choice = performance.StepSettingsChoice(candidates[0],
+                                                "known" if open_question else "requested")
     else:
         choice = None
         if processes.is_main_process:
@@ -674,8 +679,9 @@ def save(run: PretrainRun, best: bool = False) -> None:
     if best:
         run.state.best_checkpoint = f"checkpoint_{run.state.global_step}"
     run.state.stream_positions = None
-    run.state.step_settings = {"mixed_precision": run.args.mixed_precision,
-                               "channels_last": run.args.channels_last}  # kept on resuming
+    run.state.step_settings = {"mixed_precision": run.args.mixed_precision,  # kept on resuming
+                               "channels_last": run.args.channels_last,
+                               "device": run.accelerator.device.type}
     if run.data.streaming and run.state.batches_in_epoch:  # mid-epoch: where each rank is
         mine = run.data.stream_position()
         run.state.stream_positions = (gather_object([mine]) if run.accelerator.num_processes > 1
