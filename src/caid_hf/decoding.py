@@ -4,8 +4,8 @@ dataset ``CAiDImageProcessor`` is given, becomes grey uint8 [H, W] here.
 - PNG, JPEG and other PIL formats (:func:`decode_grey`, :func:`pil_to_grey`): 8-bit grey as
   stored; colour by ITU-R 601 luminance; 16-bit grey scaled by its bit depth. Grey 8- and
   16-bit PNGs (the radiograph data sets' format) go to libpng through imagecodecs when it is
-  installed: faster than PIL, and stricter (it checks every chunk's CRC and the image data's
-  length and checksum, where PIL fills missing rows with zeros); the pixels are PIL's.
+  installed: faster than PIL, and stricter (it checks the chunks' CRCs and the image data's
+  length and zlib checksum, where PIL fills missing rows with zeros); the pixels are PIL's.
 - DICOM (:func:`decode_dicom`, :func:`dicom_to_grey`): pydicom reads the file and does the
   DICOM arithmetic (modality rescale and LUT, VOI window and LUT, compressed transfer
   syntaxes through its decoder plugins); this module chooses which of those steps apply to
@@ -514,11 +514,12 @@ def _decode_grey_png(name: str, data: bytes, width: int, height: int, depth: int
     """A grey 8- or 16-bit PNG (the whole file, ``data``) decoded by libpng, as grey uint8
     [H, W] by :func:`decode_grey`'s rules.
 
-    libpng is strict where PIL is lenient: a bad CRC in any critical chunk, image data that
+    libpng is strict where PIL is lenient: a bad CRC in a critical chunk, image data that
     ends early or whose zlib checksum fails, or an unknown row filter raise (PIL returns
-    rows of zeros, or pixels nobody checked), and nothing of a damaged file is returned.
-    It runs behind ``setjmp``, so its errors are exceptions, never a dead process.
-    Raises ValueError naming ``name``."""
+    rows of zeros, or pixels nobody checked), and nothing of such a file is returned. Image
+    data beyond the rows the header declares is ignored, as PIL does (libpng prints a
+    warning). libpng's errors reach Python as exceptions (imagecodecs catches them with
+    ``setjmp``), never as a dead process. Raises ValueError naming ``name``."""
     check_pixel_count(name, height, width)
     png_decode, png_error = _libpng()
     try:
@@ -557,8 +558,9 @@ def decode_grey(path: str | os.PathLike, bits_stored: int | None = None, *,
     *Bits Stored* (or ``bits_stored``) the same way.
 
     Grey 8- and 16-bit PNGs that are not interlaced go to libpng (imagecodecs), when
-    imagecodecs is installed and ``libpng`` is True: the same pixels as PIL, faster, and
-    every damaged file an error, never partly decoded (see :func:`_decode_grey_png`).
+    imagecodecs is installed and ``libpng`` is True: the same pixels as PIL, faster, and a
+    file with damaged or missing image data an error, never partly decoded (see
+    :func:`_decode_grey_png`).
     ``libpng=False`` decodes them with PIL, as everything else. torchvision's libpng
     decoder is not used: it kills the process (SIGSEGV) on a PNG whose compressed image
     data ends early.
