@@ -71,6 +71,8 @@ def test_other_devices_stay_fp32():
     # a precision given: only the memory format is left to time
     ("cpu", "AVX512", "avx512f avx512_bf16", "no", None, ["fp32, channels_last", "fp32, contiguous"]),
     ("cpu", "AVX512", "avx512f avx512_bf16", "bf16", True, ["bf16, channels_last"]),
+    ("cpu", "AVX512", "avx512f avx512_bf16", "bf16", None, ["bf16, channels_last", "bf16, contiguous"]),
+    ("cpu", "AVX2", "avx2", "bf16", None, ["bf16, channels_last"]),  # emulated: contiguous is far slower
 ])
 def test_step_setting_candidates(cpu, device, capability, flags, precision, channels_last, expected):
     cpu(capability, flags)

@@ -80,8 +80,8 @@ def cpu_supports_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic at all: torch's kernels are built for AVX-512
     here (``torch.backends.cpu.get_cpu_capability()``) and the CPU reports ``avx512_bf16``
     or ``amx_bf16``. Only then is bf16 worth measuring (:func:`step_setting_candidates`):
-    without them torch emulates bf16, and a step took 7 to 70 times as long as in fp32 on a
-    2-core AVX2 CPU (ResNet-18 U-Net, 64 px, batch 32)."""
+    without them torch emulates bf16, and a step took far longer than in fp32 on a
+    2-core AVX2 CPU (channels_last: 7x; contiguous: 70x; ResNet-18 U-Net, 64 px, batch 32)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability and "AMX" not in capability:
         return False
@@ -262,19 +262,24 @@ def step_setting_candidates(mixed_precision: str, channels_last: bool | None,
 
     ``mixed_precision`` ``"auto"`` on a CPU: fp32, and bf16 where :func:`cpu_supports_bf16`;
     on a GPU the one known answer (:func:`resolve_mixed_precision`); anything else as given.
-    ``channels_last`` None on a CPU: channels_last and contiguous; on a GPU
-    :func:`use_channels_last`; True/False as given. The reference is fp32 and, where both
-    are candidates, channels_last (the setting used before measuring)."""
+    ``channels_last`` None on a CPU: channels_last and contiguous (only channels_last for
+    bf16 asked of a CPU without bf16 instructions); on a GPU :func:`use_channels_last`;
+    True/False as given. The reference is fp32 and, where both are candidates,
+    channels_last (the setting used before measuring)."""
     device = torch.device(device)
     if mixed_precision == "auto":
         precisions = (["no", "bf16"] if cpu_supports_bf16() else ["no"]) if device.type == "cpu" \
             else [resolve_mixed_precision("auto", device)]
     else:
         precisions = [mixed_precision]
-    if channels_last is None:
-        formats = [True, False] if device.type == "cpu" else [use_channels_last(device)]
-    else:
+    if channels_last is not None:
         formats = [channels_last]
+    elif device.type != "cpu":
+        formats = [use_channels_last(device)]
+    elif precisions == ["bf16"] and not cpu_supports_bf16():
+        formats = [True]  # emulated bf16: contiguous took 8x channels_last's time on AVX2
+    else:
+        formats = [True, False]
     return [StepSettings(precision, memory) for precision in precisions for memory in formats]
 
 
