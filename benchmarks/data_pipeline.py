@@ -12,7 +12,7 @@ the ratios hold even on a shared machine:
   local shuffle); and the query's reconstruction target (its crop in grey).
 - package, GPU path: what a DataLoader worker does per sample when the augmentation runs
   batched on the GPU: decode, two crops (``TwoCropDataset``), from the PNGs with PIL (the
-  decoder before libpng), from the PNGs with libpng (imagecodecs, now), and from the
+  decoder before libpng), from the PNGs with libpng (OpenCV's, now), and from the
   decode-once cache (``caid-hf prepare-data``).
 - the batched augmentation (jitter, blur, flip, distortion, target) per sample when it runs
   on this CPU too (CPU-only training), for reference.
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import imagecodecs
+import cv2
 import numpy as np
 import PIL
 import torch
@@ -142,6 +142,14 @@ def decode_deep_before(path: Path) -> np.ndarray:
     return decoding._scale_float_by_depth(values, bits)
 
 
+def libpng_version() -> str:
+    """The libpng inside OpenCV, from its build information (``PNG: ... (ver 1.6.x)``)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("PNG:") and "ver " in line:
+            return "libpng " + line.split("ver ")[-1].rstrip(")").strip()
+    return "libpng"
+
+
 def write_deep_phantoms(folder: Path, count: int, size: int, seed: int) -> None:
     """16-bit PNGs holding 12-bit phantoms (grey * 16 plus noise in the low bits), no sBIT."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not decoding.libpng_available():
-        raise SystemExit("imagecodecs is not installed: nothing to compare PIL with")
+        raise SystemExit("OpenCV is not installed: nothing to compare PIL with")
 
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
@@ -277,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {describe_cpu(args.threads)}")
     print(f"{len(pngs)} 1024x1024 8-bit and {len(deep)} 16-bit PNGs ({images}, {deep_images}); "
           f"views of {args.image_size} px, CAiD mode; CPU ms per sample, median of "
-          f"{args.repeats} passes, arms taking turns sample by sample; Pillow {PIL.__version__}, imagecodecs "
-          f"{imagecodecs.__version__} ({imagecodecs.png_version()}); crop reducing_gap "
+          f"{args.repeats} passes, arms taking turns sample by sample; Pillow {PIL.__version__}, "
+          f"OpenCV {cv2.__version__} ({libpng_version()}); crop reducing_gap "
           f"{args.crop_reducing_gap}")
     rows = [
         ("original: PIL RGB decode, 2 x torchvision views, numpy distortion", "original"),

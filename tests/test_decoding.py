@@ -1,5 +1,5 @@
-"""The PNG paths of ``decode_grey``: libpng (imagecodecs) for grey 8- and 16-bit PNGs, PIL for
-every other kind, and what each does with a damaged file.
+"""The PNG paths of ``decode_grey``: libpng (through OpenCV) for grey 8- and 16-bit PNGs, PIL
+for every other kind, and what each does with a damaged file.
 
 Every PNG here is built byte by byte, so each test knows the exact pixels a file holds. The
 damaged ones are decoded in a child process: a decoder that dies (torchvision's libpng
@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,15 +131,16 @@ VALID = _valid_files()
 
 
 def test_libpng_is_installed_and_takes_grey_8_and_16_bit_pngs_only(tmp_path, monkeypatch):
-    assert libpng_available()  # imagecodecs is a dependency of caid-hf
-    png_decode, png_error = decoding._libpng()
+    assert libpng_available()  # OpenCV is a dependency of caid-hf
+    cv2 = decoding._libpng()
     decoded = []
 
-    def counting(data):
-        decoded.append(data)
-        return png_decode(data)
+    def counting(buffer, flags):
+        decoded.append(flags)
+        return cv2.imdecode(buffer, flags)
 
-    monkeypatch.setattr(decoding, "_libpng", lambda: (counting, png_error))
+    monkeypatch.setattr(decoding, "_libpng", lambda: SimpleNamespace(
+        imdecode=counting, IMREAD_UNCHANGED=cv2.IMREAD_UNCHANGED, error=cv2.error))
     for name, (data, _) in VALID.items():
         path = tmp_path / f"{name}.png"
         path.write_bytes(data)
@@ -239,6 +241,7 @@ def _damaged_files() -> dict[str, bytes]:
         "empty": b"",
         "signature_only": SIGNATURE,
         "text": b"this is not an image\n",
+        "no_iend": png(scanlines)[:-12],  # all pixels there, but the file is cut short
     }
 
 
@@ -246,7 +249,6 @@ def _tolerated_files() -> dict[str, bytes]:
     """Damage PIL reads past and so may libpng: the pixels must then be PIL's."""
     scanlines = filtered(GREY)
     return {
-        "no_iend": png(scanlines)[:-12],
         "header_one_row_shorter": png(scanlines, height=HEIGHT - 1),
         "zeros_far_past_the_image": png(bytes(20_000_000)),  # 20 MB of rows for 40 x 48
     }
@@ -307,5 +309,35 @@ def test_libpng_refuses_what_pil_decodes_into_unchecked_pixels(tmp_path):
             decode_grey(path)
     path = tmp_path / "short.png"
     path.write_bytes(damaged["short_image_data"])
-    with pytest.raises(ValueError, match=r"short\.png.*Not enough image data"):
+    with pytest.raises(ValueError, match=r"short\.png.*libpng refused it: a damaged PNG"):
         decode_grey(path)
+
+
+_LEAK_CHILD = """
+import resource, sys
+from caid_hf.decoding import decode_grey
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+for attempt in range(301):
+    if attempt == 50:
+        start = peak_mb()  # after the first refusals: buffers and caches in place
+    try:
+        decode_grey(sys.argv[1])
+    except ValueError:
+        pass
+    else:
+        sys.exit("decoded a damaged file")
+print(peak_mb() - start)
+"""
+
+
+def test_refused_files_leave_no_memory_behind(tmp_path):
+    # 250 refusals of a 1024 x 1024 PNG: a decoder that kept its 1 MB output array on each
+    # refusal (imagecodecs' libpng wrapper does) would grow by 250 MB
+    rows = np.random.default_rng(1).integers(0, 256, (1024, 1024), dtype=np.uint8)
+    path = tmp_path / "short1024.png"
+    path.write_bytes(png(filtered(rows, (0,))[:-5000], width=1024, height=1024))
+    result = subprocess.run([sys.executable, "-c", _LEAK_CHILD, str(path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 25, result.stdout

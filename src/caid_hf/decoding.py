@@ -3,7 +3,7 @@ dataset ``CAiDImageProcessor`` is given, becomes grey uint8 [H, W] here.
 
 - PNG, JPEG and other PIL formats (:func:`decode_grey`, :func:`pil_to_grey`): 8-bit grey as
   stored; colour by ITU-R 601 luminance; 16-bit grey scaled by its bit depth. Grey 8- and
-  16-bit PNGs (the radiograph data sets' format) go to libpng through imagecodecs when it is
+  16-bit PNGs (the radiograph data sets' format) go to libpng through OpenCV when it is
   installed: faster than PIL, and stricter (it checks the chunks' CRCs and the image data's
   length and zlib checksum, where PIL fills missing rows with zeros); the pixels are PIL's.
 - DICOM (:func:`decode_dicom`, :func:`dicom_to_grey`): pydicom reads the file and does the
@@ -11,8 +11,7 @@ dataset ``CAiDImageProcessor`` is given, becomes grey uint8 [H, W] here.
   syntaxes through its decoder plugins); this module chooses which of those steps apply to
   a chest radiograph and maps the result onto 0..255.
 
-Standard library, NumPy, PIL, (for DICOM) pydicom and (optional, for speed) imagecodecs
-only, and no import from the rest of caid-hf: a model repository on the Hub ships this file
+Standard library, NumPy, PIL, (for DICOM) pydicom and (optional, for speed) OpenCV only, and no import from the rest of caid-hf: a model repository on the Hub ships this file
 with the image processor, so the processor runs where caid-hf is not installed.
 """
 
@@ -479,21 +478,24 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @functools.cache
-def _libpng() -> tuple | None:
-    """imagecodecs' libpng decoder ``(png_decode, PngError)``, or None without imagecodecs.
-    Imported on first use (about 0.2 s), not with this module."""
-    try:
-        import imagecodecs
+def _libpng():
+    """OpenCV (``cv2``), whose ``imdecode`` reads PNGs with libpng, or None without it.
+    Imported on first use, not with this module.
 
-        if not imagecodecs.PNG.available:
-            return None
-        return imagecodecs.png_decode, imagecodecs.PngError
-    except (ImportError, AttributeError):
+    Why OpenCV: of the PNG decoders measured it is as fast as any (torchvision's and
+    imagecodecs' libpng, pyspng's libspng) and the only one safe on damaged files:
+    torchvision's kills the process, pyspng returns pixels whose CRC and zlib checksum
+    failed, and imagecodecs leaks its output array (1 MB for a 1024 x 1024 image) on every
+    file libpng refuses."""
+    try:
+        import cv2
+    except ImportError:
         return None
+    return cv2
 
 
 def libpng_available() -> bool:
-    """Whether :func:`decode_grey` decodes grey PNGs with libpng (imagecodecs installed)."""
+    """Whether :func:`decode_grey` decodes grey PNGs with libpng (OpenCV installed)."""
     return _libpng() is not None
 
 
@@ -514,23 +516,26 @@ def _decode_grey_png(name: str, data: bytes, width: int, height: int, depth: int
     """A grey 8- or 16-bit PNG (the whole file, ``data``) decoded by libpng, as grey uint8
     [H, W] by :func:`decode_grey`'s rules.
 
-    libpng is strict where PIL is lenient: a bad CRC in a critical chunk, image data that
-    ends early or whose zlib checksum fails, or an unknown row filter raise (PIL returns
-    rows of zeros, or pixels nobody checked), and nothing of such a file is returned. Image
-    data beyond the rows the header declares is ignored, as PIL does (libpng prints a
-    warning). libpng's errors reach Python as exceptions (imagecodecs catches them with
-    ``setjmp``), never as a dead process. Raises ValueError naming ``name``."""
+    libpng is strict where PIL is lenient: a file cut short (even after its image data), a
+    bad CRC in a critical chunk, image data that ends early or whose zlib checksum fails, or
+    an unknown row filter make OpenCV return nothing (PIL returns rows of zeros, or pixels
+    nobody checked; libpng prints its reason on stderr). Image data beyond the rows the header declares is ignored, as PIL does.
+    OpenCV catches libpng's errors (``setjmp``), so a damaged file never ends the process.
+    Raises ValueError naming ``name``."""
     check_pixel_count(name, height, width)
-    png_decode, png_error = _libpng()
+    cv2 = _libpng()
     try:
-        pixels = png_decode(data)
-    except (png_error, ValueError, RuntimeError) as error:  # RuntimeError: imagecodecs' others
-        raise _cannot_decode(name, error) from error
-    if pixels.ndim == 3:  # a tRNS chunk makes libpng add an alpha channel
-        pixels = np.ascontiguousarray(pixels[..., 0])
-    if pixels.shape != (height, width):
-        raise _cannot_decode(name, f"decoded {list(pixels.shape)} px, its header says "
-                                   f"{height} x {width}")
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:
+        raise _cannot_decode(name, f"OpenCV: {error}") from error
+    if pixels is None:
+        raise _cannot_decode(name, "libpng refused it: a damaged PNG (cut short, a bad CRC, "
+                                   "image data that ends early or fails its zlib checksum, or "
+                                   "an unknown row filter)")
+    dtype = np.uint8 if depth == 8 else np.uint16
+    if pixels.shape != (height, width) or pixels.dtype != dtype:
+        raise _cannot_decode(name, f"libpng gave {pixels.dtype} {list(pixels.shape)}, its "
+                                   f"header says {np.dtype(dtype)} [{height}, {width}]")
     if depth == 8:
         return pixels
     if bits_stored is None:
@@ -557,8 +562,8 @@ def decode_grey(path: str | os.PathLike, bits_stored: int | None = None, *,
     image's maximum (see :func:`scale_high_bit_depth`). DICOM files take their
     *Bits Stored* (or ``bits_stored``) the same way.
 
-    Grey 8- and 16-bit PNGs that are not interlaced go to libpng (imagecodecs), when
-    imagecodecs is installed and ``libpng`` is True: the same pixels as PIL, faster, and a
+    Grey 8- and 16-bit PNGs that are not interlaced go to libpng (through OpenCV), when
+    OpenCV is installed and ``libpng`` is True: the same pixels as PIL, faster, and a
     file with damaged or missing image data an error, never partly decoded (see
     :func:`_decode_grey_png`).
     ``libpng=False`` decodes them with PIL, as everything else. torchvision's libpng
