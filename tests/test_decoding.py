@@ -28,6 +28,9 @@ HEIGHT, WIDTH = 40, 48  # not square: a swapped width and height shows
 GREY = np.random.default_rng(7).integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8)
 DEEP = (GREY.astype(np.uint16) * 16 + np.arange(WIDTH, dtype=np.uint16) % 16)  # 12-bit
 DEEP_AS_UINT8 = np.rint(DEEP.astype(np.float64) * 255 / 4095).astype(np.uint8)
+# EXIF orientation 6 ("rotate 90 degrees to display"): decode_grey returns pixels as stored
+EXIF_ROTATE_90 = (b"MM\x00\x2a" + struct.pack(">IH", 8, 1)
+                  + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack(">I", 0))
 
 
 def chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
@@ -99,6 +102,7 @@ def _valid_files() -> dict[str, tuple[bytes, np.ndarray]]:
         "grey8_transparent_colour": (png(filtered(GREY), before=chunk(b"tRNS", b"\x00\x07")),
                                      GREY),
         "grey8_written_by_pil": (_pil_png(GREY), GREY),
+        "grey8_exif_rotated": (png(filtered(GREY), before=chunk(b"eXIf", EXIF_ROTATE_90)), GREY),
         "grey16_sbit12": (png(filtered(DEEP), 16, before=chunk(b"sBIT", b"\x0c")),
                           DEEP_AS_UINT8),
         "grey16_no_sbit": (png(filtered(DEEP), 16), DEEP_AS_UINT8),  # depth guessed: 12
@@ -167,7 +171,7 @@ def test_a_phantom_radiograph_decodes_the_same_on_both_paths(tmp_path):
 
     phantom = generate_phantom(3, 256)[0]
     path = tmp_path / "phantom.png"
-    Image.fromarray(phantom).save(path)  # PIL's adaptive filters, as real data sets have
+    Image.fromarray(phantom).save(path)  # rows filtered by PIL's adaptive choice
     deep = tmp_path / "phantom16.png"
     Image.fromarray(phantom.astype(np.uint16) * 257).save(deep)
     np.testing.assert_array_equal(decode_grey(path), phantom)
