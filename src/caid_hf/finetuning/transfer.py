@@ -89,11 +89,14 @@ MODES = ("probe", "finetune", "segment")
 MODE_METRICS = {"probe": "test mean AUC, frozen linear probe (every encoder stage)",
                 "finetune": "test mean AUC, fine-tuned classifier",
                 "segment": "test Dice, fine-tuned U-Net"}
+PANEL_TITLES = {"probe": "frozen linear probe", "finetune": "fine-tuned classification",
+                "segment": "fine-tuned segmentation"}
 MAX_DRAWS = 100  # draws of a labelled subset before settling for the best one
 DRAW_SEED_STEP = 100_003  # seed of redraw k: seed + 1 + k * DRAW_SEED_STEP
 # A Hub model id: "name" or "namespace/name" (a local path with more parts is a folder).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_KEPT_RUN_FILES = ("test_results.json", "validation_results.json", "trainer_state.json")
+_KEPT_RUN_FILES = ("test_results.json", "validation_results.json", "trainer_state.json",
+                   "bad_files.tsv")
 
 
 @dataclass
@@ -429,6 +432,7 @@ class TransferEvaluation:
         self.backbone_specs: dict[str, list[str]] = {}
         self.seeds_done: list[int] = []
         self.stage_widths: list[int] | None = None
+        self.plot_title: str | None = None  # default: the source and the seeds
 
     # -- data --------------------------------------------------------------------------
 
@@ -648,6 +652,9 @@ class TransferEvaluation:
                      "patient_level": self.patients is not None,
                      "validation_images": len(splits.validation_indices),
                      "test_images": len(splits.test_indices), "test_source": splits.test_source,
+                     # held out of the training source: which images (else another source)
+                     "validation_indices": list(splits.validation_indices)
+                     if splits.validation is splits.train else None,
                      "test_indices": list(splits.test_indices)
                      if splits.test is splits.train else None,
                      "stage_channels": self.stage_widths},
@@ -669,7 +676,7 @@ class TransferEvaluation:
         _atomic_write(self.out / "results.json", json.dumps(results, indent=2))
         _atomic_write(self.out / "results.md", self.markdown(results))
         if plot:
-            plot_label_efficiency(results, self.out / "label_efficiency.png")
+            plot_label_efficiency(results, self.out / "label_efficiency.png", self.plot_title)
         return results
 
     def markdown(self, results: dict) -> str:
@@ -712,9 +719,9 @@ class TransferEvaluation:
         subsets = results["subsets"]
         redrawn = [s for s in subsets if s["draws"] > 1]
         lacking = [s for s in subsets if s["labels_without_both_classes"]]
-        unit = "whole patients" if results["data"]["patient_level"] else "images"
+        unit = ", whole patients at a time" if results["data"]["patient_level"] else ""
         text = (f"Labelled subsets: at each fraction and seed, a seeded draw of ceil(n × "
-                f"fraction) of the {len(self.pool)} pool images ({unit}), the same images for "
+                f"fraction) of the n = {len(self.pool)} pool images{unit}, the same images for "
                 "every backbone and mode, redrawn (up to "
                 f"{MAX_DRAWS} times) until every label has a positive and a negative example "
                 f"where the pool allows. {len(redrawn)} of {len(subsets)} subsets were redrawn")
@@ -768,10 +775,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "backbone"
 
 
-def plot_label_efficiency(results: dict, path: str | Path) -> Path:
+def plot_label_efficiency(results: dict, path: str | Path, title: str | None = None) -> Path:
     """Save metric against label fraction (log axis) as a PNG: one panel per mode (the
     per-stage probes are in the tables only), one line per backbone through the seeds'
-    means, their spread (± std) shaded, every seed a dot."""
+    means, their spread (± std) shaded, every seed a dot; ``title`` above, followed by the
+    number of seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -805,11 +813,13 @@ def plot_label_efficiency(results: dict, path: str | Path) -> Path:
         ax.set_xlabel("share of the training pool's labels")
         ax.set_ylabel(MODE_METRICS[mode])
         ax.set_ylim(0, 1)
+        ax.set_title(PANEL_TITLES[mode], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     seeds = len(results["seeds_done"])
-    fig.suptitle(f"Label efficiency on {results['data']['train_source']}: mean ± std over "
-                 f"{seeds} seed{'s' if seeds != 1 else ''}", fontsize=11)
+    title = title or f"Label efficiency on {results['data']['train_source']}"
+    fig.suptitle(f"{title}: mean ± std over {seeds} seed{'s' if seeds != 1 else ''}",
+                 fontsize=11)
     fig.tight_layout()
     path = Path(path)
     partial = path.with_name(path.stem + ".partial.png")
