@@ -704,14 +704,24 @@ class TransferEvaluation:
                 for group, members in self.groups.items():
                     lines += [f"### {mode}, group {group} ({', '.join(members)})", "",
                               *self._table(runs, mode, ("groups", group), seeds), ""]
-        undefined = [r for r in runs if r["undefined_labels"]]
+        undefined: dict[tuple, list[dict]] = {}
+        for r in runs:
+            if r["undefined_labels"]:
+                key = (r["fraction"], r["seed"], tuple(r["undefined_labels"]))
+                undefined.setdefault(key, []).append(r)
         if undefined:
             lines += ["## Undefined scores", "",
-                      "Labels without a score in a run (no positive or no negative among its "
-                      "labelled or its test images); the run's mean skips them:", ""]
-            for r in undefined:
-                lines.append(f"- {r['backbone']}, {r['mode']}, {_percent(r['fraction'])}, "
-                             f"seed {r['seed']}: {', '.join(r['undefined_labels'])}")
+                      "Labels without a score (no positive or no negative among the run's "
+                      "labelled or test images); the runs' means skip them:", ""]
+            every_mode, every_backbone = self._modes_run(runs), list(self.backbone_specs)
+            for (fraction, seed, labels), group in sorted(undefined.items()):
+                modes = [m for m in every_mode if any(r["mode"] == m for r in group)]
+                names = [b for b in every_backbone if any(r["backbone"] == b for r in group)]
+                lines.append(
+                    f"- {_percent(fraction)}, seed {seed}, "
+                    f"{'every mode' if modes == every_mode else ', '.join(modes)} of "
+                    f"{'every backbone' if names == every_backbone else ', '.join(names)}: "
+                    f"{', '.join(labels)}")
             lines.append("")
         return "\n".join(lines)
 
