@@ -566,8 +566,10 @@ class TransferEvaluation:
             per_label = {n: metrics[f"auc/{n}"] for n in self.label_names}
         if not self.args.keep_models:
             for path in run_dir.iterdir():
-                if path.name not in _KEPT_RUN_FILES:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name not in _KEPT_RUN_FILES:
+                    path.unlink()
         return self._record(name, spec, mode, fraction, seed, subset, per_label,
                             seconds=time.perf_counter() - started,
                             best_step=result.best_step, global_step=result.global_step,
@@ -629,9 +631,6 @@ class TransferEvaluation:
 
     def results(self) -> dict:
         """Everything measured so far, as results.json holds it."""
-        def subset_record(s: LabelledSubset) -> dict:
-            return dataclasses.asdict(s)
-
         splits = self.splits
         return {
             "settings": {
@@ -658,7 +657,7 @@ class TransferEvaluation:
                      "test_indices": list(splits.test_indices)
                      if splits.test is splits.train else None,
                      "stage_channels": self.stage_widths},
-            "subsets": [subset_record(s) for s in self.subsets.values()],
+            "subsets": [dataclasses.asdict(s) for s in self.subsets.values()],
             "runs": self.runs,
             "seeds_done": self.seeds_done,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
