@@ -443,9 +443,11 @@ def build_optimizer(model, args: FinetuningArguments) -> torch.optim.Optimizer:
 
 
 def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
-                   args: FinetuningArguments, cleanup: contextlib.ExitStack) -> FinetuneRun:
+                   args: FinetuningArguments, cleanup: contextlib.ExitStack,
+                   splits: LabelledSplits | None = None) -> FinetuneRun:
     """Check the arguments, take the output folder, build data, model, optimizer and
-    schedule, write run_config.yaml and start the trackers."""
+    schedule, write run_config.yaml and start the trackers. ``splits`` (default: drawn by
+    :func:`build_splits` from ``data_args``) are the images to train, validate and test on."""
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     lock_output_dir(accelerator, output_dir, cleanup)
@@ -453,7 +455,8 @@ def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataAr
                        accelerator, what="a model")
     set_seed(args.seed)
     metric = choose_metric(model_args, args)
-    splits = build_splits(model_args, data_args, args.seed)
+    if splits is None:
+        splits = build_splits(model_args, data_args, args.seed)
     bad_files = open_bad_file_log(splits, data_args, output_dir, accelerator)
     model = build_model(model_args, splits.label_names)
     train_set, val_set, test_set = build_datasets(model_args, data_args, splits, model.config,
@@ -671,11 +674,14 @@ def save_model(ft: FinetuneRun, report: dict, state: dict) -> None:
 
 
 def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArguments,
-             args: FinetuningArguments) -> FinetuneResult:
+             args: FinetuningArguments, splits: LabelledSplits | None = None
+             ) -> FinetuneResult:
     """Fine-tune with the given arguments (see :mod:`.arguments`); returns the result and
-    writes the model folder to ``args.output_dir``."""
+    writes the model folder to ``args.output_dir``. ``splits`` fixes the train, validation
+    and test images (e.g. one labelled subset shared by several backbones); by default they
+    are drawn from ``data_args`` by :func:`build_splits`."""
     with contextlib.ExitStack() as cleanup:
-        ft = setup_finetune(model_args, data_args, args, cleanup)
+        ft = setup_finetune(model_args, data_args, args, cleanup, splits)
         show_header(ft)
         train(ft)
         report = test_best_model(ft)

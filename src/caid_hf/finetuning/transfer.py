@@ -40,7 +40,6 @@ fractions, mean ± std over seeds; per label group and per encoder stage where a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +50,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -363,16 +361,6 @@ def _nanmean(values) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-@contextlib.contextmanager
-def _finetune_on(splits):
-    """Make :func:`~caid_hf.finetuning.finetune.finetune` train on ``splits`` (our labelled
-    subset and held-out test images) instead of drawing its own: ``finetune()`` takes its
-    images from ``build_splits`` and has no argument for given ones, so it is swapped for
-    the duration of the call."""
-    with mock.patch.object(finetune_module, "build_splits", lambda *_, **__: splits):
-        yield
-
-
 def _percent(fraction: float) -> str:
     return f"{fraction * 100:g} %"
 
@@ -556,8 +544,7 @@ class TransferEvaluation:
         model_args = self._model_args("segmentation" if segmentation else "classification",
                                       spec)
         started = time.perf_counter()
-        with _finetune_on(splits):
-            result = finetune_module.finetune(model_args, data_args, args)
+        result = finetune_module.finetune(model_args, data_args, args, splits=splits)
         metrics = result.test_report["metrics"]
         if segmentation:
             per_label = {k.split("/", 1)[1]: v for k, v in metrics.items()
