@@ -1,4 +1,4 @@
-"""Why does fine-tuning from a CAiD backbone stall at chance (issue 15)? Measure, and try fixes.
+"""Why does fine-tuning from a CAiD backbone stall at chance? Measure, and try fixes.
 
 Runs the package's own fine-tuning loop (``caid_hf.finetuning.finetune.finetune``, nothing in
 ``src/`` is edited) with two kinds of hooks patched in from this script:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md (issue 7), in one run of a few minutes:
+# The GPU figures of benchmarks/RESULTS.md, in one run of a few minutes:
 #   1. benchmarks/train_step.py, ResNet-50 at 224 px, batch 64 and 256: the default path
 #      (bf16 autocast, channels_last, fused SGD, no key decoder) against the original's costs,
 #      with FLOPs counted for model FLOPs utilisation (MFU against the dense bf16 peak).
 #   1b. the compiled step at the first batch size: the encoders and decoders compiled (what
 #      --torch_compile trains), then the whole model; and the one-process shuffle-BN emulation
-#      (shuffle_bn_splits=2 against =1, paired steps in one process; issue 20).
+#      (shuffle_bn_splits=2 against =1, paired steps in one process).
 #   2. gradient checkpointing at 512 px, batch 32: peak memory and step time with and without.
 #   3. a real pre-training run from 1024 x 1024 PNG phantoms (the loader decodes, crops and
 #      ships uint8 views; the GPU augments and trains), logging the fraction of time the

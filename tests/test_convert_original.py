@@ -1,4 +1,4 @@
-"""Import of the original repository's checkpoints (issue 3, item 6).
+"""Import of the original repository's checkpoints.
 
 Checkpoints are built here in the original's formats: an ``smp.Unet`` state dict, and the
 DDP-wrapped MoCo training state assembled by hand as the original's builder lays it out.

@@ -16,7 +16,7 @@ def _inputs(batch=4, size=64, seed=0):
 
 
 def _independent_loss(model, q_img, k_img, target, momentum_step: bool):
-    """The CAiD loss written out by hand from REFERENCE.md, on a copy of the model."""
+    """The CAiD loss written out by hand from the paper and the original code, on a copy of the model."""
     m = copy.deepcopy(model)
     c = m.config
     enc_q, head_q = m.caid.encoder, m.objective.projection_head

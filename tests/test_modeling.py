@@ -101,7 +101,7 @@ def test_continue_from_backbone_initialises_queue_and_key_branch(tiny_config, tm
 
 
 def test_original_recipes_load_our_weights(tmp_path):
-    """REFERENCE.md's downstream recipes on our safetensors file, ResNet-50 as in the paper."""
+    """The original code's downstream recipes on our safetensors file, ResNet-50 as in the paper."""
     from safetensors.torch import load_file
 
     config = CAiDConfig(encoder_name="resnet50", image_size=64, queue_size=32)

@@ -26,7 +26,7 @@ SYMMETRIC_METHODS = ("barlow_twins", "simsiam")
 class CAiDConfig(PretrainedConfig):
     r"""Configuration of a CAiD U-Net and its pre-training objective.
 
-    Defaults reproduce the paper's setting (REFERENCE.md): a ResNet-50 U-Net on 224 px
+    Defaults reproduce the paper's setting: a ResNet-50 U-Net on 224 px
     views, MoCo-v2 with an MLP head, a queue of 65,536 keys of dimension 128, momentum
     0.999, temperature 0.2, loss ``1 * L_ID + 10 * L_MSE`` on a sigmoid reconstruction.
 

@@ -1,7 +1,6 @@
 """Import of the original CAiD repository's checkpoints into our folders.
 
-The original code saves two kinds of ``.pth`` files (REFERENCE.md, "Checkpoints of the
-reference"):
+The original code saves two kinds of ``.pth`` files:
 
 - ``best_checkpoint.pth`` / ``checkpoint.pth``: ``torch.save`` of an ``smp.Unet``'s
   ``state_dict()`` (keys ``encoder.*``, ``decoder.*``, ``segmentation_head.*``, with a

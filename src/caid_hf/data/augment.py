@@ -1,4 +1,4 @@
-"""Batched, on-device view augmentation of CAiD (REFERENCE.md, "Views and distortions").
+"""Batched, on-device view augmentation of CAiD (the paper's views and distortions).
 
 The CPU loader only decodes and crops: a batch arrives as uint8 ``[B, 2, S, S]``
 (view 0 = query, view 1 = key, one grey channel) on the training device. Here,

@@ -92,7 +92,7 @@ class TwoCropDataset(Dataset):
     two crops of the grey image ``source.load(i)`` (uint8 [H, W]), each
     covering a ``scale`` fraction of the image area with aspect ratio in
     ``ratio``, resized with PIL's antialiased bilinear filter (the CAiD views before
-    augmentation, REFERENCE.md step 2). A DataLoader batches them to
+    augmentation). A DataLoader batches them to
     [B, 2, image_size, image_size].
 
     Where the crop boxes come from:

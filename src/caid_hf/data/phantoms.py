@@ -3,7 +3,7 @@
 Each phantom is a posteroanterior chest film drawn from a few analytic shapes
 (body, lungs, heart, spine, ribs, clavicles, diaphragm), so demo training and
 tests need no download. Anatomy is modelled as an additive radiodensity map
-(air 0, soft tissue 1, bone above 1) that is mapped linearly to grey values,
+(air 0, soft tissue at 1, bone above 1) that is mapped linearly to grey values,
 which keeps the ordering of a real film: air dark, lungs dark, mediastinum and
 abdomen bright, bone brightest. Radiological convention: the patient's left is
 on the image's right, so the heart sits in the image's lower right lung.
