@@ -345,9 +345,9 @@ def test_resume_names_an_unreadable_optimizer_or_weights_file(tmp_path, name, da
 def _timings_favouring(channels_last: bool, timed: list):
     """A stand-in for the calibration's timing: the arms of ``channels_last`` take half the
     time of the others (and the call is counted in ``timed``)."""
-    def time_step_settings(make_step, candidates, rounds=2):
+    def time_step_settings(make_step, candidates, rounds=2, **kwargs):
         timed.append(channels_last)
-        return {c: 0.5 if c.channels_last == channels_last else 1.0 for c in candidates}
+        return {c: [0.5 if c.channels_last == channels_last else 1.0] for c in candidates}
 
     return time_step_settings
 

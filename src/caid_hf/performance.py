@@ -218,6 +218,7 @@ def set_cpu_threads(threads: int | None) -> int:
 CACHE_VARIABLE = "CAID_HF_CACHE"  # folder of the measurements (default: the user's cache)
 CALIBRATION_FILE = "step_settings.json"
 CALIBRATION_MARGIN = 0.05  # another setting must take 5 % less time per step than the reference
+UNSTEADY = 0.2  # one setting's timed steps differing by more: the machine is busy, time more
 _CACHE_ENTRIES = 100  # newest measurements kept
 
 
@@ -248,12 +249,15 @@ class StepSettingsChoice:
     (timed at an earlier start of the same model shape on this machine) or ``"recorded"``
     (the choice a resumed run started with). ``ms_per_step``: each candidate's time per
     step as measured (label → ms; empty when nothing was timed); ``seconds``: what deciding
-    cost at this start."""
+    cost at this start; ``steady``: False when a setting's timed steps still differed by
+    more than :data:`UNSTEADY` after the most rounds (a busy machine: the choice is used but
+    not cached)."""
 
     settings: StepSettings
     how: str
     ms_per_step: dict[str, float] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    steady: bool = True
 
 
 def step_setting_candidates(mixed_precision: str, channels_last: bool | None,
@@ -302,18 +306,23 @@ def untouched_rng() -> Iterator[None]:
 
 
 def time_step_settings(make_step: Callable[[StepSettings], Callable[[], None]],
-                       candidates: list[StepSettings], rounds: int = 2,
-                       drop_above: float = 1.5) -> dict[StepSettings, float]:
-    """Seconds per step of each candidate, the arms interleaved.
+                       candidates: list[StepSettings], rounds: int = 2, max_rounds: int = 4,
+                       drop_above: float = 1.5,
+                       agree: Callable[[list], list] | None = None
+                       ) -> dict[StepSettings, list[float]]:
+    """The seconds of each candidate's timed steps, the arms interleaved.
 
     ``make_step(settings)`` returns one training step in those settings (forward, backward;
     it must leave the caller's model and random streams alone). Each arm runs one untimed
-    warm-up step (kernel choice, allocation), then ``rounds`` rounds time one step of each
-    arm in turn, in alternating order; an arm's figure is its fastest step (load from other
-    jobs only ever adds time). An arm over ``drop_above`` x the fastest after a round is
-    not timed again: it cannot win. An arm other than the reference (the first) that fails
-    is left out with a warning (inf)."""
-    steps, seconds = {}, {}
+    warm-up step (kernel choice, allocation), then each round times one step of each arm
+    in turn, in alternating order: ``rounds`` rounds, and more (up to ``max_rounds``) while
+    an arm's steps differ by over :data:`UNSTEADY` (other jobs slow some steps down). An arm
+    over ``drop_above`` x the fastest (each arm's fastest step) is not timed again: it
+    cannot win. An arm other than the reference (the first) that fails is left out with a
+    warning (no steps). ``agree``: with several processes stepping together (their steps
+    exchange data), makes every process time the arms the main process times.
+    """
+    steps = {}
     for index, settings in enumerate(candidates):
         try:
             steps[settings] = make_step(settings)
@@ -324,18 +333,26 @@ def time_step_settings(make_step: Callable[[StepSettings], Callable[[], None]],
             warnings.warn(f"{settings.label} failed a calibration step ({error}); not used",
                           stacklevel=2)
             steps.pop(settings, None)
-            seconds[settings] = float("inf")
-    times: dict[StepSettings, list[float]] = {settings: [] for settings in steps}
+    times: dict[StepSettings, list[float]] = {settings: [] for settings in candidates}
     live = list(steps)
-    for round_index in range(rounds):
+    for round_index in range(max_rounds):
         for settings in live if round_index % 2 == 0 else live[::-1]:
             start = time.perf_counter()
             steps[settings]()
             times[settings].append(time.perf_counter() - start)
-        fastest = min(min(t) for t in times.values())
+        fastest = min(min(t) for t in times.values() if t)
         live = [s for s in live if min(times[s]) <= drop_above * fastest]
-    return {settings: min(times[settings]) if settings in times else seconds[settings]
-            for settings in candidates}
+        if round_index + 1 >= rounds and all(_steady(times[s]) for s in live):
+            live = []
+        if agree is not None:
+            live = agree(live)
+        if not live:
+            break
+    return times
+
+
+def _steady(steps: list[float]) -> bool:
+    return len(steps) < 2 or max(steps) <= (1 + UNSTEADY) * min(steps)
 
 
 def choose_faster(seconds: dict[StepSettings, float],
@@ -445,8 +462,9 @@ def _cache_lock(folder: Path, timeout: float) -> Iterator[None]:
 def calibrate_step_settings(candidates: list[StepSettings],
                             make_step: Callable[[StepSettings], Callable[[], None]],
                             shape: dict, cache_dir: str | Path | None = None, rounds: int = 2,
-                            margin: float = CALIBRATION_MARGIN,
-                            lock_timeout: float = 300.0) -> StepSettingsChoice:
+                            margin: float = CALIBRATION_MARGIN, lock_timeout: float = 300.0,
+                            share: Callable[[object], object] | None = None,
+                            is_main: bool = True) -> StepSettingsChoice:
     """Choose among ``candidates`` (reference first, see :func:`step_setting_candidates`)
     by timing real steps (:func:`time_step_settings`, :func:`choose_faster`), or reuse the
     choice measured before for the same :func:`calibration_key` (``shape``: the model and
@@ -454,40 +472,57 @@ def calibrate_step_settings(candidates: list[StepSettings],
 
     Measurements live in ``cache_dir/step_settings.json`` (default
     :func:`calibration_cache_dir`), one entry per key, written atomically under a lock
-    file; an unreadable file is ignored and rewritten. The timing draws nothing from the
+    file; an unreadable file is ignored and rewritten. A measurement whose steps stayed
+    unsteady (a busy machine) is used but not kept. The timing draws nothing from the
     global random streams (:func:`untouched_rng`). One candidate: returned as requested.
+
+    Several processes whose steps exchange data (MoCo's shuffle across ranks) call this
+    together: ``share(value)`` returns the main process's ``value`` on every process
+    (``is_main``: this is the main one), which alone reads and writes the cache; they all
+    step together, and all return the main process's choice.
     """
     started = time.perf_counter()
     if len(candidates) == 1:
         return StepSettingsChoice(candidates[0], "requested")
+    share = share or (lambda value: value)
     key = calibration_key({**shape, "candidates": [c.label for c in candidates]})
     folder = Path(cache_dir) if cache_dir is not None else calibration_cache_dir()
-    path: Path | None = folder / CALIBRATION_FILE
-    found = _cached(_read_cache(path), key, candidates)
+    path: Path | None = folder / CALIBRATION_FILE if is_main else None
+    found = share(_cached(_read_cache(path), key, candidates) if path else None)
     if found is None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = _cache_lock(folder, lock_timeout)
-        except OSError as error:  # e.g. a read-only home folder
-            warnings.warn(f"cannot keep step-settings measurements in {folder} ({error}); "
-                          "measuring at every start", stacklevel=2)
-            path, lock = None, contextlib.nullcontext()
+        lock = contextlib.nullcontext()
+        if path is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = _cache_lock(folder, lock_timeout)
+            except OSError as error:  # e.g. a read-only home folder
+                warnings.warn(f"cannot keep step-settings measurements in {folder} ({error}); "
+                              "measuring at every start", stacklevel=2)
+                path = None
         with lock:
-            found = _cached(_read_cache(path), key, candidates) if path else None
-            if found is None:  # nobody measured it while this run waited for the lock
+            # measured by another run while this one waited for the lock?
+            found = share(_cached(_read_cache(path), key, candidates) if path else None)
+            if found is None:
                 with untouched_rng():
-                    seconds = time_step_settings(make_step, candidates, rounds)
+                    times = time_step_settings(make_step, candidates, rounds, agree=share)
+                seconds = {s: min(t) if t else float("inf") for s, t in times.items()}
                 ms = {s.label: round(t * 1e3, 1) for s, t in seconds.items()}
-                found = StepSettingsChoice(choose_faster(seconds, margin), "measured", ms)
-                if path is not None:
-                    entry = {"key": key, "mixed_precision": found.settings.mixed_precision,
-                             "channels_last": found.settings.channels_last, "ms_per_step": ms,
-                             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-                    entries = [e for e in _read_cache(path) if e.get("key") != key]
-                    try:
-                        _write_cache(path, [*entries, entry])
-                    except OSError as error:
-                        warnings.warn(f"cannot write {path} ({error}); measuring again at "
-                                      "the next start", stacklevel=2)
+                found = share(StepSettingsChoice(choose_faster(seconds, margin), "measured", ms,
+                                                 steady=all(map(_steady, times.values()))))
+                if path is not None and found.steady:
+                    _remember(path, key, found)
     found.seconds = time.perf_counter() - started
     return found
+
+
+def _remember(path: Path, key: dict, choice: StepSettingsChoice) -> None:
+    """Add (or replace) ``key``'s entry in the cache file ``path``."""
+    entry = {"key": key, "mixed_precision": choice.settings.mixed_precision,
+             "channels_last": choice.settings.channels_last, "ms_per_step": choice.ms_per_step,
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    entries = [e for e in _read_cache(path) if e.get("key") != key]
+    try:
+        _write_cache(path, [*entries, entry])
+    except OSError as error:
+        warnings.warn(f"cannot write {path} ({error}); measuring again at the next start",
+                      stacklevel=2)

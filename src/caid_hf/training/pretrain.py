@@ -376,10 +376,10 @@ def decide_step_settings(config: CAiDConfig, data_args: DataArguments,
     what ``auto`` meant then, the CPU's bf16 flags and channels_last), so that it continues
     bit for bit, unless it started on another kind of device. Where the answer is known (a
     GPU; a CPU without bf16 instructions and a memory format given) nothing is measured.
-    Otherwise the main process times the
-    candidates (:func:`caid_hf.performance.calibrate_step_settings`, cached per machine and
-    model shape) and every process takes its choice. ``processes``: Accelerate's
-    ``PartialState``.
+    Otherwise the candidates are timed
+    (:func:`caid_hf.performance.calibrate_step_settings`, cached per machine and model
+    shape): every process steps, and every process takes the main process's choice.
+    ``processes``: Accelerate's ``PartialState``.
     """
     device = processes.device
     requested = (args.mixed_precision, args.channels_last)
@@ -401,16 +401,15 @@ def decide_step_settings(config: CAiDConfig, data_args: DataArguments,
     elif len(candidates) == 1:
         choice = performance.StepSettingsChoice(candidates[0],
                                                 "known" if open_question else "requested")
-    else:
-        choice = None
-        if processes.is_main_process:
-            choice = performance.calibrate_step_settings(
-                candidates, calibration_steps(config, data_args, args, device),
-                calibration_shape(config, args))
-        if processes.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+    else:  # every process steps (MoCo's key shuffle crosses them); the main one decides
+        from accelerate.utils import broadcast_object_list
 
-            choice = broadcast_object_list([choice])[0]
+        def share(value):
+            return broadcast_object_list([value])[0] if processes.num_processes > 1 else value
+
+        choice = performance.calibrate_step_settings(
+            candidates, calibration_steps(config, data_args, args, device),
+            calibration_shape(config, args), share=share, is_main=processes.is_main_process)
     args.mixed_precision = choice.settings.mixed_precision
     args.channels_last = choice.settings.channels_last
     return choice
@@ -423,7 +422,10 @@ def step_settings_lines(choice: performance.StepSettingsChoice, requested: tuple
     settings = choice.settings
     how = {"requested": "as requested",
            "known": "known for this device, nothing measured",
-           "measured": f"measured now in {choice.seconds:.1f} s",
+           "measured": f"measured now in {choice.seconds:.1f} s" + (
+               "" if choice.steady else "; the steps' times varied by over "
+               f"{performance.UNSTEADY:.0%} (a busy machine?), so it is measured again at the "
+               "next start"),
            "cached": "measured at an earlier start on this machine (kept in "
                      f"{performance.calibration_cache_dir()})",
            "recorded": "the choice this run started with, kept on resuming"}[choice.how]
@@ -487,7 +489,8 @@ def setup_run(model_args, data_args: DataArguments, args: PretrainingArguments,
     record["step_settings"] = {"requested_mixed_precision": requested[0],
                                "requested_channels_last": requested[1],
                                "decided_by": step_choice.how,
-                               "ms_per_step": step_choice.ms_per_step}
+                               "ms_per_step": step_choice.ms_per_step,
+                               "steady": step_choice.steady}
     start_run_records(accelerator, output_dir, record, args.report_to)
     base_model = args.init_from if args.init_from and not Path(args.init_from).exists() else None
     return PretrainRun(args=args, config=config, output_dir=output_dir, accelerator=accelerator,
