@@ -7,9 +7,13 @@ after warm-up; each mode reports the median.
 
 Modes:
   default   the package's fast path, as CAiDForPreTraining and the training loop run it:
-            autocast where the hardware computes in bf16 (caid_hf.performance),
-            channels_last, multi-tensor (foreach / fused) SGD, foreach momentum update, no
-            decoder on the key view; --compile and --gradient-checkpointing optional.
+            precision and memory format as ``--mixed_precision auto`` decides them (a
+            short measurement of this model and batch: caid_hf.performance), fused SGD,
+            foreach momentum update, no decoder on the key view; --compile and
+            --gradient-checkpointing optional. With several --precision values (e.g.
+            ``--precision auto fp32 bf16``) the arms run in one process, one model each,
+            alternating step by step in a random order on the same views, and the line of
+            the auto arm says whether it is within 3 % of the faster fixed precision.
   baseline  the original implementation's costs on the same model: fp32, contiguous
             memory, the whole momentum U-Net run on the key view (its decoder's output
             discarded), the momentum update parameter by parameter in a Python loop, and
@@ -22,11 +26,19 @@ Modes:
     python benchmarks/train_step.py --encoder resnet18 --image-size 128 --batch-size 32
     python benchmarks/train_step.py --encoder resnet50 --image-size 512 --batch-size 2 \\
         --mode default --gradient-checkpointing
+    python benchmarks/train_step.py --encoder resnet18 --image-size 128 --batch-size 32 \\
+        --mode default --precision auto fp32 bf16 --steps 6
+
+Every run first prints the CPU it ran on (model, torch's kernel capability, whether the CPU
+has AVX-512 BF16 and AMX, threads used): bf16 and channels_last are fast on some CPUs and
+slow on others, so a figure holds for its kind of CPU only.
 
 Each mode prints one line: images/s, ms/step (median, with min and max, and the process's
 CPU time per step: with --threads 1 the cost on one core, which other jobs sharing the
 machine barely change, unlike the wall-clock figures), peak memory (CPU:
-the process's peak RSS and its rise during the steps; GPU: torch.cuda.max_memory_allocated)
+the process's peak RSS and its rise during the steps, which on a CPU with --precision or
+--channels-last auto includes the start-up measurement's two model copies; GPU:
+torch.cuda.max_memory_allocated)
 and the FLOP rate of one step counted by torch.utils.flop_counter (MFU with --peak-tflops).
 """
 
@@ -36,6 +48,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -50,6 +63,7 @@ from torch import nn
 from caid_hf import CAiDConfig, CAiDForPreTraining, performance
 from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
 from caid_hf.objectives.moco import MoCoV2
+from caid_hf.training.pretrain import calibration_shape, calibration_steps
 
 
 def rss_mib() -> float:
@@ -108,27 +122,64 @@ def add_original_costs(model: CAiDForPreTraining) -> None:
     objective.momentum_update = types.MethodType(momentum_update_loop, objective)
 
 
-def build(args: argparse.Namespace, mode: str, device: torch.device):
-    """(model, optimizer, autocast dtype, channels_last) of a mode, on ``device``."""
-    config = CAiDConfig(encoder_name=args.encoder, image_size=args.image_size,
-                        discrimination_method=args.method, queue_size=args.queue_size,
-                        shuffle_bn_splits=args.shuffle_bn_splits,
-                        context_prediction=not args.id_only)
-    torch.manual_seed(0)
-    model = CAiDForPreTraining(config).to(device).train()
+def model_config(args: argparse.Namespace) -> CAiDConfig:
+    return CAiDConfig(encoder_name=args.encoder, image_size=args.image_size,
+                      discrimination_method=args.method, queue_size=args.queue_size,
+                      shuffle_bn_splits=args.shuffle_bn_splits,
+                      context_prediction=not args.id_only)
+
+
+PRECISIONS = {"auto": "auto", "fp32": "no", "bf16": "bf16"}  # flag -> Accelerate's name
+MEMORY_FORMATS = {"auto": None, "on": True, "off": False}
+
+
+def calibrate(args: argparse.Namespace, precision: str,
+              device: torch.device) -> performance.StepSettingsChoice:
+    """What pre-training runs with for ``--mixed_precision PRECISION`` and ``--channels_last``
+    as given (``auto``: unset), decided as the package decides at start-up: timed on this
+    model and batch, in a fresh cache folder unless ``--calibration-cache``."""
+    candidates = performance.step_setting_candidates(PRECISIONS[precision],
+                                                     MEMORY_FORMATS[args.channels_last], device)
+    run = types.SimpleNamespace(per_device_train_batch_size=args.batch_size,
+                                gradient_checkpointing=args.gradient_checkpointing)
+    data = types.SimpleNamespace(augmentation_config=AugmentationConfig)
+    config = model_config(args)
+    with tempfile.TemporaryDirectory() as fresh:
+        cache = {None: fresh, "user": None}.get(args.calibration_cache, args.calibration_cache)
+        return performance.calibrate_step_settings(
+            candidates, calibration_steps(config, data, run, device),
+            calibration_shape(config, run), cache_dir=cache)
+
+
+def calibration_line(precision: str, choice: performance.StepSettingsChoice) -> str:
+    timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
+    return (f"--precision {precision}: {choice.settings.label} ({choice.how}"
+            f"{f' in {choice.seconds:.1f} s' if choice.how == 'measured' else ''}"
+            f"{'' if choice.steady else ', unsteady steps (a busy machine?): not cached'}"
+            f"{f'; per step {timings}' if timings else ''})")
+
+
+def sub_batch_passes(args: argparse.Namespace) -> None:
+    """``--sub-batch-passes``: the emulation's old way, every arm and the calibration alike."""
     if args.sub_batch_passes:
         import caid_hf.objectives.moco as moco_module
 
         moco_module._splittable = lambda norms: False
+
+
+def build(args: argparse.Namespace, mode: str, device: torch.device,
+          settings: performance.StepSettings | None = None):
+    """(model, optimizer, autocast dtype, channels_last) of a mode, on ``device``; the
+    default mode in ``settings``."""
+    torch.manual_seed(0)
+    model = CAiDForPreTraining(model_config(args)).to(device).train()
+    sub_batch_passes(args)
     hyper = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4}
     params = [p for p in model.parameters() if p.requires_grad]
     if mode == "baseline":
         add_original_costs(model)
         return model, torch.optim.SGD(params, foreach=False, **hyper), None, False
-    dtype = {"auto": performance.autocast_dtype(device), "fp32": None,
-             "bf16": torch.bfloat16}[args.precision]
-    channels_last = {"auto": performance.use_channels_last(device), "on": True,
-                     "off": False}[args.channels_last]
+    dtype, channels_last = settings.dtype, settings.channels_last
     if channels_last:
         performance.to_channels_last(model)
     if args.gradient_checkpointing:
@@ -163,7 +214,13 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":  # both modes: fixed shapes, so let cuDNN pick its kernels
         torch.backends.cudnn.benchmark = True
-    model, optimizer, dtype, channels_last = build(args, mode, device)
+    settings = calibration = None
+    if mode == "default":
+        sub_batch_passes(args)
+        calibration = calibrate(args, args.precision[0], device)
+        settings = calibration.settings
+        print(calibration_line(args.precision[0], calibration), flush=True)
+    model, optimizer, dtype, channels_last = build(args, mode, device, settings)
     augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
     crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
@@ -215,6 +272,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
         "gflop_per_step": flops / 1e9, "tflops": flops / median / 1e12,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "channels_last": channels_last, "threads": threads, "device": str(device),
+        "calibration_s": calibration.seconds if calibration else 0.0,
     }
     extras = [f"{result['precision']}", "channels_last" if channels_last else "contiguous",
               f"{threads} threads" if device.type == "cpu" else str(device)]
@@ -281,10 +339,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=["moco_v2", "barlow_twins", "simsiam"],
                         default="moco_v2", help="Objective (the baseline needs moco_v2).")
     parser.add_argument("--queue-size", type=int, default=65536)
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="Default mode's autocast (auto: bf16 where the hardware has it).")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="Default mode's memory format.")
+    parser.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["auto"],
+                        help="Default mode's precision, as --mixed_precision: auto (measured "
+                             "at start-up, as pre-training does), fp32 or bf16. Several "
+                             "values: one interleaved arm each, in one process.")
+    parser.add_argument("--channels-last", choices=list(MEMORY_FORMATS), default="auto",
+                        help="Default mode's memory format: auto (as pre-training with "
+                             "--channels_last unset: measured on a CPU), on or off.")
+    parser.add_argument("--calibration-cache", default=None,
+                        help="Folder of the measurements behind auto (default: a fresh one, "
+                             "so each run measures; 'user': the cache pre-training uses).")
     parser.add_argument("--compile", nargs="?", const="parts", choices=["parts", "whole"],
                         default=None,
                         help="Default mode: compile the encoders and decoders ('parts', as "
@@ -347,15 +411,14 @@ def paired_splits(args: argparse.Namespace) -> None:
 
     The same views in every arm of a round take the augmentation's own spread out of the
     ratios, and leaving its time out makes each ratio stricter (a smaller denominator)."""
-    import random
-
     import caid_hf.objectives.moco as moco_module
 
     threads = performance.set_cpu_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     splits = args.shuffle_bn_splits
     args.shuffle_bn_splits, args.sub_batch_passes = splits, False
-    model, optimizer, dtype, _ = build(args, "default", device)
+    settings = calibrate(args, args.precision[0], device).settings
+    model, optimizer, dtype, _ = build(args, "default", device, settings)
     augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
     crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
@@ -408,12 +471,86 @@ def paired_splits(args: argparse.Namespace) -> None:
         print(f"  {arm:45s} {rate:6.2f} images/s{cost}")
 
 
+def fixed_arm_settings(args: argparse.Namespace, precision: str, device: torch.device,
+                       auto: performance.StepSettingsChoice) -> performance.StepSettings:
+    """The settings of a ``--precision fp32|bf16`` arm: its memory format as pre-training
+    would choose it for ``--mixed_precision`` that precision, taken from the auto arm's
+    measurement where it timed both formats in that precision (else measured for it)."""
+    name = PRECISIONS[precision]
+    pair = [performance.StepSettings(name, memory) for memory in (True, False)]
+    if args.channels_last == "auto" and all(s.label in auto.ms_per_step for s in pair):
+        return performance.choose_faster({s: auto.ms_per_step[s.label] for s in pair})
+    return calibrate(args, precision, device).settings
+
+
+def compare_precisions(args: argparse.Namespace) -> None:
+    """The default mode in each ``--precision`` (several values), one model and optimizer
+    per arm in one process: every round augments one batch of views (untimed) and times one
+    step of each arm on them, in a random order (``--warmup`` untimed rounds first). Prints
+    each arm's median images/s and step time, and the auto arm against the faster of the
+    fixed precisions: the ratio of the medians and the median of the per-round step-time
+    ratios with a bootstrap 95 % interval, and whether auto is within 3 %."""
+    threads = performance.set_cpu_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sub_batch_passes(args)
+    auto = calibrate(args, "auto", device)
+    print(calibration_line("auto", auto), flush=True)
+    arms = {}
+    for precision in dict.fromkeys(args.precision):
+        settings = (auto.settings if precision == "auto"
+                    else fixed_arm_settings(args, precision, device, auto))
+        arms[f"{precision} ({settings.label})"] = build(args, "default", device, settings)
+    augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
+    crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
+                          dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step(arm: str, views) -> float:
+        model, optimizer, dtype, _ = arms[arm]
+        start = time.perf_counter()
+        with performance.autocast(device, dtype):
+            out = model(views.query, views.key, labels=None if args.id_only else views.target)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        views = augmenter(crops)
+        for arm in arms:
+            step(arm, views)
+    order, times = random.Random(0), {arm: [] for arm in arms}
+    for _ in range(args.steps):
+        views = augmenter(crops)
+        for arm in order.sample(list(arms), len(arms)):
+            times[arm].append(step(arm, views))
+    where = f"{threads} threads" if device.type == "cpu" else str(device)
+    print(f"{'ID-only' if args.id_only else 'CAiD'} {args.method}, {args.encoder} "
+          f"{args.image_size}px batch {args.batch_size}, {args.steps} interleaved rounds in one "
+          f"process ({where}; the views' augmentation untimed):")
+    rate = {arm: args.batch_size / statistics.median(t) for arm, t in times.items()}
+    for arm, t in times.items():
+        print(f"  {arm:32s} {rate[arm]:6.2f} images/s, {statistics.median(t) * 1e3:6.0f} ms/step "
+              f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f})")
+    auto_arm = next((arm for arm in arms if arm.startswith("auto ")), None)
+    fixed = [arm for arm in arms if not arm.startswith("auto ")]
+    if auto_arm and fixed:
+        best = max(fixed, key=rate.get)
+        ratios = [a / b for a, b in zip(times[auto_arm], times[best])]
+        low, high = bootstrap_interval(ratios)
+        share = rate[auto_arm] / rate[best]
+        print(f"auto / faster fixed arm {best}: {share:.3f}x the images/s (medians); median "
+              f"per-round step-time ratio {statistics.median(ratios):.3f} (95 % interval "
+              f"{low:.3f}-{high:.3f}); auto within 3 % of it: {'yes' if share >= 0.97 else 'NO'}")
+
+
 def bootstrap_interval(values: list[float], resamples: int = 2000,
                        seed: int = 0) -> tuple[float, float]:
     """The 2.5th and 97.5th percentiles of the median of ``values`` resampled with
     replacement (a percentile bootstrap interval of the median)."""
-    import random
-
     draw = random.Random(seed)
     medians = sorted(statistics.median(draw.choices(values, k=len(values)))
                      for _ in range(resamples))
@@ -423,6 +560,14 @@ def bootstrap_interval(values: list[float], resamples: int = 2000,
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not args.result_file:  # (a child run of --mode both/splits: its parent said it)
+        threads = performance.set_cpu_threads(args.threads)
+        print(f"CPU: {performance.describe_cpu(threads)}", flush=True)
+    if len(args.precision) > 1 and args.mode != "default":
+        raise SystemExit("several --precision values are arms of --mode default only")
+    if len(args.precision) > 1:
+        compare_precisions(args)
+        return
     if args.mode == "splits":
         compare_splits(argv, args)
         return

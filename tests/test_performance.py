@@ -405,13 +405,13 @@ def test_benchmark_interleaves_auto_with_fixed_precisions_and_names_the_cpu(tmp_
     out = result.stdout
     assert out.startswith(f"CPU: {performance.cpu_model_name()}; torch kernels "), out
     assert re.search(r"^--precision auto: fp32, (channels_last|contiguous) \(measured in "
-                     r"[\d.]+ s; per step fp32, channels_last \d+ ms, fp32, contiguous \d+ ms\)$",
-                     out, re.MULTILINE), out
+                     r"[\d.]+ s(, unsteady steps \(a busy machine\?\): not cached)?; per step "
+                     r"fp32, channels_last \d+ ms, fp32, contiguous \d+ ms\)$", out,
+                     re.MULTILINE), out
     arms = re.findall(r"^  (auto|fp32) \(fp32, \w+\) +[\d.]+ images/s", out, re.MULTILINE)
     assert arms == ["auto", "fp32"], out
     assert re.search(r"auto / faster fixed arm fp32 .*auto within 3 % of it: (yes|NO)$", out,
                      re.MULTILINE), out
-    assert (tmp_path / performance.CALIBRATION_FILE).is_file()
 
 
 @pytest.mark.slow
