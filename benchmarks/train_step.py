@@ -155,7 +155,7 @@ def calibration_line(precision: str, choice: performance.StepSettingsChoice) -> 
     timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
     return (f"--precision {precision}: {choice.settings.label} ({choice.how}"
             f"{f' in {choice.seconds:.1f} s' if choice.how == 'measured' else ''}"
-            f"{'' if choice.steady else ', unsteady steps (a busy machine?): not cached'}"
+            f"{'' if choice.steady else ', unsteady steps (a busy machine?)'}"
             f"{f'; per step {timings}' if timings else ''})")
 
 

@@ -250,8 +250,8 @@ class StepSettingsChoice:
     (the choice a resumed run started with). ``ms_per_step``: each candidate's time per
     step as measured (label → ms; empty when nothing was timed); ``seconds``: what deciding
     cost at this start; ``steady``: False when a setting's timed steps still differed by
-    more than :data:`UNSTEADY` after the most rounds (a busy machine: the choice is used but
-    not cached)."""
+    more than :data:`UNSTEADY` after the most rounds (a busy machine: measured again at a
+    start that finds the machine idle)."""
 
     settings: StepSettings
     how: str
@@ -405,8 +405,19 @@ def _cached(entries: list[dict], key: dict,
         except (KeyError, TypeError, ValueError):
             continue
         if settings in candidates:
-            return StepSettingsChoice(settings, "cached", ms)
+            return StepSettingsChoice(settings, "cached", ms, steady=entry.get("steady") is not False)
     return None
+
+
+def machine_idle() -> bool:
+    """Whether the machine looks idle: a 1-minute load average below its usable cores
+    (unknown: yes). An unsteady measurement is redone only then; on a machine that stays
+    busy, redoing it at every start would cost each start as much again."""
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return os.getloadavg()[0] < (cores or 1)
+    except OSError:
+        return True
 
 
 def _write_cache(path: Path, entries: list[dict]) -> None:
@@ -473,7 +484,8 @@ def calibrate_step_settings(candidates: list[StepSettings],
     Measurements live in ``cache_dir/step_settings.json`` (default
     :func:`calibration_cache_dir`), one entry per key, written atomically under a lock
     file; an unreadable file is ignored and rewritten. A measurement whose steps stayed
-    unsteady (a busy machine) is used but not kept. The timing draws nothing from the
+    unsteady (a busy machine) is measured again at a start that finds the machine idle
+    (:func:`machine_idle`). The timing draws nothing from the
     global random streams (:func:`untouched_rng`). One candidate: returned as requested.
 
     Several processes whose steps exchange data (MoCo's shuffle across ranks) call this
@@ -488,7 +500,7 @@ def calibrate_step_settings(candidates: list[StepSettings],
     key = calibration_key({**shape, "candidates": [c.label for c in candidates]})
     folder = Path(cache_dir) if cache_dir is not None else calibration_cache_dir()
     path: Path | None = folder / CALIBRATION_FILE if is_main else None
-    found = share(_cached(_read_cache(path), key, candidates) if path else None)
+    found = share(_usable(_cached(_read_cache(path), key, candidates)) if path else None)
     if found is None:
         lock = contextlib.nullcontext()
         if path is not None:
@@ -501,7 +513,8 @@ def calibrate_step_settings(candidates: list[StepSettings],
                 path = None
         with lock:
             # measured by another run while this one waited for the lock?
-            found = share(_cached(_read_cache(path), key, candidates) if path else None)
+            found = share(_usable(_cached(_read_cache(path), key, candidates)) if path
+                          else None)
             if found is None:
                 with untouched_rng():
                     times = time_step_settings(make_step, candidates, rounds, agree=share)
@@ -509,17 +522,22 @@ def calibrate_step_settings(candidates: list[StepSettings],
                 ms = {s.label: round(t * 1e3, 1) for s, t in seconds.items()}
                 found = share(StepSettingsChoice(choose_faster(seconds, margin), "measured", ms,
                                                  steady=all(map(_steady, times.values()))))
-                if path is not None and found.steady:
+                if path is not None:
                     _remember(path, key, found)
     found.seconds = time.perf_counter() - started
     return found
+
+
+def _usable(found: StepSettingsChoice | None) -> StepSettingsChoice | None:
+    """A cached choice, unless it was unsteady and the machine is idle now (measure again)."""
+    return None if found is not None and not found.steady and machine_idle() else found
 
 
 def _remember(path: Path, key: dict, choice: StepSettingsChoice) -> None:
     """Add (or replace) ``key``'s entry in the cache file ``path``."""
     entry = {"key": key, "mixed_precision": choice.settings.mixed_precision,
              "channels_last": choice.settings.channels_last, "ms_per_step": choice.ms_per_step,
-             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+             "steady": choice.steady, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     entries = [e for e in _read_cache(path) if e.get("key") != key]
     try:
         _write_cache(path, [*entries, entry])

@@ -422,13 +422,13 @@ def step_settings_lines(choice: performance.StepSettingsChoice, requested: tuple
     settings = choice.settings
     how = {"requested": "as requested",
            "known": "known for this device, nothing measured",
-           "measured": f"measured now in {choice.seconds:.1f} s" + (
-               "" if choice.steady else "; the steps' times varied by over "
-               f"{performance.UNSTEADY:.0%} (a busy machine?), so it is measured again at the "
-               "next start"),
-           "cached": "measured at an earlier start on this machine (kept in "
-                     f"{performance.calibration_cache_dir()})",
+           "measured": f"measured now in {choice.seconds:.1f} s",
+           "cached": "measured at an earlier start on this machine, kept in "
+                     f"{performance.calibration_cache_dir()}",
            "recorded": "the choice this run started with, kept on resuming"}[choice.how]
+    if not choice.steady:
+        how += (f"; a setting's steps varied by over {performance.UNSTEADY:.0%} (a busy "
+                "machine?): measured again at a start that finds the machine idle")
     lines = [f"  step settings: {settings.label} ({how})"]
     if choice.ms_per_step:
         timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
