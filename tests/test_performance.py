@@ -135,7 +135,7 @@ def test_time_step_settings_interleaves_arms_and_stops_timing_a_hopeless_one(clo
 
     make_step = clock.steps({FP32_CL: itertools.repeat(3.0), FP32: itertools.repeat(1.0)})
     times = performance.time_step_settings(make_step, [FP32_CL, FP32], rounds=2)
-    # warm-ups, round 1 in order; the reference took over 1.5x the other: not timed again;
+    # warm-ups, round 1 in order; the reference took 3x the other: not timed again;
     # round 2 (reversed) of the other, steady: done
     assert clock.calls == ["fp32, channels_last", "fp32, contiguous", "fp32, channels_last",
                            "fp32, contiguous", "fp32, contiguous"]

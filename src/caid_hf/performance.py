@@ -307,7 +307,7 @@ def untouched_rng() -> Iterator[None]:
 
 def time_step_settings(make_step: Callable[[StepSettings], Callable[[], None]],
                        candidates: list[StepSettings], rounds: int = 2, max_rounds: int = 4,
-                       drop_above: float = 1.5,
+                       drop_above: float = 1 + CALIBRATION_MARGIN + UNSTEADY,
                        agree: Callable[[list], list] | None = None
                        ) -> dict[StepSettings, list[float]]:
     """The seconds of each candidate's timed steps, the arms interleaved.
@@ -317,8 +317,9 @@ def time_step_settings(make_step: Callable[[StepSettings], Callable[[], None]],
     warm-up step (kernel choice, allocation), then each round times one step of each arm
     in turn, in alternating order: ``rounds`` rounds, and more (up to ``max_rounds``) while
     an arm's steps differ by over :data:`UNSTEADY` (other jobs slow some steps down). An arm
-    over ``drop_above`` x the fastest (each arm's fastest step) is not timed again: it
-    cannot win. An arm other than the reference (the first) that fails is left out with a
+    over ``drop_above`` x the fastest (each arm's fastest step) is not timed again: beyond
+    the margin and the noise allowed, it cannot win (and a cold start on a CPU with four
+    candidates times about ten steps instead of twelve). An arm other than the reference (the first) that fails is left out with a
     warning (no steps). ``agree``: with several processes stepping together (their steps
     exchange data), makes every process time the arms the main process times.
     """
