@@ -152,7 +152,7 @@ def calibrate(args: argparse.Namespace, precision: str,
 
 
 def calibration_line(precision: str, choice: performance.StepSettingsChoice) -> str:
-    timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
+    timings = "; ".join(f"{label}: {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
     return (f"--precision {precision}: {choice.settings.label} ({choice.how}"
             f"{f' in {choice.seconds:.1f} s' if choice.how == 'measured' else ''}"
             f"{'' if choice.steady else ', unsteady steps (a busy machine?)'}"

@@ -268,6 +268,27 @@ def test_calibration_draws_nothing_from_the_random_streams(tmp_path):
     assert (np.random.rand(), random.random()) == expected[1:]
 
 
+def test_header_names_the_choice_each_arm_and_the_flags_that_override_it():
+    from caid_hf.training.pretrain import step_settings_lines
+
+    cpu = torch.device("cpu")
+    measured = performance.StepSettingsChoice(
+        FP32, "measured", {"fp32, channels_last": 812.0, "fp32, contiguous": 640.4}, seconds=5.04)
+    assert step_settings_lines(measured, ("auto", None), cpu) == [
+        "  step settings: fp32, contiguous (measured now in 5.0 s)",
+        "    time per step: fp32, channels_last: 812 ms; fp32, contiguous: 640 ms; another "
+        "setting must take 5% less than the first to be chosen",
+        "    --mixed_precision no|bf16 and --channels_last true|false override this choice",
+        f"    CPU: {performance.describe_cpu()}"]
+    known = performance.StepSettingsChoice(BF16_CL, "known")
+    assert step_settings_lines(known, ("auto", True), torch.device("cuda")) == [
+        "  step settings: bf16, channels_last (known for this device, nothing measured)",
+        "    --mixed_precision no|bf16 overrides this choice"]
+    given = performance.StepSettingsChoice(FP32, "requested")
+    assert step_settings_lines(given, ("no", False), cpu)[0] == (
+        "  step settings: fp32, contiguous (as requested)")
+
+
 def test_first_training_step_is_the_same_with_and_without_calibration(tmp_path, monkeypatch):
     """A run that times its candidates (real steps of its model: MoCo's shuffles draw from
     torch's stream) trains exactly as a run given the same settings, which times nothing."""
@@ -414,7 +435,7 @@ def test_benchmark_interleaves_auto_with_fixed_precisions_and_names_the_cpu(tmp_
     assert out.startswith(f"CPU: {performance.cpu_model_name()}; torch kernels "), out
     assert re.search(r"^--precision auto: fp32, (channels_last|contiguous) \(measured in "
                      r"[\d.]+ s(, unsteady steps \(a busy machine\?\))?; per step "
-                     r"fp32, channels_last \d+ ms, fp32, contiguous \d+ ms\)$", out,
+                     r"fp32, channels_last: \d+ ms; fp32, contiguous: \d+ ms\)$", out,
                      re.MULTILINE), out
     arms = re.findall(r"^  (auto|fp32) \(fp32, \w+\) +[\d.]+ images/s", out, re.MULTILINE)
     assert arms == ["auto", "fp32"], out

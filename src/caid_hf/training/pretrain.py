@@ -431,7 +431,7 @@ def step_settings_lines(choice: performance.StepSettingsChoice, requested: tuple
                 "machine?): measured again at a start that finds the machine idle")
     lines = [f"  step settings: {settings.label} ({how})"]
     if choice.ms_per_step:
-        timings = ", ".join(f"{label} {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
+        timings = "; ".join(f"{label}: {ms:.0f} ms" for label, ms in choice.ms_per_step.items())
         lines.append(f"    time per step: {timings}; another setting must take "
                      f"{performance.CALIBRATION_MARGIN:.0%} less than the first to be chosen")
     decided = [flag for flag, value in zip(("--mixed_precision no|bf16", "--channels_last "
