@@ -251,7 +251,7 @@ def test_one_process_emulation_normalises_encoder_and_decoder_per_device(tiny_co
 def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monkeypatch):
     """The emulation's BatchNorm splits inside one pass of the network (convolutions on the
     whole batch); in fp32 that equals encoding and decoding each sub-batch separately:
-    outputs, gradients and running statistics, to 1e-6."""
+    outputs and running statistics to 1e-6, gradients to float32 summation order."""
     import caid_hf.objectives.moco as moco_module
     from caid_hf.objectives.moco import SplitBatchNorm2d
 
@@ -284,7 +284,14 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
         torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
         assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
         for name in grads_a:
-            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-6, msg=name)
+            # a weight gradient is a sum over every position of the batch (the stem's over
+            # 8 x 32 x 32 = 8,192), which the convolution kernels order differently for one
+            # batch of 8 and two of 4: measured 3.5e-6 on the stem's gradient (largest entry
+            # 1.0) with AVX2 kernels (AMD EPYC Zen 3), under 1e-6 with AVX-512 ones; about
+            # sqrt(8192) float32 roundings of the largest entry
+            scale = max(1.0, grads_a[name].abs().max().item())
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-5 * scale,
+                                       msg=name)
         for name in buffers_a:  # running statistics: one update per sub-batch, in order
             torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=1e-6,
                                        msg=name)
