@@ -73,9 +73,38 @@ def test_probe_leaves_the_encoder_as_it_was(tmp_path):
     assert probe.description == "20 + 20 held-out phantoms"
 
 
+def test_probe_with_data_statistics_equals_evaluate_features_data_and_leaves_the_encoder(
+        tmp_path):
+    """``batch_norm_statistics="data"`` re-estimates the statistics on the probe's fitting
+    images, on a copy: the same AUC as ``evaluate-features --batch-norm-statistics data`` on
+    the same weights, and the encoder's own statistics untouched (a random encoder's stay
+    mean 0, variance 1)."""
+    torch.manual_seed(0)
+    backbone = CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64), add_decoder=False)
+    backbone.save_pretrained(tmp_path / "random")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model_probe = OnlineProbe("phantoms", 64, num_images=40, phantom_size=64, seed=42)(backbone)
+    data_probe = OnlineProbe("phantoms", 64, num_images=40, phantom_size=64, seed=42,
+                             batch_norm_statistics="data")(backbone)
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    cli(["evaluate-features", str(tmp_path / "random"), "--source", "phantoms",
+         "--test-source", "phantoms", "--num-phantoms", "40", "--num-test-phantoms", "40",
+         "--phantom-size", "64", "--image-size", "64", "--embedding", "stages", "--seed", "42",
+         "--batch-norm-statistics", "data", "--out", str(tmp_path / "offline")])
+    offline = json.loads((tmp_path / "offline" / "scores.json").read_text())
+    assert data_probe.linear_probe_auc == pytest.approx(offline["linear_probe"]["mean_auc"],
+                                                        abs=1e-9)
+    assert data_probe.knn_auc == pytest.approx(offline["knn"]["mean_auc"], abs=1e-9)
+    # the statistics matter: unnormalised random features score differently
+    assert model_probe.linear_probe_auc != pytest.approx(data_probe.linear_probe_auc, abs=1e-6)
+
+
 def test_probe_arguments_are_checked():
     with pytest.raises(ValueError, match="probe_embedding must be one of"):
         OnlineProbe("phantoms", 64, num_images=20, embedding="last")
+    with pytest.raises(ValueError, match="probe_batch_norm_statistics must be one of"):
+        OnlineProbe("phantoms", 64, num_images=20, batch_norm_statistics="train")
     with pytest.raises(ValueError, match="probe_num_images must be at least 10"):
         OnlineProbe("phantoms", 64, num_images=4)
     with pytest.raises(ValueError, match="probe_steps must be >= 0"):

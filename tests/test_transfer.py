@@ -332,3 +332,39 @@ def test_a_stopped_run_keeps_what_it_has(tmp_path, monkeypatch):
     # a second run into the same folder refuses, naming the way out
     with pytest.raises(SystemExit):
         cli(["evaluate-transfer", "--backbones", "random", "--output_dir", str(out)])
+
+
+@pytest.mark.slow
+def test_label_efficiency_benchmark_quick_run(tmp_path):
+    """``benchmarks/phantom_transfer.py --quick`` on the ChestX-ray14-like phantoms: four
+    starts (random, ID, CAiD, supervised), three modes, every fraction, the scale groups
+    and the per-stage probes in its results."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "phantom_transfer.py"
+    spec = importlib.util.spec_from_file_location("phantom_transfer", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench"
+    results = benchmark.main(["--quick", "--device", "cpu", "--out", str(out)])
+    starts = ["random init", "ID only (MoCo-v2)", "CAiD", "supervised (other pool)"]
+    assert sorted(results["settings"]["backbones"]) == sorted(starts)
+    assert results["data"]["label_names"] == ["Cardiomegaly", "Emphysema", "Effusion",
+                                              "Consolidation", "Pneumothorax", "Atelectasis",
+                                              "Nodule", "Mass"]
+    assert results["data"]["pool_images"] == 200 and results["data"]["test_images"] == 40
+    runs = results["runs"]
+    for mode in ("probe", "finetune", "segment"):
+        for start in starts:
+            got = sorted(r["fraction"] for r in runs if r["mode"] == mode
+                         and r["backbone"] == start)
+            assert got == [0.01, 0.05, 0.25, 1.0], (mode, start)
+    finetuned = [r for r in runs if r["mode"] == "finetune"]
+    assert all(set(r["groups"]) == {"global", "regional", "local"} for r in finetuned)
+    assert all(0.0 <= r["value"] <= 1.0 for r in runs if not math.isnan(r["value"]))
+    stages = sorted({r["mode"] for r in runs if r["mode"].startswith("probe:stage")})
+    assert stages == [f"probe:stage{k}" for k in range(1, 6)]  # ResNet-18's five stages
+    for name in ("results.json", "results.md", "label_efficiency.png"):
+        assert (out / name).stat().st_size > 0
+    backbone = tmp_path / "bench" / "seed0" / "supervised" / "backbone" / "config.json"
+    assert json.loads(backbone.read_text())["model_type"] == "caid"

@@ -332,6 +332,12 @@ class PretrainingArguments:
                                             "findings live in low-level features) or 'pooled' "
                                             "(pooler_output)."}
     )
+    probe_batch_norm_statistics: str = field(
+        default="model", metadata={"help": "'model': embed with the encoder's running "
+                                           "BatchNorm statistics; 'data': re-estimate them "
+                                           "on the probe's images first (on a copy), the "
+                                           "fair way to compare with a random encoder."}
+    )
 
     def __post_init__(self):
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -347,6 +353,9 @@ class PretrainingArguments:
             raise ValueError("push_to_hub / hub_dry_run need hub_model_id ('namespace/name')")
         if self.probe_steps < 0:
             raise ValueError(f"probe_steps must be >= 0 (0: no online probe), got {self.probe_steps}")
+        if self.probe_batch_norm_statistics not in ("model", "data"):
+            raise ValueError(f"probe_batch_norm_statistics must be 'model' or 'data', got "
+                             f"{self.probe_batch_norm_statistics!r}")
         if self.probe_embedding not in ("stages", "pooled"):
             raise ValueError(f"probe_embedding must be 'stages' or 'pooled', got "
                              f"{self.probe_embedding!r}")

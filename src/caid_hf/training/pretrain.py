@@ -512,7 +512,7 @@ def build_probe(args: PretrainingArguments, config: CAiDConfig, accelerator):
     # phantom shrunk to the view would blur its few-pixel nodules
     return OnlineProbe(args.probe_source, config.image_size, args.probe_num_images,
                        config.image_size, args.probe_images_root, args.probe_embedding,
-                       seed=args.seed)
+                       seed=args.seed, batch_norm_statistics=args.probe_batch_norm_statistics)
 
 
 def resume(run: PretrainRun) -> None:
