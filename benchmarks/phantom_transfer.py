@@ -36,6 +36,7 @@ order. Data, metrics and sizes were fixed before any CAiD-vs-ID comparison on th
     python benchmarks/phantom_transfer.py --quick      # smoke run, a few minutes
     python benchmarks/phantom_transfer.py --device cuda --pretrain-steps 20000   # on a GPU
     python benchmarks/phantom_transfer.py --phantoms v1   # the first phantoms' benchmark
+    python benchmarks/phantom_transfer.py --resume     # a stopped run: its missing seeds
 
 ``--phantoms v1`` reproduces the earlier figures (nodule present, 96 pre-training steps,
 1,000 labelled phantoms; no supervised start).
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -168,6 +170,28 @@ def supervised_backbone(version: Version, seed: int, pool: int, validation: int,
     return out / "backbone"
 
 
+def resume(evaluation: TransferEvaluation, out: Path) -> list[int]:
+    """Take the finished seeds' runs from ``out/results.json`` into ``evaluation``; returns
+    those seeds. Refuses results of other settings (label pool, fractions, test set)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    before = json.loads(path.read_text())
+    now = evaluation.results()
+    for what in (("data", "pool_images"), ("data", "test_images"), ("data", "label_names"),
+                 ("settings", "label_fractions"), ("settings", "modes")):
+        if before[what[0]][what[1]] != now[what[0]][what[1]]:
+            raise SystemExit(f"--resume: {path} has {what[1]} {before[what[0]][what[1]]}, "
+                             f"this run {now[what[0]][what[1]]}; give another --out")
+    done = list(before["seeds_done"])
+    evaluation.runs = [r for r in before["runs"] if r["seed"] in done]
+    evaluation.seeds_done = done
+    evaluation.backbone_specs = before["settings"]["backbones"]
+    evaluation.stage_widths = before["data"]["stage_channels"]
+    print(f"--resume: seeds {done} taken from {path}", flush=True)
+    return done
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phantoms", choices=sorted(VERSIONS), default="cxr14",
@@ -192,17 +216,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="'cpu' or 'cuda' (default: cuda where there is one).")
     parser.add_argument("--workers", type=int, default=1, help="Pre-training loader workers.")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "phantom_transfer"))
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the seeds OUT/results.json has finished (same settings) "
+                             "and run the others.")
     parser.add_argument("--quick", action="store_true",
-                        help="Smoke run: 1 seed, 8 pre-training steps, small sets.")
+                        help="Smoke run: 1 seed, 4 pre-training steps, label fractions 50 "
+                             "and 100 %%, small sets.")
     a = parser.parse_args(argv)
     version = VERSIONS[a.phantoms]
     for name in ("pretrain_steps", "unlabelled_pool", "label_pool", "validation_phantoms",
                  "test_phantoms", "finetune_steps"):
         if getattr(a, name) is None:
             setattr(a, name, getattr(version, name))
+    fractions = list(FRACTIONS)
     if a.quick:
-        a.seeds, a.pretrain_steps, a.unlabelled_pool, a.label_pool = 1, 8, 256, 200
-        a.validation_phantoms, a.test_phantoms, a.finetune_steps, a.eval_steps = 16, 40, 10, 5
+        a.seeds, a.pretrain_steps, a.unlabelled_pool, a.label_pool = 1, 4, 128, 100
+        a.validation_phantoms, a.test_phantoms, a.finetune_steps, a.eval_steps = 16, 40, 4, 2
+        fractions = [0.5, 1.0]
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(a.out)
@@ -210,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     evaluation = TransferEvaluation(
         TransferArguments(backbones=[NAMES[s] for s in version.starts],
-                          label_fractions=list(FRACTIONS), seeds=a.seeds,
+                          label_fractions=fractions, seeds=a.seeds,
                           modes=["probe", "finetune", "segment"],
                           label_groups=version.label_groups, probe_stages=version.probe_stages,
                           segmentation_batch_size=8),
@@ -230,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
                              f"of 32 images on {a.unlabelled_pool}, {a.finetune_steps} "
                              "fine-tuning steps per run")
     started = time.perf_counter()
+    done = resume(evaluation, out) if a.resume else []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
+        if seed in done:
+            continue
         starts = {NAMES["random"]: "random"}
         for method in ("ID", "CAiD"):
             t = time.perf_counter()

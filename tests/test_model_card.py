@@ -167,12 +167,15 @@ def test_licence_and_datasets_are_card_metadata(backbone_dir, run_dir):
 
 
 def test_push_fills_the_repo_id_and_licence_into_the_card(backbone_dir, run_dir, capsys):
-    from caid_hf.publishing import push_folder
+    from caid_hf.publishing import push_folder, update_card
 
     write_model_card(backbone_dir, run_dir)
     assert '"org/name"' in (backbone_dir / "README.md").read_text()
+    before = (backbone_dir / "README.md").read_bytes()
     push_folder(backbone_dir, "you/caid-demo", dry_run=True, license="mit",
                 datasets=["you/xrays"])
+    assert (backbone_dir / "README.md").read_bytes() == before  # a dry run changes nothing
+    update_card(backbone_dir, "you/caid-demo", license="mit", datasets=["you/xrays"])
     card = ModelCard.load(backbone_dir / "README.md")
     assert '"org/name"' not in card.text and card.text.count('"you/caid-demo"') == 5
     assert 'AutoModel.from_pretrained("you/caid-demo", trust_remote_code=True)' in card.text
@@ -203,11 +206,16 @@ def test_push_with_exports_writes_smp_and_timm_folders_that_load(backbone_dir, c
     import timm
     import torch
 
-    from caid_hf.publishing import push_folder
+    from caid_hf.publishing import add_exports, push_folder
 
     plan = dict(push_folder(backbone_dir, "you/caid-demo", dry_run=True, with_exports=True))
     assert {"smp/config.json", "smp/model.safetensors", "smp/README.md",
             "timm/config.json", "timm/model.safetensors", "timm/README.md"} <= set(plan)
+    assert not (backbone_dir / "smp").exists()  # the dry run prepared them on a copy
+    assert "export: smp/ would be written into" in capsys.readouterr().out
+    add_exports(backbone_dir, "you/caid-demo")
+    assert plan["smp/model.safetensors"] == (backbone_dir / "smp" / "model.safetensors"
+                                             ).stat().st_size
     saved = CAiDModel.from_pretrained(backbone_dir).state_dict()
     unet = smp.from_pretrained(str(backbone_dir / "smp"))
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in saved.items())

@@ -58,7 +58,12 @@ def test_dry_run_prints_repo_revision_and_every_file(saved_folder, capsys, monke
     plan = push_folder(saved_folder, "org/caid-resnet18", revision="v1", dry_run=True)
     out = capsys.readouterr().out
 
-    assert plan == expected_files(saved_folder)
+    on_disk = dict(expected_files(saved_folder))
+    assert dict(plan).keys() == on_disk.keys()
+    # every file as it is, the card as it would be uploaded (the repo id filled in: longer)
+    assert {p: s for p, s in plan if p != "README.md"} == {
+        p: s for p, s in on_disk.items() if p != "README.md"}
+    assert dict(plan)["README.md"] > on_disk["README.md"]
     assert "repo_id: org/caid-resnet18" in out and "revision: v1" in out
     for path, size in plan:
         assert f"  {path}  {size} bytes" in out
@@ -162,6 +167,42 @@ def test_offline_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
 
     with pytest.raises(OSError):  # offline and not cached: a clear failure, no download
         CAiDModel.from_pretrained("org/not-in-the-cache")
+
+
+def test_cli_push_dry_run_changes_nothing_and_says_so(tmp_path, capsys):
+    """A dry run with a card to fill and exports to write: every file keeps its bytes and
+    modification time, no file is added, and the output says nothing was uploaded."""
+    import os
+    import time
+
+    from caid_hf import CAiDConfig, CAiDModel
+    from caid_hf.cli import main as cli
+    from caid_hf.model_card import write_model_card
+    from caid_hf.publishing import update_card
+
+    tmp_path = tmp_path / "best"
+    CAiDModel(CAiDConfig(encoder_name="resnet18", image_size=64)).save_pretrained(tmp_path)
+    write_model_card(tmp_path)
+    assert '"org/name"' in (tmp_path / "README.md").read_text()
+    old = time.time() - 3600  # an hour ago: a rewrite would move it to now
+    for path in tmp_path.iterdir():
+        os.utime(path, (old, old))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    cli(["push", str(tmp_path), "you/caid-demo", "--dry-run", "--with-exports"])
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    assert after == before
+    printed = capsys.readouterr().out
+    assert f"dry run: nothing was uploaded and {tmp_path} was not changed" in printed
+    listed = dict(line.split()[:2] for line in printed.splitlines()
+                  if line.startswith("  ") and " bytes" in line)
+    # the card as it would be uploaded: the repo id in place of the placeholder
+    filled = tmp_path.parent / "filled"
+    filled.mkdir()
+    shutil.copy(tmp_path / "README.md", filled / "README.md")
+    update_card(filled, "you/caid-demo")
+    assert '"you/caid-demo"' in (filled / "README.md").read_text()
+    assert int(listed["README.md"]) == (filled / "README.md").stat().st_size
+    assert "smp/model.safetensors" in listed and "timm/config.json" in listed
 
 
 def test_cli_push_dry_run_lists_the_folder(tmp_path, capsys):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -165,6 +167,21 @@ def _export_card(folder: Path, repo_id: str, library: str, what: str, import_lin
                                                          what=what, snippet=snippet))
 
 
+def _prepare(folder: str | Path, repo_id: str, fill_card: bool, with_exports: bool,
+             license: str | None, license_name: str | None, license_link: str | None,
+             datasets: list[str] | None, shown_as: str | Path | None = None
+             ) -> list[tuple[str, int]]:
+    """Fill the card and write the exports in ``folder``; returns the upload plan."""
+    if fill_card and (Path(folder) / "README.md").is_file():
+        update_card(folder, repo_id, license=license, license_name=license_name,
+                    license_link=license_link, datasets=datasets)
+    if with_exports:
+        for sub in add_exports(folder, repo_id):
+            print(f"export: {sub}/ {'would be ' if shown_as else ''}written into "
+                  f"{shown_as or folder}")
+    return check_folder(folder)
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -186,30 +203,35 @@ def push_folder(
         repo_id: ``namespace/name``; the repo is created if it does not exist.
         revision: branch to push to (created from ``main`` when missing); default ``main``.
         private: visibility of a newly created repo (an existing repo keeps its own).
-        dry_run: only print what would be uploaded; no network access at all.
+        dry_run: only print what would be uploaded; no network access at all, and the
+            folder is not changed (card and exports are prepared on a temporary copy).
         commit_message: message of the Hub commit.
         license, license_name, license_link, datasets: set in the card's metadata (see
             :func:`update_card`); unset ones keep the card's.
         with_exports: also write and upload the ``smp/`` and ``timm/`` export folders
             (:func:`add_exports`).
         fill_card: write the repo id into the card's snippets first (the folder's README.md
-            is updated, dry run included, so what is printed is what would be uploaded).
+            is updated; with ``dry_run`` only the copy's).
 
     Returns:
         The uploaded (or, with ``dry_run``, the planned) files as ``(path, bytes)``.
     """
     check_repo_id(repo_id)
     check_folder(folder)
-    if fill_card and (Path(folder) / "README.md").is_file():
-        update_card(folder, repo_id, license=license, license_name=license_name,
-                    license_link=license_link, datasets=datasets)
-    if with_exports:
-        for sub in add_exports(folder, repo_id):
-            print(f"export: {sub}/ written into {folder}")
-    plan = check_folder(folder)
-    print_plan(repo_id, revision, plan)
-    if dry_run:
+    if dry_run:  # the same steps on a copy: what would be uploaded, the folder untouched
+        with tempfile.TemporaryDirectory(prefix="caid-hf-dry-run-") as scratch:
+            copy = Path(scratch) / Path(folder).name
+            shutil.copytree(folder, copy)
+            plan = _prepare(copy, repo_id, fill_card, with_exports, license, license_name,
+                            license_link, datasets, shown_as=folder)
+        print_plan(repo_id, revision, plan)
+        print(f"dry run: nothing was uploaded and {folder} was not changed (the sizes are "
+              "those of the files as they would be uploaded, the card with the repo id "
+              "filled in)")
         return plan
+    plan = _prepare(folder, repo_id, fill_card, with_exports, license, license_name,
+                    license_link, datasets)
+    print_plan(repo_id, revision, plan)
 
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
