@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items())
         print(f"usage: caid-hf COMMAND [options]\n\ncommands:\n{lines}\n\n"
-              "`caid-hf COMMAND --help` lists a command's options; set CAID_HF_DEBUG=1 to see "
-              "the traceback of an error")
+              "`caid-hf COMMAND --help` lists a command's options")
         if argv and argv[0] not in ("-h", "--help"):
             import difflib
 

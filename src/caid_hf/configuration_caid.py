@@ -23,6 +23,17 @@ DISCRIMINATION_METHODS = ("moco_v2", "barlow_twins", "simsiam")
 SYMMETRIC_METHODS = ("barlow_twins", "simsiam")
 
 
+
+def check_image_size(image_size: int, what: str = "image_size") -> None:
+    """Refuse a model input side that is not a positive multiple of 32 (the U-Net halves it
+    five times), naming the nearest allowed sides: ``--image_size 100`` → 96 or 128."""
+    if image_size > 0 and image_size % 32 == 0:
+        return
+    lower = image_size // 32 * 32
+    nearest = [s for s in (lower, lower + 32) if s > 0] or [32]
+    raise ValueError(f"{what} must be a positive multiple of 32 (the U-Net halves it 5 "
+                     f"times), got {image_size}; use {' or '.join(map(str, nearest))}")
+
 class CAiDConfig(PretrainedConfig):
     r"""Configuration of a CAiD U-Net and its pre-training objective.
 
@@ -156,11 +167,7 @@ class CAiDConfig(PretrainedConfig):
             raise ValueError(f"decoder_channels must be positive, got {self.decoder_channels}")
         if self.in_channels <= 0:
             raise ValueError(f"in_channels must be positive, got {self.in_channels}")
-        if self.image_size <= 0 or self.image_size % 32:
-            raise ValueError(
-                f"image_size must be a positive multiple of 32 (the U-Net downsamples 5 times), "
-                f"got {self.image_size}"
-            )
+        check_image_size(self.image_size)
         if self.discrimination_method not in DISCRIMINATION_METHODS:
             raise ValueError(
                 f"discrimination_method={self.discrimination_method!r} is unknown; "

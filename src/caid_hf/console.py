@@ -65,8 +65,9 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def run_command(prog: str, function: Callable[[], object]) -> object:
-    """Run a command's ``function``; a user error prints ``prog: error: message`` (plus how
-    to see the traceback) on stderr and exits with status 2, unless ``CAID_HF_DEBUG=1``."""
+    """Run a command's ``function``; a user error prints ``prog: error: message`` on stderr
+    and exits with status 2 (a user's mistake has no traceback worth reading; with
+    ``CAID_HF_DEBUG=1`` it is raised as it is, for developers)."""
     try:
         return function()
     except Exception as error:
@@ -75,8 +76,7 @@ def run_command(prog: str, function: Callable[[], object]) -> object:
         message = str(error).strip() or type(error).__name__
         if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
             message = f"{message}: {error.filename}"
-        print(f"{prog}: error: {message}\n(set {DEBUG_VARIABLE}=1 to see the traceback)",
-              file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
 
 

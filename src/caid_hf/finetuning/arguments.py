@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config_parsing
+from ..configuration_caid import check_image_size
 from ..data.patients import check_patient_rule
 from ..runs import resolve_precision
 from .label_formats import BLANK_POLICIES, LABEL_FORMATS, UNCERTAIN_POLICIES
@@ -66,8 +67,8 @@ class FinetuneModelArguments:
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got "
                              f"{self.problem_type!r}")
-        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 32):
-            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
 

@@ -58,7 +58,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .. import config_parsing
-from ..configuration_caid import CAiDConfig
+from ..configuration_caid import CAiDConfig, check_image_size
 from ..console import format_duration, quiet_loading
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
 from ..modeling_caid import CAiDModel
@@ -151,9 +151,8 @@ class TransferArguments:
         if not self.modes or unknown:
             raise ValueError(f"modes must be some of {list(MODES)}, got {self.modes}")
         self.modes = [m for m in MODES if m in self.modes]
-        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 32):
-            raise ValueError(f"image_size must be a positive multiple of 32, got "
-                             f"{self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.segmentation_batch_size is not None and self.segmentation_batch_size < 1:
