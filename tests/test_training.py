@@ -284,21 +284,33 @@ def test_validation_writes_reconstruction_pictures(tmp_path):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from caid_hf.training.reports import grid_caption
+
     out = tmp_path / "run"
-    main(TINY + ["--output_dir", str(out), "--max_steps", "4", "--report_to", "tensorboard"])
+    result = main(TINY + ["--output_dir", str(out), "--max_steps", "4",
+                          "--report_to", "tensorboard"])
     pngs = sorted((out / "pictures").glob("*.png"))
     assert [p.name for p in pngs] == ["reconstructions_step0000004.png"]
+    loss = next(r["val/loss"] for r in result.history if "val/loss" in r and r["step"] == 4)
     with Image.open(pngs[0]) as picture:
         # 8 validation images as rows of (input | reconstruction | target): 64 px views
-        # enlarged 2x (nearest) to 128 px tiles, 2 px gaps, a 20 px band of column labels
-        assert picture.size == (3 * 128 + 4 * 2, 20 + 8 * 128 + 9 * 2)
+        # enlarged 2x (nearest) to 128 px tiles, 2 px gaps, a 20 px caption band (step,
+        # loss, source) and a 20 px band of column labels
+        assert picture.size == (3 * 128 + 4 * 2, 40 + 8 * 128 + 9 * 2)
+        # what the caption says is also in the file, for programs
+        assert picture.text["step"] == "4" and picture.text["source"] == "phantoms"
+        assert float(picture.text["val_loss"]) == pytest.approx(loss, rel=1e-9)
         grid = np.asarray(picture.convert("L"), dtype=np.float64)
-    band, inputs = grid[:20], grid[22:150, 2:130]
-    reconstructions = grid[22:150, 132:260]
-    assert band.min() < 100 and band.mean() > 200  # dark label text on a white band
+    caption, band, inputs = grid[:20], grid[20:40], grid[42:170, 2:130]
+    reconstructions = grid[42:170, 132:260]
+    for text_band in (caption, band):
+        assert text_band.min() < 100 and text_band.mean() > 200  # dark text on white
     assert inputs.std() > 5 and reconstructions.std() > 0  # real images, not blank tiles
     # nearest enlargement: every 2 x 2 block holds one grey level
     np.testing.assert_array_equal(inputs[0::2, 0::2], inputs[1::2, 1::2])
+    assert grid_caption(4, loss, "phantoms") == (
+        f"step 4 | val loss {loss:.4f} | synthetic chest phantoms (phantoms)")
+    assert grid_caption(10, 1.5, "/data/cxr") == "step 10 | val loss 1.5000 | data: /data/cxr"
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent),
                               size_guidance={"images": 0})
     events.Reload()

@@ -763,7 +763,8 @@ def validate_and_save(run: PretrainRun) -> None:
     if picture is not None and accelerator.is_main_process:
         save_reconstruction_grid(picture, run.output_dir / "pictures" /
                                  f"reconstructions_step{state.global_step:07d}.png",
-                                 accelerator, state.global_step)
+                                 accelerator, state.global_step, metrics.get("val/loss"),
+                                 run.data.data_args.train_source)
     run.data.report_bad_files(images_seen(run), run.console.say)
     bad = len(run.data.bad_files)
     metrics.update({"epoch": run.epoch, "data/bad_files": bad})

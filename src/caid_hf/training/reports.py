@@ -62,14 +62,49 @@ GRID_MIN_TILE = 128  # px: smaller views are enlarged (nearest) so the grid read
 GRID_LABEL_HEIGHT = 20  # px of the column-label band above the tiles
 
 
+def _caption_font(draw, text: str, width: int):
+    """Pillow's own font at the largest size from 12 px down to 8 px that fits ``text`` in
+    ``width`` where Pillow has FreeType (its small bitmap font drops the colon of
+    ``phantoms:cxr14``), else the bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        for size in range(12, 7, -1):
+            font = ImageFont.load_default(size=size)
+            if draw.textlength(text, font=font) <= width - 4:
+                break
+        return font
+    except (TypeError, ImportError, OSError):  # no FreeType in this Pillow
+        return ImageFont.load_default()
+
+
+def grid_caption(step: int | None, loss: float | None, source: str | None) -> str:
+    """The grid's title line, e.g. ``step 192 | val loss 5.0180 | synthetic chest phantoms
+    (phantoms:cxr14)``."""
+    from ..data.source_spec import PHANTOM_SPECS
+
+    parts = []
+    if step is not None:
+        parts.append(f"step {step}")
+    if loss is not None:
+        parts.append(f"val loss {loss:.4f}")
+    if source is not None:
+        parts.append(f"synthetic chest phantoms ({source})" if source in PHANTOM_SPECS
+                     else f"data: {source}")
+    return " | ".join(parts)
+
+
 def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Tensor], path: Path,
-                             accelerator=None, step: int | None = None) -> torch.Tensor:
+                             accelerator=None, step: int | None = None,
+                             loss: float | None = None, source: str | None = None
+                             ) -> torch.Tensor:
     """One row per image: distorted input | reconstruction | target (each [b, 1, S, S] in
-    [0, 1]) under a band naming the columns, written as a PNG and, when a TensorBoard
-    tracker runs, as the image ``val/reconstructions``. Views smaller than
-    :data:`GRID_MIN_TILE` px are enlarged by a whole factor with nearest-neighbour sampling
-    (each pixel a block, nothing smoothed away). Returns the picture, float [3, H, W] in
-    [0, 1]."""
+    [0, 1]) under a caption (step, validation loss, data source: :func:`grid_caption`) and
+    a band naming the columns, written as a PNG and, when a TensorBoard tracker runs, as
+    the image ``val/reconstructions``. The PNG also carries ``step``, ``val_loss`` and
+    ``source`` as text chunks. Views smaller than :data:`GRID_MIN_TILE` px are enlarged by
+    a whole factor with nearest-neighbour sampling (each pixel a block, nothing smoothed
+    away). Returns the picture, float [3, H, W] in [0, 1]."""
     import numpy as np
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -82,15 +117,26 @@ def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Ten
     padding = 2
     grid = make_grid(rows, nrow=3, padding=padding, pad_value=1.0)
     tiles = (grid[0].mul(255).round().byte().numpy())
-    picture = Image.new("L", (tiles.shape[1], tiles.shape[0] + GRID_LABEL_HEIGHT), 255)
-    picture.paste(Image.fromarray(tiles), (0, GRID_LABEL_HEIGHT))
+    from PIL.PngImagePlugin import PngInfo
+
+    caption = grid_caption(step, loss, source)
+    top = GRID_LABEL_HEIGHT if caption else 0
+    picture = Image.new("L", (tiles.shape[1], tiles.shape[0] + top + GRID_LABEL_HEIGHT), 255)
+    picture.paste(Image.fromarray(tiles), (0, top + GRID_LABEL_HEIGHT))
     draw = ImageDraw.Draw(picture)
+    if caption:
+        draw.text((picture.width / 2, top / 2), caption, fill=0, anchor="mm",
+                  font=_caption_font(draw, caption, picture.width))
     tile = inputs.shape[-1]
     for column, label in enumerate(GRID_COLUMNS):
         centre = padding + column * (tile + padding) + tile / 2
-        draw.text((centre, GRID_LABEL_HEIGHT / 2), label, fill=0, anchor="mm")
+        draw.text((centre, top + GRID_LABEL_HEIGHT / 2), label, fill=0, anchor="mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    text = PngInfo()
+    for key, value in (("step", step), ("val_loss", loss), ("source", source)):
+        if value is not None:
+            text.add_text(key, str(value))
+    picture.save(path, pnginfo=text)
     image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).expand(3, -1, -1)
     if accelerator is not None:
         for tracker in accelerator.trackers:
