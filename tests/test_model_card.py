@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import yaml
@@ -225,3 +226,59 @@ def test_push_with_exports_writes_smp_and_timm_folders_that_load(backbone_dir, c
     assert all(torch.equal(resnet.state_dict()[k], v) for k, v in encoder.items())
     assert "[you/caid-demo](https://huggingface.co/you/caid-demo)" in (
         backbone_dir / "smp" / "README.md").read_text()
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under ``heading`` up to the next heading of the same or a higher level
+    (lines in code blocks, such as ``# a comment``, are not headings)."""
+    level = len(heading.split(" ")[0])
+    lines = text.split(f"\n{heading}\n", 1)[1].splitlines()
+    fenced, kept = False, []
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        hashes = len(line) - len(line.lstrip("#"))
+        if not fenced and 0 < hashes <= level and line[hashes:hashes + 1] == " ":
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def test_card_states_uses_limits_evaluation_and_loading_without_installing(backbone_dir,
+                                                                           run_dir):
+    """The Hub card template's sections (uses, out-of-scope, limitations), the run's last
+    online-probe figures as the evaluation, the trust_remote_code path first, and no
+    install line naming a package no index serves."""
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    state["history"].append({"step": 192, "probe/linear_probe_auc": 0.7123,
+                             "probe/knn_auc": 0.6401,
+                             "probe/linear_probe_auc/Cardiomegaly": 0.9012,
+                             "probe/linear_probe_auc/Nodule": 0.5234})
+    (run_dir / "trainer_state.json").write_text(json.dumps(state))
+    text = ModelCard.load(write_model_card(backbone_dir, run_dir, repo_id="you/caid")).text
+    uses = _section(text, "## Uses")
+    assert "demonstration" in uses and "not a diagnostic model" in uses  # phantoms
+    out_of_scope = _section(text, "### Out-of-scope use")
+    assert "clinical use" in out_of_scope and "regulatory clearance" in out_of_scope
+    limitations = _section(text, "## Bias, Risks, and Limitations")
+    assert "synthetic chest phantoms only" in limitations  # this run trained on phantoms
+    assert "64 px" in limitations and "per site" in limitations
+    evaluation = _section(text, "## Evaluation")
+    assert "step 192" in evaluation and "linear-probe mean AUC 0.712" in evaluation
+    assert "k-NN mean AUC 0.640" in evaluation
+    assert "| Cardiomegaly | 0.901 |" in evaluation and "| Nodule | 0.523 |" in evaluation
+    usage = _section(text, "## How to use")
+    remote = usage.index('AutoModel.from_pretrained("you/caid", trust_remote_code=True)')
+    assert remote < usage.index("import caid_hf")  # no installing comes first
+    installs = re.findall(r"pip install ([^\n`(]+)", text)
+    assert installs  # the dependencies are named
+    for line in installs:
+        assert "caid-hf" not in line.split() and "caid_hf" not in line.split(), line
+    assert "pip install -e ." in usage  # caid-hf itself from its source
+
+
+def test_card_without_a_probe_says_how_to_evaluate(backbone_dir, run_dir):
+    text = ModelCard.load(write_model_card(backbone_dir, run_dir)).text
+    evaluation = _section(text, "## Evaluation")
+    assert evaluation.strip().startswith("Not evaluated on labelled data")
+    assert "caid-hf evaluate-transfer" in evaluation

@@ -111,8 +111,44 @@ CARD_TAIL = """\
 ```
 """
 
+# Uses, out-of-scope uses and limitations (the Hub card template's sections), and the
+# evaluation this folder's run recorded.
+INTENDED_USE = {
+    False: "A starting point for research models on the kind of images it was trained on: "
+           "an image feature extractor (frozen embeddings for linear probes, retrieval or "
+           "clustering) and the initialisation of classifiers and segmentation U-Nets that "
+           "are then fine-tuned on labelled images, usually with few labels.",
+    True: "A demonstration: it shows and tests the pipeline end to end (loading, frozen "
+          "features, fine-tuning a classifier or a segmentation U-Net from it) on synthetic "
+          "phantoms; pre-train on your own images for a backbone worth using.",
+}
+USES_SECTION = """\
+## Uses
+
+{{ intended_use }} It is a backbone, not a diagnostic model: it outputs features and a
+reconstruction, never a finding.
+
+### Out-of-scope use
+
+- Any clinical use: diagnosis, triage, screening or treatment decisions about patients.
+  These weights are not a medical device, have no regulatory clearance and were not
+  validated on patients.
+- Findings or images unlike the training data (other modalities, paediatric films, other
+  views or resolutions) without evaluating a fine-tuned model on them first.
+
+## Bias, Risks, and Limitations
+
+{% for item in limitations %}- {{ item }}
+{% endfor %}
+## Evaluation
+
+{{ evaluation }}
+"""
+
 TEMPLATE = CARD_HEAD + """\
 {{ method_note }}
+
+""" + USES_SECTION + """\
 
 """ + TRAINING_SECTION + """\
 
@@ -123,17 +159,18 @@ channels), **no mean/std normalisation**, `H` and `W` multiples of 32 (pre-train
 {{ image_size }} px).{% if has_processor %} `AutoImageProcessor` (the saved
 `CAiDImageProcessor`) produces exactly that from PIL images, arrays or DICOM files.{% endif %}
 
-With caid-hf installed (`pip install caid-hf`):
-
-```python
-{{ usage }}
-```
-
-Without caid-hf (the repo carries its code; only torch, transformers and
-segmentation-models-pytorch are needed):
+Without installing caid-hf: the repo carries its code, so `trust_remote_code=True` loads
+it with torch, transformers and segmentation-models-pytorch alone:
 
 ```python
 {{ remote_usage }}
+```
+
+With caid-hf installed from its source repository (`pip install -e .` in a clone; it is
+not on a package index), its classes are registered with the Auto classes:
+
+```python
+{{ usage }}
 ```
 
 The raw weights, into segmentation_models_pytorch{% if resnet %}, torchvision or timm{% endif %}
@@ -271,7 +308,6 @@ def _training_rows(run: dict[str, Any] | None, state: dict[str, Any] | None,
 def _usage(model_id: str, has_processor: bool) -> str:
     processor_import = "AutoImageProcessor, " if has_processor else ""
     lines = [
-        "# pip install caid-hf",
         "import caid_hf  # registers the \"caid\" model type with the Auto classes",
         f"from transformers import (AutoModel, {processor_import}AutoModelForImageClassification,",
         "                          AutoModelForSemanticSegmentation)",
@@ -378,6 +414,52 @@ def _card_data(run: dict[str, Any] | None, encoder: str, datasets, base_model, l
     return card_data, trained_on
 
 
+
+def _limitations(phantoms: bool, image_size: Any) -> list[str]:
+    """What a user must know before trusting these weights."""
+    items = []
+    if phantoms:
+        items.append("These weights were trained on synthetic chest phantoms only, for "
+                     "demonstration and testing: they have never seen a radiograph and are "
+                     "no starting point for a real task.")
+    items += [
+        "Self-supervised features inherit the training images' population, scanners, "
+        "hospitals and acquisition habits (AP/PA, portable films, burnt-in markers); expect "
+        "them to transfer less well to other sites and check a fine-tuned model per site "
+        "and per patient group (sex, age, device).",
+        "Shortcuts in the images (text markers, tubes and lines, collimation) can be learned "
+        "as readily as anatomy; a downstream model can rely on them.",
+        f"Pre-trained at {image_size} px: findings smaller than a few pixels at that size "
+        "are not represented; use larger inputs for small findings.",
+        "Downstream figures depend on the labels used to fine-tune: report-mined labels "
+        "(ChestX-ray14, CheXpert, MIMIC-CXR) are noisy.",
+    ]
+    return items
+
+
+def _evaluation(state: dict[str, Any] | None) -> str:
+    """The online probe's last figures of the run (trainer_state.json), or how to evaluate."""
+    probes = [r for r in (state or {}).get("history", [])
+              if isinstance(r, dict) and "probe/linear_probe_auc" in r]
+    how = ("`caid-hf evaluate-features` (frozen k-NN and linear probes) and `caid-hf "
+           "evaluate-transfer` (linear probe and fine-tuning at several label fractions "
+           "against a random start) measure it on labelled data.")
+    if not probes:
+        return f"Not evaluated on labelled data during pre-training. {how}"
+    last = probes[-1]
+    per_label = {k.split("/", 2)[2]: v for k, v in last.items()
+                 if k.startswith("probe/linear_probe_auc/")}
+    lines = [f"Online probe of the run at step {last.get('step', '?')} (frozen encoder; "
+             "logistic regression and k-NN on a small labelled set, ROC-AUC on held-out "
+             "images): linear-probe mean AUC "
+             f"{last['probe/linear_probe_auc']:.3f}, k-NN mean AUC "
+             f"{last.get('probe/knn_auc', float('nan')):.3f}."]
+    if per_label:
+        lines += ["", "| label | linear-probe AUC |", "|---|---:|"]
+        lines += [f"| {name} | {auc:.3f} |" for name, auc in per_label.items()]
+    lines += ["", f"This is a check that the features learned, not a benchmark. {how}"]
+    return "\n".join(lines)
+
 def build_model_card(
     folder: str | Path,
     run_dir: str | Path | None = None,
@@ -467,6 +549,10 @@ def build_model_card(
         resnet=encoder.startswith("resnet"),
         differences=DIFFERENCES,
         citation=CITATION,
+        limitations=_limitations(trained_on.startswith("the synthetic chest phantoms"),
+                                 config.get("image_size", NOT_RECORDED)),
+        evaluation=_evaluation(state),
+        intended_use=INTENDED_USE[trained_on.startswith("the synthetic chest phantoms")],
     )
     return card
 
