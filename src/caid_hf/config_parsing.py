@@ -161,20 +161,58 @@ VALUE_RULES = {
 }
 
 
+def value_mistakes(outputs, yaml_values: dict, config_path: str | None) -> list[str]:
+    """Every value out of its field's range (:data:`VALUE_RULES`), each naming the field and
+    where it was set (the YAML file or the command line). ``outputs``: argument objects, or
+    one mapping of field names to values."""
+    values = (outputs if isinstance(outputs, dict) else
+              {item.name: getattr(output, item.name) for output in outputs
+               for item in dataclasses.fields(output)})
+    mistakes = []
+    for name, value in values.items():
+        rule = VALUE_RULES.get(name)
+        if rule is None or value is None or isinstance(value, (bool, str, list)):
+            continue
+        accept, text = rule
+        if not accept(value):
+            mistakes.append(f"{_where(name, yaml_values, config_path)} must be {text}, "
+                            f"got {value!r}")
+    return mistakes
+
+
 def check_values(outputs: tuple, yaml_values: dict, config_path: str | None) -> None:
-    """Refuse a value out of its field's range (:data:`VALUE_RULES`), naming the field and
-    where it was set (the YAML file or the command line)."""
-    for output in outputs:
-        for item in dataclasses.fields(output):
-            rule = VALUE_RULES.get(item.name)
-            value = getattr(output, item.name)
-            if rule is None or value is None or isinstance(value, (bool, str, list)):
-                continue
-            accept, text = rule
-            if not accept(value):
-                where = (f"{config_path}: {item.name}" if item.name in yaml_values
-                         else f"--{item.name}")
-                raise ConfigurationError(f"{where} must be {text}, got {value!r}")
+    """Refuse values out of their fields' ranges (:func:`value_mistakes`), all in one
+    message."""
+    mistakes = value_mistakes(outputs, yaml_values, config_path)
+    if mistakes:
+        raise ConfigurationError(_joined(mistakes))
+
+
+def _where(name: str, yaml_values: dict, config_path: str | None) -> str:
+    return f"{config_path}: {name}" if config_path and name in yaml_values else f"--{name}"
+
+
+def _joined(mistakes: list[str]) -> str:
+    """One mistake as it is; several numbered on their own lines."""
+    if len(mistakes) == 1:
+        return mistakes[0]
+    return f"{len(mistakes)} mistakes:\n" + "\n".join(
+        f"  {k}. {m}" for k, m in enumerate(mistakes, 1))
+
+
+def _build(kind: type, namespace: argparse.Namespace, yaml_values: dict,
+           config_path: str | None):
+    """``kind`` from the parsed values; its ``__post_init__`` refusal as a message naming
+    where the value came from (the object is then None)."""
+    names = {f.name for f in dataclasses.fields(kind) if f.init}
+    try:
+        return kind(**{k: v for k, v in vars(namespace).items() if k in names}), None
+    except ValueError as error:  # a __post_init__ check
+        message = str(error)
+        name = message.split(" ", 1)[0]
+        if config_path and name in yaml_values:
+            message = f"{config_path}: {message}"
+        return None, message
 
 
 def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
@@ -182,10 +220,11 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
     ``classes`` (dataclass defaults < YAML file < command line).
 
-    Flags are accepted as ``--snake_case`` and ``--kebab-case``; a flag no field takes
-    stops with argparse's usage line, exit status 2 and "did you mean" (as an unknown YAML
-    key does). Every value is checked for its type and range before anything is built, and
-    a bad one is named with the file (or flag) it came from."""
+    Flags are accepted as ``--snake_case`` and ``--kebab-case``. Every mistake is reported
+    at once, before anything is built, in one message (exit status 2): flags no field takes
+    (with "did you mean", as for an unknown YAML key), values of the wrong type (argparse's
+    own message), each argument object's own check (``__post_init__``: one per object) and
+    every value out of its range, each named with the file (or flag) it came from."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -196,17 +235,21 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     parser.add_argument("--config", default=None, help="YAML file of argument values.")
     yaml_values = load_yaml_config(known.config, classes) if known.config else {}
     parser.set_defaults(**yaml_values)
-    try:
-        *outputs, remaining = parser.parse_args_into_dataclasses(args=rest,
-                                                                 return_remaining_strings=True)
-    except ValueError as error:  # a __post_init__ check: say where the value came from
-        message = str(error)
-        name = message.split(" ", 1)[0]
-        if known.config and name in yaml_values:
-            raise ConfigurationError(f"{known.config}: {message}") from None
-        raise
-    if remaining:
-        parser.error(unknown_flags_message(remaining, option_strings(parser)))
-    outputs = tuple(outputs[: len(classes)])
-    check_values(outputs, yaml_values, known.config)
-    return outputs
+    namespace, remaining = parser.parse_known_args(args=rest)
+    mistakes = [unknown_flags_message(remaining, option_strings(parser))] if remaining else []
+    fields = {f.name for kind in classes for f in dataclasses.fields(kind)}
+    out_of_range = value_mistakes({k: v for k, v in vars(namespace).items() if k in fields},
+                                  yaml_values, known.config)
+    named = {m.split(" must ", 1)[0].split(": ")[-1].lstrip("-") for m in out_of_range}
+    outputs = []
+    for kind in classes:
+        output, mistake = _build(kind, namespace, yaml_values, known.config)
+        outputs.append(output)
+        if mistake and mistake.split(" ", 1)[0].split(": ")[-1] not in named:
+            mistakes.append(mistake)  # (a field already out of its range is named once)
+    mistakes += out_of_range
+    if remaining and len(mistakes) == 1:
+        parser.error(mistakes[0])  # argparse's usage line above the flag and its suggestion
+    if mistakes:
+        raise ConfigurationError(_joined(mistakes))
+    return tuple(outputs)

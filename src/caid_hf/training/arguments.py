@@ -387,8 +387,13 @@ def _model_arguments_class() -> type:
             fields.append((name, list[int], field(default_factory=lambda d=default: list(d))))
         else:
             fields.append((name, type(default), field(default=default)))
-    cls = dataclasses.make_dataclass("ModelArguments", fields)
-    cls.__doc__ = "Every CAiDConfig field, overridable from YAML or the command line."
+    def check(self) -> None:  # the config's own checks, when the arguments are parsed
+        CAiDConfig(**dataclasses.asdict(self))
+
+    cls = dataclasses.make_dataclass("ModelArguments", fields,
+                                     namespace={"__post_init__": check})
+    cls.__doc__ = ("Every CAiDConfig field, overridable from YAML or the command line, "
+                   "checked by CAiDConfig itself.")
     return cls
 
 
