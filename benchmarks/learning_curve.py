@@ -8,8 +8,8 @@ for each of the eight findings. The curve is the mean AUC (and the mean of each 
 global, regional, local) against pre-training steps; step 0 is the randomly initialised
 encoder. The label-efficiency benchmark's pre-training budget is read off this curve: where
 it flattens, or the time cap. On a 2-core CPU the default (600 steps, 19,200 views per
-method, about 10 minutes each on the AVX2 CPU) already reaches past that cap: a 90-minute
-benchmark of three seeds leaves each pre-training about 5 minutes.
+method, about 36 minutes each with its probes on an AVX2 CPU) already reaches past that
+cap: a 90-minute benchmark of three seeds leaves each pre-training about 5 minutes.
 
 The settings below are fixed before any comparison of the two methods is made on this data:
 the paper's augmentation (crops of 20-100 % of the film, brightness/contrast jitter with
