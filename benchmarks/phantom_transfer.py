@@ -120,12 +120,13 @@ class Version:
 
 VERSIONS = {
     # 100 pre-training steps: benchmarks/learning_curve.py's probe still rises at 600 steps
-    # (ID 0.689 at step 0, 0.707 at 100, 0.725 at 600), so the budget is the time cap: at
-    # about 3.5 s per step on the 2-core CPU, 3 seeds x 2 methods x 100 steps take 35 min
-    # of the 90, fine-tuning (96 runs of 200 steps) most of the rest
+    # (ID 0.689 at step 0, 0.707 at 100, 0.725 at 600), so the budget is the time cap. On
+    # the 2-core AVX2 CPU one seed at 200 fine-tuning steps took about 55 min (pre-training
+    # 3.5 + 4.5 min, the supervised start 3.4, each fine-tuning run 60-70 s, each
+    # segmentation run 90-100 s); 100 fine-tuning steps bring 3 seeds to about 90 min
     "cxr14": Version("phantoms:cxr14", CXR14_PRETRAINING, pretrain_steps=100,
                      unlabelled_pool=20000, label_pool=2000, validation_phantoms=250,
-                     test_phantoms=1000, finetune_steps=200,
+                     test_phantoms=1000, finetune_steps=100,
                      starts=("random", "ID", "CAiD", "supervised"),
                      label_groups=[f"{g}={','.join(n)}" for g, n in SCALE_GROUPS.items()],
                      probe_stages=True),
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Keep the seeds OUT/results.json has finished (same settings) "
                              "and run the others.")
     parser.add_argument("--quick", action="store_true",
-                        help="Smoke run: 1 seed, 4 pre-training steps, label fractions 50 "
-                             "and 100 %%, small sets.")
+                        help="Smoke run: 1 seed, 4 pre-training steps, half the labels, "
+                             "small sets.")
     a = parser.parse_args(argv)
     version = VERSIONS[a.phantoms]
     for name in ("pretrain_steps", "unlabelled_pool", "label_pool", "validation_phantoms",
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         a.seeds, a.pretrain_steps, a.unlabelled_pool, a.label_pool = 1, 4, 128, 100
         a.validation_phantoms, a.test_phantoms, a.finetune_steps, a.eval_steps = 16, 40, 4, 2
-        fractions = [0.5, 1.0]
+        fractions = [0.5]
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(a.out)
