@@ -161,31 +161,18 @@ VALUE_RULES = {
 }
 
 
-def value_mistakes(outputs, yaml_values: dict, config_path: str | None) -> list[str]:
-    """Every value out of its field's range (:data:`VALUE_RULES`), each naming the field and
-    where it was set (the YAML file or the command line). ``outputs``: argument objects, or
-    one mapping of field names to values."""
-    values = (outputs if isinstance(outputs, dict) else
-              {item.name: getattr(output, item.name) for output in outputs
-               for item in dataclasses.fields(output)})
-    mistakes = []
+def value_mistakes(values: dict, yaml_values: dict, config_path: str | None) -> dict[str, str]:
+    """Field name → message for every value out of its field's range (:data:`VALUE_RULES`),
+    each message naming where the value was set (the YAML file or the command line)."""
+    mistakes = {}
     for name, value in values.items():
         rule = VALUE_RULES.get(name)
         if rule is None or value is None or isinstance(value, (bool, str, list)):
             continue
         accept, text = rule
         if not accept(value):
-            mistakes.append(f"{_where(name, yaml_values, config_path)} must be {text}, "
-                            f"got {value!r}")
+            mistakes[name] = f"{_where(name, yaml_values, config_path)} must be {text}, got {value!r}"
     return mistakes
-
-
-def check_values(outputs: tuple, yaml_values: dict, config_path: str | None) -> None:
-    """Refuse values out of their fields' ranges (:func:`value_mistakes`), all in one
-    message."""
-    mistakes = value_mistakes(outputs, yaml_values, config_path)
-    if mistakes:
-        raise ConfigurationError(_joined(mistakes))
 
 
 def _where(name: str, yaml_values: dict, config_path: str | None) -> str:
@@ -201,18 +188,19 @@ def _joined(mistakes: list[str]) -> str:
 
 
 def _build(kind: type, namespace: argparse.Namespace, yaml_values: dict,
-           config_path: str | None):
-    """``kind`` from the parsed values; its ``__post_init__`` refusal as a message naming
-    where the value came from (the object is then None)."""
+           config_path: str | None) -> tuple[object | None, str | None, str | None]:
+    """``kind`` from the parsed values, or None with the field its ``__post_init__``
+    refused (the message's first word) and the message, naming the YAML file where the
+    value came from it."""
     names = {f.name for f in dataclasses.fields(kind) if f.init}
     try:
-        return kind(**{k: v for k, v in vars(namespace).items() if k in names}), None
+        return kind(**{k: v for k, v in vars(namespace).items() if k in names}), None, None
     except ValueError as error:  # a __post_init__ check
         message = str(error)
         name = message.split(" ", 1)[0]
         if config_path and name in yaml_values:
             message = f"{config_path}: {message}"
-        return None, message
+        return None, name, message
 
 
 def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
@@ -220,11 +208,12 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
     ``classes`` (dataclass defaults < YAML file < command line).
 
-    Flags are accepted as ``--snake_case`` and ``--kebab-case``. Every mistake is reported
-    at once, before anything is built, in one message (exit status 2): flags no field takes
-    (with "did you mean", as for an unknown YAML key), values of the wrong type (argparse's
-    own message), each argument object's own check (``__post_init__``: one per object) and
-    every value out of its range, each named with the file (or flag) it came from."""
+    Flags are accepted as ``--snake_case`` and ``--kebab-case``. A value of the wrong type
+    stops at once with argparse's message. Every other mistake is reported together, before
+    anything is built, in one message (exit status 2): flags no field takes (with "did you
+    mean", as for an unknown YAML key), each argument object's own check (``__post_init__``:
+    one per object) and every value out of its range, each named with the file (or flag) it
+    came from."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -240,14 +229,13 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     fields = {f.name for kind in classes for f in dataclasses.fields(kind)}
     out_of_range = value_mistakes({k: v for k, v in vars(namespace).items() if k in fields},
                                   yaml_values, known.config)
-    named = {m.split(" must ", 1)[0].split(": ")[-1].lstrip("-") for m in out_of_range}
     outputs = []
     for kind in classes:
-        output, mistake = _build(kind, namespace, yaml_values, known.config)
+        output, field_name, mistake = _build(kind, namespace, yaml_values, known.config)
         outputs.append(output)
-        if mistake and mistake.split(" ", 1)[0].split(": ")[-1] not in named:
-            mistakes.append(mistake)  # (a field already out of its range is named once)
-    mistakes += out_of_range
+        if mistake and field_name not in out_of_range:  # a field is named once
+            mistakes.append(mistake)
+    mistakes += out_of_range.values()
     if remaining and len(mistakes) == 1:
         parser.error(mistakes[0])  # argparse's usage line above the flag and its suggestion
     if mistakes:
