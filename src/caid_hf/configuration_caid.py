@@ -23,7 +23,6 @@ DISCRIMINATION_METHODS = ("moco_v2", "barlow_twins", "simsiam")
 SYMMETRIC_METHODS = ("barlow_twins", "simsiam")
 
 
-
 def check_image_size(image_size: int, what: str = "image_size") -> None:
     """Refuse a model input side that is not a positive multiple of 32 (the U-Net halves it
     five times), naming the nearest allowed sides: ``--image_size 100`` → 96 or 128."""
@@ -33,6 +32,7 @@ def check_image_size(image_size: int, what: str = "image_size") -> None:
     nearest = [s for s in (lower, lower + 32) if s > 0] or [32]
     raise ValueError(f"{what} must be a positive multiple of 32 (the U-Net halves it 5 "
                      f"times), got {image_size}; use {' or '.join(map(str, nearest))}")
+
 
 class CAiDConfig(PretrainedConfig):
     r"""Configuration of a CAiD U-Net and its pre-training objective.

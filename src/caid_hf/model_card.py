@@ -388,9 +388,11 @@ def _model_rows(config: dict[str, Any], encoder: str, method_name: str, context:
 
 
 def _card_data(run: dict[str, Any] | None, encoder: str, datasets, base_model, license: str,
-               license_name: str | None, license_link: str | None) -> tuple[ModelCardData, str]:
-    """The card's Hub metadata, and what the weights were trained on in words: never a
-    chest-radiograph claim (or tag) for the embedded phantoms."""
+               license_name: str | None, license_link: str | None
+               ) -> tuple[ModelCardData, str, bool]:
+    """The card's Hub metadata, what the weights were trained on in words (never a
+    chest-radiograph claim, or tag, for the embedded phantoms) and whether that was the
+    phantoms."""
     source = ((run or {}).get("data") or {}).get("train_source")
     phantoms = str(source).partition(":")[0] == PHANTOMS  # phantoms, phantoms:cxr14 …
     extra = {"license_name": license_name, "license_link": license_link} \
@@ -411,8 +413,7 @@ def _card_data(run: dict[str, Any] | None, encoder: str, datasets, base_model, l
         trained_on = f"`{Path(source).name if not _is_hub_id(source) else source}`"
     else:
         trained_on = "images not recorded in this folder"
-    return card_data, trained_on
-
+    return card_data, trained_on, phantoms
 
 
 def _limitations(phantoms: bool, image_size: Any) -> list[str]:
@@ -459,6 +460,7 @@ def _evaluation(state: dict[str, Any] | None) -> str:
         lines += [f"| {name} | {auc:.3f} |" for name, auc in per_label.items()]
     lines += ["", f"This is a check that the features learned, not a benchmark. {how}"]
     return "\n".join(lines)
+
 
 def build_model_card(
     folder: str | Path,
@@ -511,7 +513,7 @@ def build_model_card(
     method_name = {"moco_v2": "MoCo-v2"}.get(method, method)
     has_processor = (folder / "preprocessor_config.json").is_file()
 
-    card_data, trained_on = _card_data(run, encoder, datasets, base_model, license,
+    card_data, trained_on, phantoms = _card_data(run, encoder, datasets, base_model, license,
                                        license_name, license_link)
     model_id = repo_id or "org/name"
     model_rows = _model_rows(config, encoder, method_name, context)
@@ -549,10 +551,9 @@ def build_model_card(
         resnet=encoder.startswith("resnet"),
         differences=DIFFERENCES,
         citation=CITATION,
-        limitations=_limitations(trained_on.startswith("the synthetic chest phantoms"),
-                                 config.get("image_size", NOT_RECORDED)),
+        limitations=_limitations(phantoms, config.get("image_size", NOT_RECORDED)),
         evaluation=_evaluation(state),
-        intended_use=INTENDED_USE[trained_on.startswith("the synthetic chest phantoms")],
+        intended_use=INTENDED_USE[phantoms],
     )
     return card
 

@@ -86,6 +86,8 @@ def recalibrate_batch_norm(backbone, source, image_size: int, batch_size: int = 
 # for a ResNet-18), so a probe can also read the low and mid-level features a small finding
 # (a few-pixel nodule) lives in, which the deepest, most view-invariant stage averages away.
 EMBEDDINGS = ("pooled", "stages")
+# where a frozen backbone's BatchNorm statistics come from: its own, or the images embedded
+BATCH_NORM_STATISTICS = ("model", "data")
 
 
 def _check_embedding(embedding: str) -> None:
@@ -351,7 +353,7 @@ def evaluate_features(backbone, source, out_dir: str | Path, image_size: int,
     (``embeddings`` [N, C], ``targets`` [N, L], ``label_names``) and ``out_dir/tsne.png``
     (the map of ``source``'s embeddings).
     """
-    if batch_norm_statistics not in ("model", "data"):
+    if batch_norm_statistics not in BATCH_NORM_STATISTICS:
         raise ValueError(f"batch_norm_statistics must be 'model' or 'data', got "
                          f"{batch_norm_statistics!r}")
     _check_embedding(embedding)

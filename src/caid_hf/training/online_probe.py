@@ -29,13 +29,13 @@ import torch
 from ..data.source_spec import PHANTOM_SPECS
 from ..finetuning.data import LabelledSourceOptions, labelled_source_from_spec
 from ..finetuning.features import (
+    BATCH_NORM_STATISTICS,
     EMBEDDINGS,
     extract_embeddings,
     probe_scores,
     recalibrate_batch_norm,
 )
 
-BATCH_NORM_STATISTICS = ("model", "data")
 PROBE_PHANTOM_SEED = 1000  # evaluate-features' --phantom-seed default: its sets, not training's
 
 
@@ -103,12 +103,12 @@ class OnlineProbe:
         restored afterwards, its weights and BatchNorm statistics are not changed."""
         was_training = backbone.training
         device = next(backbone.parameters()).device
-        if self.batch_norm_statistics == "data":
-            # statistics of the probe's own images, on a copy: training's stay untouched
-            backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-        elif any(p.dim() == 4 and not p.is_contiguous() for p in backbone.parameters()):
-            # channels_last training weights: embed a contiguous copy, as evaluate-features
-            # embeds the saved backbone (the memory format changes the convolutions' rounding)
+        if self.batch_norm_statistics == "data" or any(
+                p.dim() == 4 and not p.is_contiguous() for p in backbone.parameters()):
+            # a contiguous copy: statistics re-estimated on the probe's images leave
+            # training's untouched, and channels_last training weights are embedded as
+            # evaluate-features embeds the saved backbone (the memory format changes the
+            # convolutions' rounding)
             backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
         # the loaders draw their base seed from the global RNG: without the fork, turning
         # the probe on would change the run's key shuffles and everything after them

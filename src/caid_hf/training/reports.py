@@ -107,6 +107,7 @@ def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Ten
     away). Returns the picture, float [3, H, W] in [0, 1]."""
     import numpy as np
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
     from torchvision.utils import make_grid
 
     factor = max(1, math.ceil(GRID_MIN_TILE / triple[0].shape[-1]))
@@ -117,8 +118,6 @@ def save_reconstruction_grid(triple: tuple[torch.Tensor, torch.Tensor, torch.Ten
     padding = 2
     grid = make_grid(rows, nrow=3, padding=padding, pad_value=1.0)
     tiles = (grid[0].mul(255).round().byte().numpy())
-    from PIL.PngImagePlugin import PngInfo
-
     caption = grid_caption(step, loss, source)
     top = GRID_LABEL_HEIGHT if caption else 0
     picture = Image.new("L", (tiles.shape[1], tiles.shape[0] + top + GRID_LABEL_HEIGHT), 255)
