@@ -60,6 +60,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 CONFIG = "configs/finetune_phantoms_classification.yaml"
+# The diagnosis was made on the first phantoms ("nodule present", 100 validation and 200 test
+# images, 30 epochs); these flags pin that setting now that the config is the cxr14 task.
+FIRST_PHANTOMS = ["--train_source", "phantoms", "--num_validation_phantoms", "100",
+                  "--num_test_phantoms", "200", "--num_train_epochs", "30"]
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 # Prototype fixes. Keys: bn_recal (re-estimate BatchNorm statistics on the training images
@@ -254,7 +258,7 @@ def run_finetune(init: str, seed: int, recipe: dict, out_root: Path,
     from caid_hf.finetuning.arguments import parse_finetuning_args
     from caid_hf.finetuning.data import ClassificationDataset
 
-    argv = ["--config", CONFIG, "--seed", str(seed), "--report_to", "none",
+    argv = ["--config", CONFIG, *FIRST_PHANTOMS, "--seed", str(seed), "--report_to", "none",
             "--dataloader_num_workers", "1", "--bootstrap_resamples", "0",
             "--logging_steps", "1", "--overwrite_output_dir", "true"]
     if init != "random":
