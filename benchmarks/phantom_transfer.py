@@ -9,9 +9,10 @@ findings at three scales, masks of the localised ones). For each seed:
    :data:`CXR14_PRETRAINING`; ``--pretrain-steps``, read off
    ``benchmarks/learning_curve.py``): **ID** (``context_prediction=False``) and **CAiD**
    (MoCo-v2 + context prediction); the backbone after the last step is used;
-2. a **supervised** start, the upper bound: a classifier fine-tuned from random
-   initialisation on all eight labels of a separate pool of ``--label-pool`` phantoms (its
-   own seeds, never the evaluation's images), its encoder taken as a backbone;
+2. a **supervised** start, the upper bound, trained once for all seeds (at the first seed):
+   a classifier fine-tuned from random initialisation on all eight labels of a separate
+   pool of ``--label-pool`` phantoms (its own seeds, never the evaluation's images), its
+   encoder taken as a backbone. Its spread over seeds is the downstream runs' alone;
 3. a randomly initialised network (same seed) is the floor;
 4. evaluate the four starts as ``caid-hf evaluate-transfer`` does
    (:mod:`caid_hf.finetuning.transfer`) at each label fraction of a labelled pool of
@@ -23,8 +24,9 @@ findings at three scales, masks of the localised ones). For each seed:
    - **finetune**: the encoder and a linear head fine-tuned (``--finetune-steps`` steps of
      up to 16 images, AdamW 1e-3, validation every ``--eval-steps`` steps, the best
      validation AUC's weights scored on the test set);
-   - **segment**: the whole U-Net fine-tuned on the union of the localised findings' masks
-     (effusion, consolidation, pneumothorax, atelectasis, nodule, mass), test Dice.
+   - **segment**: the whole U-Net fine-tuned (``--segmentation-steps`` steps of 8 images)
+     on the union of the localised findings' masks (effusion, consolidation, pneumothorax,
+     atelectasis, nodule, mass), test Dice.
    Mean AUC over the eight findings and per scale group (global, regional, local).
 
 Downstream phantoms are drawn at 64 px, the pre-training view size. The labelled pool,
@@ -32,7 +34,7 @@ validation and test phantoms are the same for every seed; seeds change the pre-t
 supervised pool's fine-tuning, the initialisation, the labelled subset and the fine-tuning
 order. Data, metrics and sizes were fixed before any CAiD-vs-ID comparison on this data.
 
-    python benchmarks/phantom_transfer.py              # default: 3 seeds, about 90 min on 2 cores
+    python benchmarks/phantom_transfer.py              # default: 3 seeds, under 90 min on 2 cores
     python benchmarks/phantom_transfer.py --quick      # smoke run, a few minutes
     python benchmarks/phantom_transfer.py --device cuda --pretrain-steps 20000   # on a GPU
     python benchmarks/phantom_transfer.py --phantoms v1   # the first phantoms' benchmark
@@ -113,6 +115,7 @@ class Version:
     validation_phantoms: int
     test_phantoms: int
     finetune_steps: int
+    segmentation_steps: int
     starts: tuple[str, ...]
     label_groups: list[str] | None
     probe_stages: bool
@@ -120,19 +123,22 @@ class Version:
 
 VERSIONS = {
     # 100 pre-training steps: benchmarks/learning_curve.py's probe still rises at 600 steps
-    # (ID 0.689 at step 0, 0.707 at 100, 0.725 at 600), so the budget is the time cap. On
-    # the 2-core AVX2 CPU one seed at 200 fine-tuning steps took about 55 min (pre-training
-    # 3.5 + 4.5 min, the supervised start 3.4, each fine-tuning run 60-70 s, each
-    # segmentation run 90-100 s); 100 fine-tuning steps bring 3 seeds to about 90 min
+    # (ID 0.689 at step 0, 0.707 at 100, 0.725 at 600), so the budget is the time cap. Sizes
+    # from the cost of one seed on the 2-core AVX2 CPU: pre-training 3.7 (ID) + 5.4 (CAiD)
+    # min, the supervised start 2 min, per start a probe 50 s, a fine-tuning run of 100 steps
+    # 31 s, a segmentation run of 100 steps 50 s: 36 min a seed, 108 for three. So the
+    # supervised start is trained once for all seeds and segmentation runs take 50 steps
+    # (the same for every start), about 29 min a seed
     "cxr14": Version("phantoms:cxr14", CXR14_PRETRAINING, pretrain_steps=100,
                      unlabelled_pool=20000, label_pool=2000, validation_phantoms=250,
-                     test_phantoms=1000, finetune_steps=100,
+                     test_phantoms=1000, finetune_steps=100, segmentation_steps=50,
                      starts=("random", "ID", "CAiD", "supervised"),
                      label_groups=[f"{g}={','.join(n)}" for g, n in SCALE_GROUPS.items()],
                      probe_stages=True),
     "v1": Version("phantoms", V1_PRETRAINING, pretrain_steps=96, unlabelled_pool=1024,
                   label_pool=1000, validation_phantoms=100, test_phantoms=200,
-                  finetune_steps=300, starts=("random", "ID", "CAiD"), label_groups=None,
+                  finetune_steps=300, segmentation_steps=300, starts=("random", "ID", "CAiD"),
+                  label_groups=None,
                   probe_stages=False),
 }
 
@@ -216,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-phantoms", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="Fine-tuning steps at every fraction (no early stopping).")
+    parser.add_argument("--segmentation-steps", type=int, default=None,
+                        help="Steps of every segmentation run (default: cxr14 50, v1 300).")
     parser.add_argument("--eval-steps", type=int, default=50)
     parser.add_argument("--device", default=None,
                         help="'cpu' or 'cuda' (default: cuda where there is one).")
@@ -230,13 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = parser.parse_args(argv)
     version = VERSIONS[a.phantoms]
     for name in ("pretrain_steps", "unlabelled_pool", "label_pool", "validation_phantoms",
-                 "test_phantoms", "finetune_steps"):
+                 "test_phantoms", "finetune_steps", "segmentation_steps"):
         if getattr(a, name) is None:
             setattr(a, name, getattr(version, name))
     fractions = list(FRACTIONS)
     if a.quick:
         a.seeds, a.pretrain_steps, a.unlabelled_pool, a.label_pool = 1, 4, 128, 100
         a.validation_phantoms, a.test_phantoms, a.finetune_steps, a.eval_steps = 16, 40, 4, 2
+        a.segmentation_steps = 4
         fractions = [0.5]
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                           label_fractions=fractions, seeds=a.seeds,
                           modes=["probe", "finetune", "segment"],
                           label_groups=version.label_groups, probe_stages=version.probe_stages,
-                          segmentation_batch_size=8),
+                          segmentation_batch_size=8, segmentation_steps=a.segmentation_steps),
         FinetuneDataArguments(train_source=version.source, num_train_phantoms=a.label_pool,
                               num_validation_phantoms=a.validation_phantoms,
                               num_test_phantoms=a.test_phantoms, phantom_size=DOWNSTREAM_SIZE,
@@ -263,9 +272,19 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation.plot_title = (f"Label efficiency on {version.source} ({a.label_pool} labelled, "
                              f"{a.test_phantoms} test): {a.pretrain_steps} pre-training steps "
                              f"of 32 images on {a.unlabelled_pool}, {a.finetune_steps} "
-                             "fine-tuning steps per run")
+                             f"fine-tuning / {a.segmentation_steps} segmentation steps per run")
     started = time.perf_counter()
     done = resume(evaluation, out) if a.resume else []
+    supervised = None
+    if "supervised" in version.starts:  # one for every seed: its labels are the same
+        supervised = out / "supervised" / "backbone"
+        if not (a.resume and (supervised / "config.json").is_file()):
+            t = time.perf_counter()
+            supervised = supervised_backbone(version, a.first_seed, a.label_pool,
+                                             a.validation_phantoms, 2 * a.finetune_steps,
+                                             a.eval_steps, out / "supervised", device)
+            print(f"trained the supervised start in {time.perf_counter() - t:.0f} s",
+                  flush=True)
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         if seed in done:
             continue
@@ -277,20 +296,15 @@ def main(argv: list[str] | None = None) -> dict:
                 a.workers, device, a.unlabelled_pool))
             print(f"[seed {seed}] pre-trained {method} in {time.perf_counter() - t:.0f} s",
                   flush=True)
-        if "supervised" in version.starts:
-            t = time.perf_counter()
-            starts[NAMES["supervised"]] = str(supervised_backbone(
-                version, seed, a.label_pool, a.validation_phantoms, 2 * a.finetune_steps,
-                a.eval_steps, out / f"seed{seed}" / "supervised", device))
-            print(f"[seed {seed}] trained the supervised start in "
-                  f"{time.perf_counter() - t:.0f} s", flush=True)
+        if supervised is not None:
+            starts[NAMES["supervised"]] = str(supervised)
         evaluation.run_seed(seed, starts)
     results = evaluation.write()
     print()
     print(evaluation.markdown(results))
     print(f"\n{a.seeds} seed(s), {a.pretrain_steps} pre-training steps on "
-          f"{a.unlabelled_pool} unlabelled phantoms, {a.finetune_steps} fine-tuning steps per "
-          f"run; wall time {(time.perf_counter() - started) / 60:.1f} min; wrote "
+          f"{a.unlabelled_pool} unlabelled phantoms, {a.finetune_steps} fine-tuning and "
+          f"{a.segmentation_steps} segmentation steps per run; wall time {(time.perf_counter() - started) / 60:.1f} min; wrote "
           f"{out / 'results.json'}, {out / 'results.md'} and {out / 'label_efficiency.png'}")
     return results
 

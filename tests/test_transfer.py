@@ -152,9 +152,11 @@ def test_segmentation_dice_on_phantoms(tmp_path):
          "--image_size", "32", "--train_source", "phantoms", "--num_train_phantoms", "12",
          "--num_validation_phantoms", "6", "--num_test_phantoms", "8", "--phantom_size", "32",
          "--label_fractions", "0.5", "--seeds", "1", "--modes", "segment",
-         "--segmentation_batch_size", "4", "--output_dir", str(out), *FAST])
+         "--segmentation_batch_size", "4", "--segmentation_steps", "3",
+         "--output_dir", str(out), *FAST])
     results = _check_outputs(out, ["random"], [0.5], [0], ["segment"])
     (run,) = results["runs"]
+    assert run["global_step"] == 3  # --segmentation_steps, not --max_steps 1
     assert run["metric"] == "dice" and set(run["per_label"]) == {"nodule"}
     assert run["value"] == pytest.approx(run["per_label"]["nodule"])
     test = json.loads((out / "runs" / "random" / "segment" / "fraction0.5_seed0" /
@@ -372,7 +374,8 @@ def test_label_efficiency_benchmark_quick_run(tmp_path):
     assert stages == [f"probe:stage{k}" for k in range(1, 6)]  # ResNet-18's five stages
     for name in ("results.json", "results.md", "label_efficiency.png"):
         assert (out / name).stat().st_size > 0
-    backbone = tmp_path / "bench" / "seed0" / "supervised" / "backbone" / "config.json"
+    assert {r["global_step"] for r in runs if r["mode"] in ("finetune", "segment")} == {4}
+    backbone = tmp_path / "bench" / "supervised" / "backbone" / "config.json"  # one for all seeds
     assert json.loads(backbone.read_text())["model_type"] == "caid"
     # --resume keeps the finished seed and runs nothing again
     again = benchmark.main(["--quick", "--device", "cpu", "--out", str(out), "--resume"])

@@ -129,6 +129,8 @@ class TransferArguments:
                 "source has none (no --test_source; phantoms have their own)."})
     segmentation_batch_size: int | None = field(default=None, metadata={
         "help": "Training batch of 'segment' runs (default: --per_device_train_batch_size)."})
+    segmentation_steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps of 'segment' runs (default: --max_steps, or the epochs)."})
     keep_models: bool = field(default=False, metadata={
         "help": "Keep every fine-tuned model in OUTPUT_DIR/runs (default: keep only their "
                 "test results and training history)."})
@@ -155,9 +157,9 @@ class TransferArguments:
             check_image_size(self.image_size)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.segmentation_batch_size is not None and self.segmentation_batch_size < 1:
-            raise ValueError(f"segmentation_batch_size must be 1 or more, got "
-                             f"{self.segmentation_batch_size}")
+        for name in ("segmentation_batch_size", "segmentation_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         parse_label_groups(self.label_groups)
 
 
@@ -537,6 +539,8 @@ class TransferEvaluation:
         training = {"output_dir": str(run_dir), "overwrite_output_dir": True, "seed": seed}
         if segmentation and self.args.segmentation_batch_size:
             training["per_device_train_batch_size"] = self.args.segmentation_batch_size
+        if segmentation and self.args.segmentation_steps:
+            training["max_steps"] = self.args.segmentation_steps
         args = FinetuningArguments(**{**_fields_of(self.training_args, FinetuningArguments),
                                       **training})
         data_args = dataclasses.replace(self.data_args, label_fraction=fraction)
