@@ -227,3 +227,7 @@ class CAiDConfig(PretrainedConfig):
             )
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+
+
+# save_pretrained writes this file beside the weights and names it in config.json's auto_map
+CAiDConfig.register_for_auto_class()

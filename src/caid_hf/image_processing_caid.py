@@ -479,3 +479,8 @@ def dicom_to_grey(dataset: DicomDataset, name: str = "DICOM dataset",
             not installed (the message names the pip extra).
     """
     return decode_dicom_dataset(dataset, name, bits_stored).astype(np.float32) / 255.0
+
+
+# save_pretrained writes this file (and decoding.py) beside preprocessor_config.json and names
+# the class in its auto_map
+CAiDImageProcessor.register_for_auto_class("AutoImageProcessor")

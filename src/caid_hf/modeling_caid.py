@@ -512,3 +512,11 @@ class CAiDForSemanticSegmentation(CAiDPreTrainedModel):
         loss = self.loss(logits, labels) if labels is not None else None
         output = SemanticSegmenterOutput(loss=loss, logits=logits)
         return output
+
+
+# save_pretrained writes this file (and the files it imports) beside the weights and names the
+# classes in config.json's auto_map, so a folder loads with trust_remote_code=True without
+# caid-hf
+CAiDModel.register_for_auto_class("AutoModel")
+CAiDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CAiDForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
