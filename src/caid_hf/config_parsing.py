@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -203,8 +206,67 @@ def _build(kind: type, namespace: argparse.Namespace, yaml_values: dict,
         return None, name, message
 
 
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    end = re.search(r"\.\s+(?=[A-Z'])", text)  # not at "e.g. 12"
+    return text if end is None else text[:end.start() + 1]
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return "(unset)" if value is None else str(value)
+
+
+def field_help(kind: type, item: dataclasses.Field) -> str:
+    """A field's help: its ``help`` metadata, else the class's ``field_help(name)``."""
+    text = item.metadata.get("help")
+    if not text and hasattr(kind, "field_help"):
+        text = kind.field_help(item.name)
+    return text or ""
+
+
+def field_default(item: dataclasses.Field):
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None if item.default is dataclasses.MISSING else item.default
+
+
+def grouped_help(classes: tuple[type, ...], usage: str, description: str | None,
+                 group_of: Callable[[type, str], str] | None = None,
+                 group_order: tuple[str, ...] = ()) -> str:
+    """``--help``: the options in groups (``group_of(class, field)``, else one group per
+    class, titled by its docstring's first line; in ``group_order``, then as met), one line
+    each: the flag with its default value, then the first sentence of its help."""
+    groups: dict[str, list[str]] = {}
+    for kind in classes:
+        title = (kind.__doc__ or kind.__name__).strip().split("\n")[0]
+        title = re.sub(r"\s*\(see [^)]*\)", "", title).rstrip(".:")
+        for item in dataclasses.fields(kind):
+            if not item.init:
+                continue
+            group = group_of(kind, item.name) if group_of else title
+            line = (f"  --{item.name} {_shown(field_default(item))}  "
+                    f"{_first_sentence(field_help(kind, item))}")
+            groups.setdefault(group, []).append(line)
+    lines = [f"usage: {usage}", ""]
+    if description:
+        lines += [description, ""]
+    lines += ["Each option with its default. --config FILE.yaml holds 'name: value' lines; "
+              "flags override them.", "Flags are --snake_case (--kebab-case works too); "
+              "booleans take true or false.", ""]
+    ranked = sorted(groups, key=lambda g: group_order.index(g) if g in group_order else len(group_order))
+    for title in ranked:
+        lines += [f"{title}:", *groups[title], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
-                      prog: str | None = None, description: str | None = None) -> tuple:
+                      prog: str | None = None, description: str | None = None,
+                      group_of: Callable[[type, str], str] | None = None,
+                      group_order: tuple[str, ...] = ()) -> tuple:
     """Parse ``[--config FILE.yaml] [--field value ...]`` into one instance of each of
     ``classes`` (dataclass defaults < YAML file < command line).
 
@@ -217,10 +279,13 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
+    prog = prog or Path(sys.argv[0]).name
+    usage = f"{prog} [--config FILE.yaml] [--field value ...] (--help lists every field)"
+    if "-h" in rest or "--help" in rest:
+        print(grouped_help(classes, usage, description, group_of, group_order), end="")
+        raise SystemExit(0)
     # the generated usage lists every field (60 lines): too long above an error message
-    parser = HfArgumentParser(classes, prog=prog, description=description,
-                              usage="%(prog)s [--config FILE.yaml] [--field value ...] "
-                                    "(--help lists every field)")
+    parser = HfArgumentParser(classes, prog=prog, description=description, usage=usage)
     parser.add_argument("--config", default=None, help="YAML file of argument values.")
     yaml_values = load_yaml_config(known.config, classes) if known.config else {}
     parser.set_defaults(**yaml_values)

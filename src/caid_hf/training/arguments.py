@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,7 @@ class PretrainingArguments:
                                           "gradient_accumulation_steps): 'linear' (× B/256, as "
                                           "SimSiam and Barlow Twins define it, and MoCo's authors "
                                           "advise for large batches, with warm-up), 'sqrt' "
-                                          "(× sqrt(B/256)) or 'none' (as given: the reference's "
+                                          "(× sqrt(B/256)) or 'none' (as given: the paper's "
                                           "rule and the default for every method)."}
     )
     sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum (not MoCo's)."})
@@ -390,15 +391,69 @@ def _model_arguments_class() -> type:
     def check(self) -> None:  # the config's own checks, when the arguments are parsed
         CAiDConfig(**dataclasses.asdict(self))
 
+    def field_help(cls, name: str) -> str:  # CAiDConfig documents its arguments once
+        return _config_argument_help().get(name, "")
+
     cls = dataclasses.make_dataclass("ModelArguments", fields,
-                                     namespace={"__post_init__": check})
+                                     namespace={"__post_init__": check,
+                                                "field_help": classmethod(field_help)})
     cls.__doc__ = ("Every CAiDConfig field, overridable from YAML or the command line, "
                    "checked by CAiDConfig itself.")
     return cls
 
 
+def _config_argument_help() -> dict[str, str]:
+    """CAiDConfig's docstring ``Args:`` section: argument name → its description."""
+    helps: dict[str, str] = {}
+    name = None
+    for line in (CAiDConfig.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            name, helps[match[1]] = match[1], match[2]
+        elif name and line.startswith(" " * 12):
+            helps[name] += " " + line.strip()
+        elif line.strip():
+            name = None
+    return {k: v.replace("``", "") for k, v in helps.items()}
+
+
 ModelArguments = _model_arguments_class()
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
+
+# --help's groups: DataArguments' crop and appearance settings join the augmentation's, and
+# PretrainingArguments splits by purpose
+_AUGMENTATION_NAMED_HERE = ("crop_scale_min", "crop_scale_max", "crop_reducing_gap",
+                            "color_jitter_p", "blur_p", "reference_compat")
+_TRAINING_GROUPS = {
+    "speed and devices": ("mixed_precision", "channels_last", "gradient_checkpointing",
+                          "torch_compile", "dataloader_num_workers", "dataloader_prefetch_factor",
+                          "dataloader_pin_memory", "use_cpu", "full_determinism"),
+    "output and checkpoints": ("output_dir", "overwrite_output_dir", "logging_steps",
+                               "save_steps", "save_total_limit", "resume_from_checkpoint",
+                               "report_to", "max_consecutive_nonfinite_steps"),
+}
+
+
+HELP_GROUP_ORDER = ("model (CAiDConfig)", "data", "augmentation", "optimisation",
+                    "speed and devices", "output and checkpoints", "online probe",
+                    "publishing to the Hub")
+
+
+def help_group(kind: type, name: str) -> str:
+    """The ``--help`` group of pre-training argument ``name`` of class ``kind``."""
+    if kind is ModelArguments:
+        return "model (CAiDConfig)"
+    if kind is DataArguments:
+        return ("augmentation" if name in _AUGMENTATION_FIELDS or name in _AUGMENTATION_NAMED_HERE
+                else "data")
+    if name.startswith("probe_"):
+        return "online probe"
+    if name.startswith("hub_") or name == "push_to_hub":
+        return "publishing to the Hub"
+    for group, names in _TRAINING_GROUPS.items():
+        if name in names:
+            return group
+    return "optimisation"
 
 
 def load_yaml_config(path: str | Path) -> dict:
@@ -409,7 +464,8 @@ def load_yaml_config(path: str | Path) -> dict:
 
 def parse_pretraining_args(argv: list[str] | None = None, prog: str | None = None):
     """Parse ``[--config FILE.yaml] [--field value ...]`` → (model_args, data_args, training_args)."""
-    return parse_config_args(ARGUMENT_CLASSES, argv, prog=prog,
+    return parse_config_args(ARGUMENT_CLASSES, argv, prog=prog, group_of=help_group,
+                             group_order=HELP_GROUP_ORDER,
                              description="CAiD pre-training: a YAML file (--config) plus "
                                          "command-line overrides; every CAiDConfig field is a "
                                          "flag too.")
