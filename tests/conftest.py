@@ -18,11 +18,11 @@ def tiny_pretraining_run(tmp_path_factory):
     phantoms, 2 CAiD steps), shared by the tests that start from a pre-trained backbone."""
     from caid_hf.training.pretrain import main
 
+    from helpers import tiny_pretraining_args
+
     out = tmp_path_factory.mktemp("tiny_pretraining")
-    main(["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "32",
-          "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
-          "--phantom_size", "96", "--per_device_train_batch_size", "8", "--max_steps", "2",
-          "--dataloader_num_workers", "0", "--report_to", "none", "--output_dir", str(out)])
+    main([*tiny_pretraining_args(queue_size=32, num_train_phantoms=16, max_steps=2),
+          "--output_dir", str(out)])
     return out
 
 

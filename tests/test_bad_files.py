@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_training import TINY
 from torch.utils.data import DataLoader
 
 from caid_hf.data.bad_files import BadFileLog, TooManyBadFiles
@@ -15,6 +14,8 @@ from caid_hf.data.crops import SkipBadImages, TwoCropDataset, collate_crops
 from caid_hf.data.phantoms import write_phantoms
 from caid_hf.data.sources import ImageFolderSource
 from caid_hf.training.pretrain import main
+
+from helpers import TINY
 
 
 def _write_bad_files(folder, kinds=("zero", "text", "truncated", "missing")):

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import random_views, reference_projections
 from torch import nn
 
 from caid_hf import CAiDConfig, CAiDForPreTraining
 from caid_hf.distributed import GlobalBatchNorm1d, GlobalBatchNorm2d
 from caid_hf.objectives.barlow_twins import BarlowTwins, BarlowTwinsLoss
+
+from helpers import random_views, reference_projections
 
 ROOT = Path(__file__).resolve().parents[1]
 

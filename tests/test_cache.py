@@ -12,6 +12,8 @@ from caid_hf.data.crops import TwoCropDataset
 from caid_hf.data.phantoms import generate_phantom, write_phantoms
 from caid_hf.data.sources import ImageFolderSource, PhantomSource, decode_grey
 
+from helpers import TINY
+
 
 def expected_resize(image: np.ndarray, size: int) -> np.ndarray:
     """The documented rule, written out: short side to ``size`` (long side rounded), Lanczos."""
@@ -222,7 +224,6 @@ def test_cached_source_reads_across_arrow_chunks(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_reads_a_cache_like_any_source(tmp_path):
-    from test_training import TINY
 
     from caid_hf.training.pretrain import main as pretrain
 

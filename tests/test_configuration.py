@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from caid_hf import CAiDConfig
+from caid_hf import CAiDConfig, CAiDForPreTraining
 
 
 def test_defaults_are_the_papers_setting():
@@ -67,12 +67,29 @@ def test_method_fields_defaults_and_choices():
     from caid_hf.configuration_caid import DISCRIMINATION_METHODS, SYMMETRIC_METHODS
     from caid_hf.objectives import OBJECTIVES, objective_class
 
-    assert objective_class("moco_v2").config_fields == (
-        "discrimination_method", "projection_head", "projection_dim", "queue_size")
-    assert objective_class("barlow_twins").config_fields == (
-        "discrimination_method", "barlow_projector_dims")
-    assert objective_class("simsiam").config_fields == (
-        "discrimination_method", "simsiam_projector_dims", "simsiam_predictor_hidden_dim")
+    # config_fields are the fields whose change makes a saved objective unusable: changing
+    # one of them changes that objective's weights' names or shapes, changing another
+    # method's leaves them as they are
+    small = {"projection_head": "mlp", "projection_dim": 16, "queue_size": 64,
+             "barlow_projector_dims": [32, 32], "simsiam_projector_dims": [32, 32],
+             "simsiam_predictor_hidden_dim": 8}
+    other_value = {"projection_head": "linear", "projection_dim": 8, "queue_size": 32,
+                   "barlow_projector_dims": [16, 16], "simsiam_projector_dims": [16, 16],
+                   "simsiam_predictor_hidden_dim": 4}
+    assert set(small) == {f for m in OBJECTIVES for f in objective_class(m).config_fields[1:]}
+
+    def shapes(method, **change):
+        config = CAiDConfig(encoder_name="resnet18", image_size=64, discrimination_method=method,
+                            **{**small, **change})
+        return {k: tuple(v.shape) for k, v in CAiDForPreTraining(config).objective.state_dict().items()}
+
+    for method in OBJECTIVES:
+        fields = objective_class(method).config_fields
+        assert fields[0] == "discrimination_method"
+        before = shapes(method)
+        for name in small:
+            after = shapes(method, **{name: other_value[name]})
+            assert (after != before) == (name in fields), (method, name)
     # the configuration's names (torch-free, for the Hub's remote code) match the registry
     assert DISCRIMINATION_METHODS == tuple(OBJECTIVES)
     assert SYMMETRIC_METHODS == tuple(m for m, o in OBJECTIVES.items() if o.reconstructs_key_view)

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,11 +22,9 @@ from caid_hf.console import (
     suggest_flag,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
-        "--projection_dim", "16", "--num_train_phantoms", "16", "--num_validation_phantoms", "8",
-        "--phantom_size", "96", "--per_device_train_batch_size", "8", "--max_steps", "1",
-        "--dataloader_num_workers", "0", "--report_to", "none"]
+from helpers import ROOT, tiny_pretraining_args
+
+TINY = tiny_pretraining_args(num_train_phantoms=16, max_steps=1)
 FINETUNE_TINY = ["--encoder_name", "resnet18", "--image_size", "64", "--num_train_phantoms", "16",
                  "--num_validation_phantoms", "8", "--num_test_phantoms", "8",
                  "--phantom_size", "64", "--max_steps", "1", "--dataloader_num_workers", "0",

@@ -18,10 +18,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
-from test_hostile_inputs import bomb_png, short_data_png
 
 from caid_hf import decoding
 from caid_hf.decoding import decode_grey, libpng_available, scale_high_bit_depth
+
+from helpers import bomb_png, short_data_png
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HEIGHT, WIDTH = 40, 48  # not square: a swapped width and height shows

@@ -10,12 +10,13 @@ import math
 from pathlib import Path
 
 import pytest
-from test_label_formats import write_nih
 
 from caid_hf.data.bad_files import TooManyBadFiles
 from caid_hf.finetuning.arguments import parse_finetuning_args
 from caid_hf.finetuning.data import CHESTXRAY14_LABELS, CSVLabelledSource
 from caid_hf.finetuning.finetune import finetune
+
+from helpers import write_nih
 
 
 def _data(root: Path) -> tuple[Path, Path]:

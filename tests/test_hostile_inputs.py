@@ -21,29 +21,7 @@ from caid_hf.data.crops import SkipBadImages, TwoCropDataset
 from caid_hf.data.phantoms import generate_phantom, write_phantoms
 from caid_hf.data.sources import ImageFolderSource, SplitListSource, decode_grey
 
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png(width: int, height: int, bit_depth: int, colour: int, raw: bytes) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
-
-
-def short_data_png(size: int = 64) -> bytes:
-    """A well-formed 8-bit grey PNG (every chunk and CRC right) whose image data holds only
-    half of the rows: libpng says "Not enough image data"."""
-    image = generate_phantom(0, size)[0]
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(size // 2))
-    return _png(size, size, 8, 0, raw)
-
-
-def bomb_png(side: int = 20000) -> bytes:
-    """A 1-bit grey PNG of ``side`` x ``side`` pixels (400 M at 20000): a few tens of KB."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    return _png(side, side, 1, 0, row * side)
+from helpers import TINY, bomb_png, png_chunk, short_data_png
 
 
 def _decode_in_subprocess(path) -> subprocess.CompletedProcess:
@@ -83,14 +61,14 @@ def test_complete_pngs_with_a_black_last_row_decode_as_saved(tmp_path, mode):
 def test_interlaced_png_data_length_is_checked_per_pass(tmp_path):
     # Adam7: 8 x 8 grey has 15 pass rows, so 64 + 15 bytes of data; all black
     header = struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 1)
-    signature = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+    signature = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
     complete = tmp_path / "adam7.png"
-    complete.write_bytes(signature + _chunk(b"IDAT", zlib.compress(bytes(79)))
-                         + _chunk(b"IEND", b""))
+    complete.write_bytes(signature + png_chunk(b"IDAT", zlib.compress(bytes(79)))
+                         + png_chunk(b"IEND", b""))
     np.testing.assert_array_equal(decode_grey(complete), np.zeros((8, 8), np.uint8))
     short = tmp_path / "adam7_short.png"
-    short.write_bytes(signature + _chunk(b"IDAT", zlib.compress(bytes(43)))
-                      + _chunk(b"IEND", b""))
+    short.write_bytes(signature + png_chunk(b"IDAT", zlib.compress(bytes(43)))
+                      + png_chunk(b"IEND", b""))
     with pytest.raises(ValueError, match="adam7_short.png.*image data ends early"):
         decode_grey(short)
 
@@ -173,7 +151,6 @@ def test_csv_in_latin1_names_file_and_line(tmp_path):
 @pytest.mark.slow
 def test_pretraining_on_a_folder_with_hostile_files_finishes_and_lists_them(hostile_folder,
                                                                            tmp_path):
-    from test_training import TINY
 
     from caid_hf.training.pretrain import main as pretrain
 

@@ -5,13 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from transformers import AutoImageProcessor
 from transformers.image_utils import PILImageResampling
@@ -19,50 +16,7 @@ from transformers.image_utils import PILImageResampling
 from caid_hf import CAiDConfig
 from caid_hf.image_processing_caid import CAiDImageProcessor
 
-SIDE = 8
-
-
-def _dicom(pixels: np.ndarray, **elements) -> Dataset:
-    """An uncompressed grey DICOM (Part 10 file meta included) holding ``pixels``."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = elements.pop("PhotometricInterpretation", "MONOCHROME2")
-    ds.BitsAllocated = 16
-    ds.BitsStored = elements.pop("BitsStored", 16)
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    return ds
-
-
-# 12-bit MONOCHROME1 radiograph: displayed value = 2 * stored - 1000, window [1000, 3000].
-STORED = np.array([0, 1000, 1250, 1500, 2100, 4095], dtype=np.uint16)
-
-
-def _twelve_bit_monochrome1() -> Dataset:
-    pixels = np.resize(STORED, (SIDE, SIDE)).astype(np.uint16)
-    return _dicom(
-        pixels,
-        PhotometricInterpretation="MONOCHROME1",
-        BitsStored=12,
-        RescaleSlope=2,
-        RescaleIntercept=-1000,
-        WindowCenter=2000,
-        WindowWidth=2000,
-    )
+from helpers import SIDE, STORED, grey_dicom, twelve_bit_monochrome1
 
 
 def _grey(features, index: int = 0) -> np.ndarray:
@@ -83,7 +37,7 @@ def native():
 
 def test_twelve_bit_monochrome1_dicom_is_rescaled_windowed_and_inverted(tmp_path, native):
     path = tmp_path / "chest.dcm"
-    _twelve_bit_monochrome1().save_as(path, enforce_file_format=True)
+    twelve_bit_monochrome1().save_as(path, enforce_file_format=True)
 
     grey = _grey(native(path, return_tensors="np")).reshape(-1)[: len(STORED)]
 
@@ -100,7 +54,7 @@ def test_twelve_bit_monochrome1_dicom_is_rescaled_windowed_and_inverted(tmp_path
 
 
 def test_dicom_dataset_and_file_without_extension_give_the_same(tmp_path, native):
-    ds = _twelve_bit_monochrome1()
+    ds = twelve_bit_monochrome1()
     path = tmp_path / "IM0001"  # PACS exports often have no extension
     ds.save_as(path, enforce_file_format=True)
     np.testing.assert_array_equal(
@@ -110,12 +64,12 @@ def test_dicom_dataset_and_file_without_extension_give_the_same(tmp_path, native
 
 def test_dicom_without_window_uses_the_stored_bit_range(native):
     pixels = np.linspace(100, 900, SIDE * SIDE).reshape(SIDE, SIDE).astype(np.uint16)
-    grey = _grey(native(_dicom(pixels, BitsStored=12), return_tensors="np"))
+    grey = _grey(native(grey_dicom(pixels, BitsStored=12), return_tensors="np"))
     np.testing.assert_allclose(grey, np.rint(pixels / 4095.0 * 255) / 255, atol=1e-6)
 
 
 def test_multi_frame_dicom_is_refused(native):
-    ds = _dicom(np.zeros((2, SIDE, SIDE), np.uint16))
+    ds = grey_dicom(np.zeros((2, SIDE, SIDE), np.uint16))
     with pytest.raises(ValueError, match="multi-frame DICOM \\(2 frames\\)"):
         native(ds)
 
@@ -125,7 +79,7 @@ def test_multi_frame_dicom_is_refused(native):
     reason="a JPEG 2000 decoder is installed",
 )
 def test_compressed_dicom_without_decoder_names_the_extra(native):
-    ds = _dicom(np.zeros((SIDE, SIDE), np.uint16))
+    ds = grey_dicom(np.zeros((SIDE, SIDE), np.uint16))
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds.PixelData = encapsulate([b"\x00" * 16])
     ds["PixelData"].VR = "OB"
@@ -201,7 +155,7 @@ def test_mixed_list_gives_one_resized_float_batch(tmp_path):
         Image.fromarray(np.full((33, 33), 3000, np.int32), mode="I"),
         np.random.default_rng(0).random((17, 25, 4)),
         torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8),
-        _twelve_bit_monochrome1(),
+        twelve_bit_monochrome1(),
     ]
     out = CAiDImageProcessor(size=32)(images, return_tensors="pt")["pixel_values"]
 
@@ -387,11 +341,11 @@ def test_processor_and_training_decode_give_equal_pixels(tmp_path, native):
              "rgba.png": Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8))}
     for name, image in files.items():
         image.save(tmp_path / name)
-    _twelve_bit_monochrome1().save_as(tmp_path / "window_m1.dcm", enforce_file_format=True)
+    twelve_bit_monochrome1().save_as(tmp_path / "window_m1.dcm", enforce_file_format=True)
     lut = Dataset()
     lut.LUTDescriptor = [4, 100, 16]
     lut.LUTData = np.array([0, 1000, 3000, 4095]).astype("<u2").tobytes()
-    voi = _dicom(np.resize(np.array([0, 100, 101, 102, 103, 4000], np.uint16), (SIDE, SIDE)),
+    voi = grey_dicom(np.resize(np.array([0, 100, 101, 102, 103, 4000], np.uint16), (SIDE, SIDE)),
                  BitsStored=12, VOILUTSequence=[lut])
     voi.save_as(tmp_path / "voi_lut.dcm", enforce_file_format=True)
     for path in sorted(tmp_path.iterdir()):

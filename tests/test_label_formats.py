@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from caid_hf.data.patients import (
@@ -20,7 +19,6 @@ from caid_hf.data.patients import (
     patient_ids_from_names,
     take_patients,
 )
-from caid_hf.data.phantoms import generate_phantom
 from caid_hf.finetuning.arguments import parse_finetuning_args
 from caid_hf.finetuning.data import (
     CHESTXRAY14_LABELS,
@@ -32,12 +30,9 @@ from caid_hf.finetuning.finetune import build_splits, finetune
 from caid_hf.finetuning.label_formats import CHEXPERT_LABELS, detect_label_format
 from caid_hf.finetuning.metrics import classification_metrics, per_class_auc
 
+from helpers import write_nih, write_phantom_png
+
 RNG_SEED = 7
-
-
-def _image(path: Path, index: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(generate_phantom(index, size=32)[0]).save(path)
 
 
 def _cells(rng, n: int, width: int) -> list[list[str]]:
@@ -60,7 +55,7 @@ def write_chexpert(root: Path, patients: int = 12, seed: int = RNG_SEED) -> Path
                                                ("Lateral", ""))):
                 path = (f"CheXpert-v1.0-small/train/patient{p:05d}/study{study}/"
                         f"view{view + 1}_{fl.lower()}.jpg")
-                _image(root / path, k)
+                write_phantom_png(root / path, k)
                 rows.append([path, "Female" if p % 2 else "Male", str(40 + p), fl, appa])
                 k += 1
     labels = _cells(rng, len(rows), len(CHEXPERT_LABELS))
@@ -83,7 +78,7 @@ def write_mimic(root: Path, subjects: int = 10, seed: int = RNG_SEED) -> Path:
             studies.append([subject, study])
             for view in ("PA", "LATERAL") if t == 0 else ("AP",):
                 dicom = f"{k:08x}-dicom"
-                _image(root / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg", k)
+                write_phantom_png(root / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg", k)
                 images.append([dicom, subject, study, view])
                 k += 1
     labels = _cells(rng, len(studies), len(CHEXPERT_LABELS))
@@ -107,7 +102,7 @@ def write_padchest(root: Path, patients: int = 10) -> Path:
     for p in range(patients):
         for projection in ("PA", "L", "AP_horizontal"):
             image_id = f"{p:03d}_{projection}.png"
-            _image(root / str(p % 3) / image_id, k)
+            write_phantom_png(root / str(p % 3) / image_id, k)
             found = [PADCHEST_FINDINGS[j] for j in range(3) if (k + j) % 3 == 0]
             labels = repr([f" {n}" for n in found] or ["normal"])
             rows.append([image_id, str(p % 3), f"study{p}", f"patient{p}", projection, labels])
@@ -332,7 +327,7 @@ def test_finetune_a_tiny_model_on_each_layout(tmp_path, layout):
 def _chestxray14_list(tmp_path: Path, patients: int = 15) -> tuple[Path, list[str]]:
     names = [f"{p:08d}_{f:03d}.png" for p in range(1, patients + 1) for f in range(p % 3 + 1)]
     for k, name in enumerate(names):
-        _image(tmp_path / "images" / name, k)
+        write_phantom_png(tmp_path / "images" / name, k)
     split = tmp_path / "train_val_list.txt"
     split.write_text("".join(f"{n}\n" for n in names))
     return split, names
@@ -384,7 +379,7 @@ def test_hugging_face_labels_follow_the_same_policies_and_patient_column(tmp_pat
 
     images = []
     for k in range(6):
-        _image(tmp_path / f"{k}.png", k)
+        write_phantom_png(tmp_path / f"{k}.png", k)
         images.append(str(tmp_path / f"{k}.png"))
     table = datasets.Dataset.from_dict({
         "image": images, "Edema": [1.0, 0.0, -1.0, None, 1.0, 0.0],
@@ -448,7 +443,7 @@ def write_chexpert_quirks(root: Path, films=CHEXPERT_FILMS, drop: str | None = N
     rows = []
     for k, (patient, study, view, side, appa) in enumerate(films):
         path = f"CheXpert-v1.0-small/train/patient{patient:05d}/study{study}/{view}.jpg"
-        _image(root / path, k)
+        write_phantom_png(root / path, k)
         labels = [("1.0", "0.0", "-1.0", "")[(k + j) % 4] for j in range(len(CHEXPERT_LABELS))]
         rows.append([path, "Female" if patient % 2 else "Male", str(50 + patient), side, appa,
                      *labels])
@@ -459,32 +454,6 @@ def write_chexpert_quirks(root: Path, films=CHEXPERT_FILMS, drop: str | None = N
     with table.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerows([[row[j] for j in keep] for row in [CHEXPERT_HEADER, *rows]])
-    return table
-
-
-NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-              "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
-              "OriginalImagePixelSpacing[x", "y]"]  # Data_Entry_2017_v2020.csv
-
-
-def write_nih(root: Path, findings: list[str], views: list[str] | None = None,
-              films_per_patient: int = 2, drop: str | None = None, name="Data_Entry_2017_v2020.csv",
-              first_patient: int = 1) -> Path:
-    """ChestX-ray14's Data_Entry_2017_v2020.csv (one row per film, ``findings[k]`` its
-    Finding Labels) with the images in ``images/``."""
-    rows = []
-    for k, finding in enumerate(findings):
-        patient, follow_up = first_patient + k // films_per_patient, k % films_per_patient
-        image = f"{patient:08d}_{follow_up:03d}.png"
-        _image(root / "images" / image, k)
-        view = views[k] if views else ("PA", "AP")[k % 2]
-        rows.append([image, finding, str(follow_up), str(patient), str(40 + k % 30),
-                     "MF"[k % 2], view, "2500", "2048", "0.168", "0.168"])
-    keep = [j for j, c in enumerate(NIH_HEADER) if c != drop]
-    table = root / name
-    with table.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerows([[row[j] for j in keep] for row in [NIH_HEADER, *rows]])
     return table
 
 
@@ -504,7 +473,7 @@ def write_padchest_real(root: Path, records: list[tuple[str, str, str]],
     rows = []
     for k, (projection, report, labels) in enumerate(records):
         image = f"2168401113669640128192070611120{k:05d}_04-024-184.png"
-        _image(root / str(k % 2) / image, k)
+        write_phantom_png(root / str(k % 2) / image, k)
         rows.append([image, str(k % 2), "20100315", f"study{k // 2}", f"patient{k // 2}",
                      "1948.0", "MF"[k % 2], "POSTEROANTERIOR" if projection == "PA" else
                      "LATERAL", projection, "Manual review of DICOM fields", "No", "CR", "0",
@@ -653,7 +622,7 @@ def test_a_subset_of_chexpert_observations_is_read_when_named(tmp_path):
 
 def test_an_image_column_without_image_file_names_is_refused(tmp_path):
     for k in range(3):
-        _image(tmp_path / f"{k}.png", k)
+        write_phantom_png(tmp_path / f"{k}.png", k)
     table = tmp_path / "labels.csv"
     table.write_text("sex,effusion,film\nFemale,1,0.png\nMale,0,1.png\nFemale,1,2.png\n")
     with pytest.raises(ValueError, match=r"labels.csv:2 column 'sex': 'Female' is not an image "

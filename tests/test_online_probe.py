@@ -11,10 +11,9 @@ from caid_hf.cli import main as cli
 from caid_hf.training.online_probe import OnlineProbe
 from caid_hf.training.pretrain import main
 
-TINY = ["--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
-        "--projection_dim", "16", "--num_train_phantoms", "32", "--num_validation_phantoms", "8",
-        "--phantom_size", "96", "--per_device_train_batch_size", "8",
-        "--dataloader_num_workers", "0", "--logging_steps", "1"]
+from helpers import tiny_pretraining_args
+
+TINY = tiny_pretraining_args(report_to=None)  # the probe's figures are read from TensorBoard
 
 
 def test_online_probe_equals_offline_evaluation_of_the_saved_weights(tmp_path, capsys):

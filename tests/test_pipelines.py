@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_image_processing import _twelve_bit_monochrome1
 from transformers import pipeline
 
 from caid_hf import (
@@ -17,6 +16,8 @@ from caid_hf import (
 )
 from caid_hf.data.phantoms import generate_phantom
 
+from helpers import twelve_bit_monochrome1
+
 TINY = {"encoder_name": "resnet18", "encoder_weights": None, "image_size": 64}
 
 
@@ -25,7 +26,7 @@ def inputs(tmp_path):
     """The same kinds of input a user has: a PIL image, a PNG path, a DICOM path."""
     image = Image.fromarray(generate_phantom(0, 96)[0])
     image.save(tmp_path / "chest.png")
-    _twelve_bit_monochrome1().save_as(tmp_path / "chest.dcm", enforce_file_format=True)
+    twelve_bit_monochrome1().save_as(tmp_path / "chest.dcm", enforce_file_format=True)
     return [image, str(tmp_path / "chest.png"), str(tmp_path / "chest.dcm")]
 
 

@@ -70,12 +70,12 @@ def _environment_without_caid_hf(folder: Path) -> Path:
 
 
 def _write_inputs(root: Path) -> None:
-    from test_image_processing import _twelve_bit_monochrome1
-
     from caid_hf.data.phantoms import generate_phantom
 
+    from helpers import twelve_bit_monochrome1
+
     Image.fromarray(generate_phantom(3, 80)[0]).save(root / "chest.png")
-    _twelve_bit_monochrome1().save_as(root / "chest.dcm", enforce_file_format=True)
+    twelve_bit_monochrome1().save_as(root / "chest.dcm", enforce_file_format=True)
 
 
 @pytest.mark.slow

@@ -23,14 +23,9 @@ from caid_hf.training.checkpointing import (
 from caid_hf.training.preemption import PREEMPTED_EXIT_CODE
 from caid_hf.training.pretrain import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TINY
+
 SCRIPT = ROOT / "tests" / "scripts" / "interruptible_pretrain.py"
-TINY = [
-    "--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
-    "--projection_dim", "16", "--train_source", "phantoms", "--num_train_phantoms", "32",
-    "--num_validation_phantoms", "8", "--phantom_size", "96", "--per_device_train_batch_size", "8",
-    "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1",
-]
 # 4 steps per epoch: 10 steps cross two epoch ends (validation, best/, epoch checkpoints)
 # channels_last pinned: with it unset, each fresh run's start-up measurement may pick the
 # other memory format on a busy machine (different rounding), and these tests compare two

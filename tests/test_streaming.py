@@ -10,12 +10,13 @@ import sys
 import datasets
 import pytest
 from PIL import Image
-from test_training import ROOT, TINY
 
 from caid_hf.data.hf_sources import HFStreamingSource
 from caid_hf.data.phantoms import generate_phantom
 from caid_hf.data.streaming import StreamingTwoCrops, take_head
 from caid_hf.training.pretrain import main
+
+from helpers import ROOT, TINY
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +13,7 @@ from caid_hf import CAiDModel
 from caid_hf.training.arguments import parse_pretraining_args
 from caid_hf.training.pretrain import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--encoder_name", "resnet18", "--image_size", "64", "--queue_size", "64",
-    "--projection_dim", "16", "--train_source", "phantoms", "--num_train_phantoms", "32",
-    "--num_validation_phantoms", "8", "--phantom_size", "96", "--per_device_train_batch_size", "8",
-    "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1",
-]
+from helpers import ROOT, TINY
 
 
 def test_yaml_and_command_line_precedence(tmp_path):

@@ -15,13 +15,9 @@ from caid_hf.data.augment import AugmentationConfig, ViewAugmenter
 from caid_hf.runs import build_lr_scheduler
 from caid_hf.training.pretrain import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--encoder_name", "resnet18", "--image_size", "64", "--train_source", "phantoms",
-    "--num_train_phantoms", "16", "--num_validation_phantoms", "8", "--phantom_size", "96",
-    "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0",
-    "--report_to", "none", "--logging_steps", "1",
-]
+from helpers import ROOT, tiny_pretraining_args
+
+TINY = tiny_pretraining_args(num_train_phantoms=16, queue_size=None, projection_dim=None)
 BARLOW = ["--discrimination_method", "barlow_twins", "--barlow_projector_dims", "32", "32"]
 SIMSIAM = ["--discrimination_method", "simsiam", "--simsiam_projector_dims", "32", "32",
            "--simsiam_predictor_hidden_dim", "8"]
@@ -58,9 +54,13 @@ def test_moco_logs_its_accuracy_and_the_collapse_indicator(tmp_path):
     main(TINY + ["--queue_size", "64", "--projection_dim", "16", "--output_dir", str(out),
                  "--max_steps", "1"])
     record = [h for h in _history(out) if "train/loss" in h][0]
-    assert 0 <= record["train/contrastive_accuracy"] <= 1
+    # top-1 accuracy of the positive key over one batch of 8 queries: k / 8
+    assert record["train/contrastive_accuracy"] * 8 == pytest.approx(
+        round(record["train/contrastive_accuracy"] * 8), abs=1e-6)
     assert 0 < record["train/embedding_std"] < 1
-    assert record["train/contrastive_loss"] == record["train/discrimination_loss"]
+    # the loss is CAiD's weighted sum: 1 × MoCo's InfoNCE + 10 × the reconstruction MSE
+    assert record["train/loss"] == pytest.approx(
+        record["train/contrastive_loss"] + 10 * record["train/reconstruction_loss"], rel=1e-5)
 
 
 def test_simsiam_predictor_keeps_its_learning_rate():
