@@ -213,7 +213,7 @@ class FinetuningArguments:
         "help": "Validations before this step never count towards early stopping (-1: the "
                 "first half of the run): a new head sits at chance for tens of steps before "
                 "the network finds a small finding, and stopping on that plateau ends runs "
-                "at chance (measured: docs/finetuning_from_a_backbone.md)."})
+                "at chance (measured: benchmarks/demo_finetuning_diagnosis.md)."})
     early_stopping_threshold: float = field(default=0.0, metadata={
         "help": "An improvement must exceed this to count."})
     bootstrap_resamples: int = field(default=1000, metadata={
