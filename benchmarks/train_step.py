@@ -162,9 +162,9 @@ def calibration_line(precision: str, choice: performance.StepSettingsChoice) -> 
 def sub_batch_passes(args: argparse.Namespace) -> None:
     """``--sub-batch-passes``: the emulation's old way, every arm and the calibration alike."""
     if args.sub_batch_passes:
-        import caid_hf.objectives.moco as moco_module
+        import caid_hf.objectives.shuffle_bn_emulation as emulation
 
-        moco_module._splittable = lambda norms: False
+        emulation._splittable = lambda norms: False
 
 
 def build(args: argparse.Namespace, mode: str, device: torch.device,
@@ -404,14 +404,14 @@ def compare_splits(argv: list[str], args: argparse.Namespace) -> None:
 
 def paired_splits(args: argparse.Namespace) -> None:
     """:func:`compare_splits`'s arms, and the emulation with the query branch too in one
-    pass (:func:`caid_hf.objectives.moco.query_in_one_pass` forced), on one model in one
+    pass (:func:`caid_hf.objectives.shuffle_bn_emulation.query_in_one_pass` forced), on one model in one
     process: every round augments one batch of views (untimed) and times one step of each
     arm on them, in a random order; prints each arm's median and the median of its per-round step-time ratio
     to ``shuffle_bn_splits=1``, with a bootstrap 95 % interval (``--steps`` rounds).
 
     The same views in every arm of a round take the augmentation's own spread out of the
     ratios, and leaving its time out makes each ratio stricter (a smaller denominator)."""
-    import caid_hf.objectives.moco as moco_module
+    import caid_hf.objectives.shuffle_bn_emulation as emulation
 
     threads = performance.set_cpu_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -422,7 +422,7 @@ def paired_splits(args: argparse.Namespace) -> None:
     augmenter = ViewAugmenter(AugmentationConfig(), context_prediction=not args.id_only, seed=0)
     crops = torch.randint(0, 256, (args.batch_size, 2, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
-    splittable, policy = moco_module._splittable, moco_module.query_in_one_pass
+    splittable, policy = emulation._splittable, emulation.query_in_one_pass
     always, never = (lambda x: True), (lambda norms: False)
     # (splits, _splittable, query_in_one_pass) of each arm
     arms = {"shuffle_bn_splits=1": (1, splittable, policy),
@@ -431,8 +431,8 @@ def paired_splits(args: argparse.Namespace) -> None:
             f"shuffle_bn_splits={splits}, a pass per sub-batch": (splits, never, policy)}
 
     def step(arm: str, views) -> float:
-        (model.objective.shuffle_bn_splits, moco_module._splittable,
-         moco_module.query_in_one_pass) = arms[arm]
+        (model.objective.shuffle_bn_splits, emulation._splittable,
+         emulation.query_in_one_pass) = arms[arm]
         start = time.perf_counter()
         with performance.autocast(device, dtype):
             out = model(views.query, views.key, labels=None if args.id_only else views.target)
@@ -452,7 +452,7 @@ def paired_splits(args: argparse.Namespace) -> None:
         views = augmenter(crops)
         for arm in order.sample(list(arms), len(arms)):
             times[arm].append(step(arm, views))
-    moco_module._splittable, moco_module.query_in_one_pass = splittable, policy
+    emulation._splittable, emulation.query_in_one_pass = splittable, policy
     plain = "shuffle_bn_splits=1"
     where = (f"{threads} threads" if device.type == "cpu" else
              f"{device}, peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "

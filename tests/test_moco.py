@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from caid_hf import CAiDConfig, CAiDForPreTraining
-from caid_hf.objectives.moco import MoCoV2, encode_in_splits, global_pool
+from caid_hf.objectives.common import global_pool
+from caid_hf.objectives.moco import MoCoV2
+from caid_hf.objectives.shuffle_bn_emulation import encode_in_splits
 
 
 def _inputs(batch=4, size=64, seed=0):
@@ -252,8 +254,8 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
     """The emulation's BatchNorm splits inside one pass of the network (convolutions on the
     whole batch); in fp32 that equals encoding and decoding each sub-batch separately:
     outputs and running statistics to 1e-6, gradients to float32 summation order."""
-    import caid_hf.objectives.moco as moco_module
-    from caid_hf.objectives.moco import SplitBatchNorm2d
+    import caid_hf.objectives.shuffle_bn_emulation as emulation
+    from caid_hf.objectives.shuffle_bn_emulation import SplitBatchNorm2d
 
     base = CAiDForPreTraining(tiny_config).train()
     norms = [m for m in base.modules() if isinstance(m, SplitBatchNorm2d)]
@@ -266,9 +268,9 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
     for arm in ("one pass", "device policy", "per sub-batch"):
         model = copy.deepcopy(base)
         if arm == "one pass":
-            monkeypatch.setattr(moco_module, "query_in_one_pass", lambda x: True)
+            monkeypatch.setattr(emulation, "query_in_one_pass", lambda x: True)
         elif arm == "per sub-batch":
-            monkeypatch.setattr(moco_module, "_splittable", lambda norms: False)
+            monkeypatch.setattr(emulation, "_splittable", lambda norms: False)
         torch.manual_seed(1)
         out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
         out.loss.backward()
@@ -296,7 +298,7 @@ def test_one_pass_split_batch_norm_equals_a_pass_per_sub_batch(tiny_config, monk
             torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=1e-6,
                                        msg=name)
     # the three arms did take different paths: the CPU policy ran sub-batch passes
-    assert not moco_module.query_in_one_pass(q_img)
+    assert not emulation.query_in_one_pass(q_img)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -305,8 +307,8 @@ def test_traced_split_batch_norm_equals_the_kernels(momentum, monkeypatch):
     updated once for all sub-batches) equals the kernel path: outputs, input and weight
     gradients, running statistics, in fp32 to 1e-5, channels_last and uneven sub-batches
     (7 images in 3) included; under bf16 autocast, to bf16 rounding."""
-    import caid_hf.objectives.moco as moco_module
-    from caid_hf.objectives.moco import SplitBatchNorm2d, batch_norm_splits
+    import caid_hf.objectives.shuffle_bn_emulation as emulation
+    from caid_hf.objectives.shuffle_bn_emulation import SplitBatchNorm2d, batch_norm_splits
 
     torch.manual_seed(0)
     base = SplitBatchNorm2d(5, momentum=momentum).train()
@@ -319,7 +321,7 @@ def test_traced_split_batch_norm_equals_the_kernels(momentum, monkeypatch):
     runs = {}
     for traced in (False, True):
         norm = copy.deepcopy(base)
-        monkeypatch.setattr(moco_module, "_traced", lambda t=traced: t)
+        monkeypatch.setattr(emulation, "_traced", lambda t=traced: t)
         x = x0.clone().requires_grad_()
         with batch_norm_splits(norm, 3):
             out = norm(x)
@@ -343,15 +345,15 @@ def test_traced_model_step_equals_the_kernels_in_float64(tiny_config, monkeypatc
     kernel path: loss, every gradient and running statistic, in float64 to 1e-10. (In fp32
     the two orders of summation differ by up to 5e-3 in the stem's gradient: batch-4
     BatchNorms at 2 x 2 pixels amplify rounding.)"""
-    import caid_hf.objectives.moco as moco_module
+    import caid_hf.objectives.shuffle_bn_emulation as emulation
 
     base = CAiDForPreTraining(tiny_config).train().double()
     q_img, k_img, target = (t.double() for t in _inputs(batch=8))
     runs = []
     for traced in (False, True):
         model = copy.deepcopy(base)
-        monkeypatch.setattr(moco_module, "query_in_one_pass", lambda x: True)
-        monkeypatch.setattr(moco_module, "_traced", lambda t=traced: t)
+        monkeypatch.setattr(emulation, "query_in_one_pass", lambda x: True)
+        monkeypatch.setattr(emulation, "_traced", lambda t=traced: t)
         torch.manual_seed(1)
         out = model(pixel_values=q_img, key_pixel_values=k_img, labels=target)
         out.loss.backward()
@@ -372,7 +374,7 @@ def test_traced_model_step_equals_the_kernels_in_float64(tiny_config, monkeypatc
 def test_split_batch_norm_without_gradient_adds_no_autograd_node():
     """The key encoder runs without gradient: its split BatchNorm then calls the kernels
     directly (no autograd node), with the same outputs and running statistics as with one."""
-    from caid_hf.objectives.moco import SplitBatchNorm2d
+    from caid_hf.objectives.shuffle_bn_emulation import SplitBatchNorm2d
 
     torch.manual_seed(0)
     x = torch.randn(6, 4, 5, 5) * 3 + 1

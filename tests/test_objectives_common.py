@@ -11,11 +11,11 @@ from torch import nn
 
 from caid_hf.distributed import GlobalBatchNorm1d
 from caid_hf.objectives import OBJECTIVES, objective_class
-from caid_hf.objectives.common import Objective, batch_norm_mlp, embedding_std
+from caid_hf.objectives.common import Objective, embedding_std, projection_head
 
 
-def test_batch_norm_mlp_layers_and_shapes():
-    mlp = batch_norm_mlp(512, [64, 64, 32], output_norm=True)
+def test_projection_head_layers_and_shapes():
+    mlp = projection_head(512, [64, 64, 32], output_norm=True)
     kinds = [type(m) for m in mlp]
     assert kinds == [nn.Linear, GlobalBatchNorm1d, nn.ReLU, nn.Linear, GlobalBatchNorm1d,
                      nn.ReLU, nn.Linear, GlobalBatchNorm1d]
@@ -23,8 +23,12 @@ def test_batch_norm_mlp_layers_and_shapes():
     assert all(m.bias is None for m in mlp if isinstance(m, nn.Linear))
     assert not mlp[-1].affine  # the output BatchNorm only standardises
     assert mlp(torch.randn(6, 512)).shape == (6, 32)
-    plain = batch_norm_mlp(8, [4], output_norm=False)
-    assert [type(m) for m in plain] == [nn.Linear]
+    # MoCo-v2's head: Linear(C, C) → ReLU → Linear(C, D), both with bias, keys 0.* and 2.*
+    moco = projection_head(8, [8, 4], batch_norm=False, last_bias=True)
+    assert [type(m) for m in moco] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert sorted(moco.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    # one plain Linear (MoCo-v1's head) is returned as itself: keys weight, bias
+    assert isinstance(projection_head(8, [4], batch_norm=False, last_bias=True), nn.Linear)
 
 
 def test_embedding_std_is_one_over_root_d_when_spread_and_zero_when_collapsed():

@@ -545,7 +545,7 @@ class _TinyEncoder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from caid_hf.objectives.moco import SplitBatchNorm2d
+        from caid_hf.objectives.shuffle_bn_emulation import SplitBatchNorm2d
 
         self.stage = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
                                          SplitBatchNorm2d(8), torch.nn.ReLU(inplace=True))
@@ -566,7 +566,8 @@ class _TinyMoCoStep(torch.nn.Module):
                                 shuffle_bn_splits=2)
 
     def forward(self, query, key):
-        from caid_hf.objectives.moco import encode_in_splits, global_pool
+        from caid_hf.objectives.common import global_pool
+        from caid_hf.objectives.shuffle_bn_emulation import encode_in_splits
 
         features = encode_in_splits(self.encoder, query, 2)
         return self.objective(global_pool(features[-1]), key, self.encoder).loss

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +239,11 @@ class CAiDModel(CAiDPreTrainedModel):
                     m._caid_init = "head"
         # set (with _gradient_checkpointing_func) by transformers' gradient_checkpointing_enable()
         self.gradient_checkpointing = False
+        # functions module → (a factory of a context manager that restores the module's state
+        # of that moment): state a layer's forward reads that may change between a
+        # checkpointed segment's first pass and its recomputation in the backward pass (set by
+        # code that changes how layers behave around a forward, such as pre-training)
+        self.recomputation_hooks: list[Callable[[nn.Module], Callable[[], AbstractContextManager]]] = []
         self.post_init()
 
     @property
@@ -254,27 +259,22 @@ class CAiDModel(CAiDPreTrainedModel):
         """``function(*inputs)`` through transformers' checkpoint function, always
         non-reentrant (reentrant checkpointing would give the weights no gradient: the
         images need none); the backward pass's recomputation leaves the BatchNorm
-        statistics of ``module`` untouched, and sees the BatchNorm ``splits`` (the
-        pre-training's one-process shuffle-BN emulation) the first pass saw."""
-        calls = 0
-        splits: list = []
+        statistics of ``module`` untouched and sees the state the first pass saw
+        (:attr:`recomputation_hooks`)."""
+        replays: list[Callable[[], AbstractContextManager]] = []
+        passes = 0
 
         def run(*args):
-            nonlocal calls
-            calls += 1
-            norms = [m for m in module.modules() if hasattr(type(m), "splits")]
-            if calls == 1:
-                splits[:] = [m.splits for m in norms]
+            nonlocal passes
+            passes += 1
+            if passes == 1:
+                replays.extend(capture(module) for capture in self.recomputation_hooks)
                 return function(*args)
-            before = [m.splits for m in norms]
-            try:
-                for m, value in zip(norms, splits):
-                    m.splits = value
-                with _batch_norm_statistics_kept(module):
-                    return function(*args)
-            finally:
-                for m, value in zip(norms, before):
-                    m.splits = value
+            with ExitStack() as stack:
+                for replay in replays:
+                    stack.enter_context(replay())
+                stack.enter_context(_batch_norm_statistics_kept(module))
+                return function(*args)
 
         return self._gradient_checkpointing_func(run, *inputs, use_reentrant=False)
 
@@ -309,7 +309,9 @@ class CAiDModel(CAiDPreTrainedModel):
             return self.decoder(features)
         if not _DECODER_BLOCKS_TAKE_SIZES:  # an smp older than 0.6: the decoder is one segment
             return self._checkpointed(self.decoder, features, module=self.decoder)
-        # smp's UnetDecoder.forward, one checkpointed segment per block
+        # smp's UnetDecoder.forward written out: it runs its blocks in one loop with no hook
+        # per block, so a checkpointed segment per block needs the loop here (without
+        # checkpointing, smp's own forward runs, above)
         sizes = [f.shape[2:] for f in features][::-1]
         head, *skips = features[1:][::-1]
         x = head

@@ -13,18 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_caid import CAiDConfig
-from .distributed import use_global_batch_norm
 from .modeling_caid import CAiDModel, CAiDPreTrainedModel, check_pixel_values
-from .objectives import embedding_std, objective_class
-from .objectives.moco import (
-    MoCoV2,
-    query_branch_in_splits,
-    use_split_batch_norm,
-)
+from .objectives import Objective, embedding_std, objective_class
 
 __all__ = ["CAiDForPreTraining", "CAiDForPreTrainingOutput"]
 
@@ -81,19 +74,18 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, MoCoV2):  # a fresh queue of random unit keys
-            init.copy_(module.queue, F.normalize(torch.randn_like(module.queue), dim=0))
-            init.zeros_(module.queue_ptr)
+        if isinstance(module, Objective):  # MoCo: a fresh queue of random unit keys
+            module.initialize_buffers()
 
     def __init__(self, config: CAiDConfig):
         super().__init__(config)
         self.caid = CAiDModel(config)
         objective = objective_class(config.discrimination_method)
-        if objective.global_batch_norm:
-            use_global_batch_norm(self.caid)
-        else:  # split BatchNorms for the one-process shuffle-BN emulation (key branch copied after)
-            use_split_batch_norm(self.caid)
+        objective.prepare_model(self.caid)  # before the objective copies any of it
         self.objective = objective.from_config(config, self.caid.encoder)
+        # Private DDP API: the public broadcast_buffers=False would also stop the broadcast
+        # of BatchNorm's running statistics, which the original keeps; only the buffers
+        # identical on every rank by construction (MoCo's queue) are left out here.
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, [f"objective.{name}" for name in objective.ignored_buffers])
         self.post_init()
@@ -211,19 +203,15 @@ class CAiDForPreTraining(CAiDPreTrainedModel):
         # the shape of a sub-batch
         check_pixel_values(pixel_values, self.config)
         check_pixel_values(key_pixel_values, self.config, "key_pixel_values")
-        # (caid.encode runs like an encoder: checkpointed when enabled); the decoder too sees
-        # each emulated device's sub-batch alone
-        splits = self.objective.query_splits()
-        _, embeddings, reconstruction = query_branch_in_splits(
-            self.caid.encode, self.caid.reconstruct if self.config.context_prediction else None,
-            pixel_values, splits, encoder_norms=self.caid.encoder,
-            decoder_norms=self.caid.decoder)
+        c = self.config
+        # query → pooled features [B, C] (and the restored image [B, 1, H, W] in CAiD mode)
+        embeddings, reconstruction = self.objective.encode_query(self.caid, pixel_values,
+                                                                 c.context_prediction)
+        # keys → the objective's loss (MoCo: InfoNCE against the queue, then enqueue)
         result = self.objective(embeddings, key_pixel_values, self.caid.encoder, self.caid.encode,
                                 update_momentum)
-        key_reconstruction = None
-        if self.config.context_prediction:
-            if self.config.reconstruct_views == "both":
-                key_reconstruction = self.caid.reconstruct(result.key_features)
+        key_reconstruction = (self.caid.reconstruct(result.key_features)
+                              if c.context_prediction and c.reconstruct_views == "both" else None)
         loss, reconstruction_loss = self.forward_loss(result.loss, reconstruction, labels,
                                                       key_reconstruction, key_labels)
         output = CAiDForPreTrainingOutput(

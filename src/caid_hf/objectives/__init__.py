@@ -6,7 +6,7 @@ its run checks, what to do after loading, its parameter groups)."""
 from __future__ import annotations
 
 from .barlow_twins import BarlowTwins
-from .common import Objective, ObjectiveOutput, batch_norm_mlp, embedding_std, global_pool
+from .common import Objective, ObjectiveOutput, embedding_std, global_pool, projection_head
 from .moco import MoCoV2
 from .simsiam import SimSiam
 
@@ -16,8 +16,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "simsiam": SimSiam,
 }
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "batch_norm_mlp", "embedding_std",
-           "global_pool", "objective_class"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "embedding_std", "global_pool",
+           "objective_class", "projection_head"]
 
 
 def objective_class(method: str) -> type[Objective]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import GlobalBatchNorm1d, all_reduce_with_grad, world_size
-from .common import ObjectiveOutput, SymmetricObjective, batch_norm_mlp
+from .common import ObjectiveOutput, SymmetricObjective, projection_head
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -86,7 +86,7 @@ class BarlowTwins(SymmetricObjective):
     def __init__(self, feature_dim: int, projector_dims: list[int] = (8192, 8192, 8192),
                  off_diagonal_weight: float = 0.0051):
         super().__init__()
-        self.projector = batch_norm_mlp(feature_dim, list(projector_dims), output_norm=False)
+        self.projector = projection_head(feature_dim, list(projector_dims))
         self.criterion = BarlowTwinsLoss(projector_dims[-1], off_diagonal_weight)
 
     def embeddings_loss(self, embedding: torch.Tensor, key_embedding: torch.Tensor

@@ -1,6 +1,6 @@
 """What every instance-discrimination objective shares: the protocol
 :class:`CAiDForPreTraining <caid_hf.CAiDForPreTraining>` speaks to them, their output, the
-BatchNorm MLP of the projectors, global pooling and the collapse indicator they report."""
+one projection-head builder, global pooling and the collapse indicator they report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import GlobalBatchNorm1d
+from ..distributed import GlobalBatchNorm1d, use_global_batch_norm
 from ..modeling_caid import global_pool
 
 
@@ -34,17 +34,20 @@ class Objective(nn.Module):
 
     Subclasses set ``config_fields`` (the configuration fields whose change makes a saved
     objective unusable), and, as needed, ``reconstructs_key_view`` (the key view goes
-    through the query encoder, so the U-Net can reconstruct it too), ``global_batch_norm`` (every BatchNorm of the model
-    normalises over the global batch when several processes train, as the originals' SyncBN
-    does) and ``ignored_buffers`` (buffers identical on every process by construction, which
-    DDP must not broadcast). They implement :meth:`from_config` and :meth:`forward`; the
-    other hooks default to doing nothing.
+    through the query encoder, so the U-Net can reconstruct it too) and ``ignored_buffers``
+    (buffers identical on every process by construction, which DDP must not broadcast).
+    They implement :meth:`from_config` and :meth:`forward`; the other hooks (how the
+    backbone's layers are prepared, how the query branch runs, what happens at
+    initialisation, loading and freezing) default to the plain behaviour.
     """
 
     config_fields: ClassVar[tuple[str, ...]] = ()
     reconstructs_key_view: ClassVar[bool] = False
-    global_batch_norm: ClassVar[bool] = False
     ignored_buffers: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def prepare_model(cls, caid: nn.Module) -> None:
+        """Adapt the backbone's layers before the objective is built (default: nothing)."""
 
     @classmethod
     def from_config(cls, config, encoder: nn.Module) -> Objective:
@@ -55,9 +58,15 @@ class Objective(nn.Module):
     def check_run(cls, config, per_device_batch_size: int, num_processes: int) -> None:
         """Refuse, before any compute, a run this objective cannot train (ValueError)."""
 
-    def query_splits(self) -> int:
-        """Sub-batches the query view is encoded in (each its own BatchNorm statistics)."""
-        return 1
+    def initialize_buffers(self) -> None:
+        """Fill the objective's buffers at weight initialisation (default: nothing)."""
+
+    def encode_query(self, caid: nn.Module, pixel_values: torch.Tensor, reconstruct: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query branch: pooled features [B, C] of the first views and, with
+        ``reconstruct``, the U-Net's restored image [B, 1, H, W] (else None)."""
+        features = caid.encode(pixel_values)
+        return global_pool(features[-1]), caid.reconstruct(features) if reconstruct else None
 
     def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
                 query_encoder: nn.Module, encode: Callable[[torch.Tensor], list[torch.Tensor]],
@@ -90,8 +99,11 @@ class SymmetricObjective(Objective):
     model: a multi-process step then equals a one-process step on the global batch).
     Subclasses implement :meth:`embeddings_loss`."""
 
-    global_batch_norm = True
     reconstructs_key_view = True
+
+    @classmethod
+    def prepare_model(cls, caid: nn.Module) -> None:
+        use_global_batch_norm(caid)
 
     def forward(self, query_embedding: torch.Tensor, key_pixel_values: torch.Tensor,
                 query_encoder: nn.Module, encode: Callable[[torch.Tensor], list[torch.Tensor]],
@@ -107,23 +119,30 @@ class SymmetricObjective(Objective):
         raise NotImplementedError
 
 
-def batch_norm_mlp(in_features: int, dims: list[int], output_norm: bool) -> nn.Sequential:
-    """Linear layers of output widths ``dims``, each but the last followed by BatchNorm + ReLU;
-    with ``output_norm`` the last is followed by an affine-free BatchNorm.
+def projection_head(in_features: int, dims: list[int], batch_norm: bool = True,
+                    output_norm: bool = False, last_bias: bool = False) -> nn.Module:
+    """The projection heads (and SimSiam's predictor) of every method: Linear layers of
+    output widths ``dims``, each but the last followed by (with ``batch_norm``) a BatchNorm,
+    then a ReLU; with ``output_norm`` the last is followed by an affine-free BatchNorm.
 
-    No Linear has a bias: each is followed by a BatchNorm, or (Barlow Twins' last layer) by
-    the loss's standardisation, which would remove it. The BatchNorms use the global batch
-    when several processes train (:class:`~caid_hf.distributed.GlobalBatchNorm1d`).
+    A Linear followed by a BatchNorm has no bias (the BatchNorm would remove it), nor has
+    the last unless ``last_bias`` (Barlow Twins' loss standardises it away). The BatchNorms
+    use the global batch when several processes train
+    (:class:`~caid_hf.distributed.GlobalBatchNorm1d`). MoCo-v2's head is ``batch_norm=False,
+    last_bias=True`` (keys ``0.*``, ``2.*`` as the original's ``encoder_q.fc``); a single
+    plain Linear (MoCo-v1's head) is returned as itself.
     """
     layers: list[nn.Module] = []
     for i, width in enumerate(dims):
-        layers.append(nn.Linear(in_features, width, bias=False))
-        if i < len(dims) - 1:
-            layers += [GlobalBatchNorm1d(width), nn.ReLU(inplace=True)]
+        last = i == len(dims) - 1
+        layers.append(nn.Linear(in_features, width, bias=last_bias if last else not batch_norm))
+        if not last:
+            layers += [GlobalBatchNorm1d(width)] if batch_norm else []
+            layers.append(nn.ReLU(inplace=True))
         elif output_norm:
             layers.append(GlobalBatchNorm1d(width, affine=False))
         in_features = width
-    return nn.Sequential(*layers)
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 @torch.no_grad()

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import GlobalBatchNorm1d
-from .common import ObjectiveOutput, SymmetricObjective, batch_norm_mlp
+from .common import ObjectiveOutput, SymmetricObjective, projection_head
 
 
 class SimSiamLoss(nn.Module):
@@ -45,8 +44,7 @@ class SimSiamLoss(nn.Module):
 
 def build_predictor(dim: int, hidden_dim: int) -> nn.Sequential:
     """SimSiam's predictor h: Linear(d, h) → BatchNorm → ReLU → Linear(h, d) (bias, no norm)."""
-    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), GlobalBatchNorm1d(hidden_dim),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
+    return projection_head(dim, [hidden_dim, dim], last_bias=True)
 
 
 @dataclass
@@ -79,7 +77,7 @@ class SimSiam(SymmetricObjective):
     def __init__(self, feature_dim: int, projector_dims: list[int] = (2048, 2048, 2048),
                  predictor_hidden_dim: int = 512):
         super().__init__()
-        self.projector = batch_norm_mlp(feature_dim, list(projector_dims), output_norm=True)
+        self.projector = projection_head(feature_dim, list(projector_dims), output_norm=True)
         self.predictor = build_predictor(projector_dims[-1], predictor_hidden_dim)
         self.criterion = SimSiamLoss()
 
