@@ -10,17 +10,19 @@ import pytest
 from caid_hf.config_parsing import (
     VALUE_RULES,
     _coerce,
+    checked_arguments,
     load_yaml_config,
     parse_config_args,
-    value_mistakes,
+    range_mistakes,
 )
 from caid_hf.console import ConfigurationError
 
 
+@checked_arguments
 @dataclasses.dataclass
 class Model:
-    queue_size: int = 64
-    momentum: float = 0.99
+    num_labels: int = 64
+    label_fraction: float = 0.5
     encoder_name: str = "resnet18"
 
     def __post_init__(self):
@@ -28,6 +30,7 @@ class Model:
             raise ValueError(f"encoder_name {self.encoder_name!r} is not a CNN")
 
 
+@checked_arguments
 @dataclasses.dataclass
 class Training:
     learning_rate: float = 0.03
@@ -63,8 +66,8 @@ def test_coerce_refuses_other_types(value, annotation, message):
 
 def test_yaml_keys_and_types_are_checked_with_the_file_named(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("queue_size: 128\nlearning_rate: 1e-2\nuse_cpu: yes\n")
-    assert load_yaml_config(good, CLASSES) == {"queue_size": 128, "learning_rate": 0.01,
+    good.write_text("num_labels: 128\nlearning_rate: 1e-2\nuse_cpu: yes\n")
+    assert load_yaml_config(good, CLASSES) == {"num_labels": 128, "learning_rate": 0.01,
                                                "use_cpu": True}
     typo = tmp_path / "typo.yaml"
     typo.write_text("learnig_rate: 0.1\n")
@@ -72,11 +75,11 @@ def test_yaml_keys_and_types_are_checked_with_the_file_named(tmp_path):
                                          r"did you mean 'learning_rate'\?"):
         load_yaml_config(typo, CLASSES)
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("queue_size: many\n")
-    with pytest.raises(ValueError, match="wrong.yaml: queue_size: expected an integer"):
+    wrong.write_text("num_labels: many\n")
+    with pytest.raises(ValueError, match="wrong.yaml: num_labels: expected an integer"):
         load_yaml_config(wrong, CLASSES)
     broken = tmp_path / "broken.yaml"
-    broken.write_text("queue_size: [1,\n")
+    broken.write_text("num_labels: [1,\n")
     with pytest.raises(ValueError, match=r"broken.yaml:\d+:\d+: invalid YAML"):
         load_yaml_config(broken, CLASSES)
     (tmp_path / "empty.yaml").write_text("")
@@ -86,34 +89,39 @@ def test_yaml_keys_and_types_are_checked_with_the_file_named(tmp_path):
 
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("queue_size: 128\nlearning_rate: 0.1\n")
+    config.write_text("num_labels: 128\nlearning_rate: 0.1\n")
     model, training = parse_config_args(CLASSES, ["--config", str(config),
                                                   "--learning-rate", "0.2"])
-    assert (model.queue_size, model.momentum) == (128, 0.99)  # YAML, default
+    assert (model.num_labels, model.label_fraction) == (128, 0.5)  # YAML, default
     assert training.learning_rate == 0.2  # the flag (kebab-case too) wins over the YAML
 
 
-def test_value_rules_name_where_the_value_was_set():
-    mistakes = value_mistakes({"queue_size": 0, "momentum": 1.5, "learning_rate": 0.1},
-                              {"momentum": 1.5}, "run.yaml")
-    assert mistakes == {"queue_size": "--queue_size must be >= 1, got 0",
-                        "momentum": "run.yaml: momentum must be in [0, 1], got 1.5"}
+def test_ranges_are_checked_by_the_class_whatever_builds_it():
+    good = Model()
+    good.num_labels, good.label_fraction = 0, 1.5
+    assert range_mistakes(good) == ["num_labels must be >= 1, got 0",
+                                    "label_fraction must be in (0, 1], got 1.5"]
+    with pytest.raises(ValueError) as error:  # the Python API: every mistake, a line each
+        Model(num_labels=0, label_fraction=1.5, encoder_name="vit_b")
+    assert str(error.value).splitlines() == ["num_labels must be >= 1, got 0",
+                                             "label_fraction must be in (0, 1], got 1.5",
+                                             "encoder_name 'vit_b' is not a CNN"]
     accept, text = VALUE_RULES["max_steps"]
     assert (accept(-1), accept(0), accept(5), text) == (True, False, True, ">= 1 or -1")
 
 
 def test_every_mistake_of_one_command_is_reported_together(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("momentum: 2\n")
+    config.write_text("label_fraction: 2\nnum_labels: 128\n")
     with pytest.raises(ConfigurationError) as error:
-        parse_config_args(CLASSES, ["--config", str(config), "--queue_size", "0",
+        parse_config_args(CLASSES, ["--config", str(config), "--num_labels", "0",
                                     "--encoder_name", "vit_b", "--learnig_rate", "1"])
-    message = str(error.value)
-    assert message.startswith("4 mistakes:\n")
-    for part in ("1. unknown flag '--learnig_rate'", "--learning_rate",
-                 "encoder_name 'vit_b' is not a CNN", "--queue_size must be >= 1, got 0",
-                 "run.yaml: momentum must be in [0, 1], got 2"):
-        assert part in message, (part, message)
+    assert str(error.value).splitlines() == [
+        "4 mistakes:",
+        "  1. unknown flag '--learnig_rate'; did you mean '--learning_rate'?",
+        "  2. --num_labels must be >= 1, got 0",  # the flag overrides the file's 128
+        f"  3. {config}: label_fraction must be in (0, 1], got 2.0",
+        "  4. --encoder_name 'vit_b' is not a CNN"]
 
 
 def test_help_lists_every_field_once_in_groups_with_its_default(capsys):
@@ -135,3 +143,62 @@ def test_help_lists_every_field_once_in_groups_with_its_default(capsys):
     assert titles == ["model (CAiDConfig)", "data", "augmentation", "optimisation",
                       "speed and devices", "output and checkpoints", "online probe",
                       "publishing to the Hub"]
+
+
+def _out_of_range(kind: type, name: str):
+    """A value of field ``name``'s type that its VALUE_RULES range refuses."""
+    accept, _ = VALUE_RULES[name]
+    is_int = any(f.name == name and "int" in str(f.type) for f in dataclasses.fields(kind))
+    candidates = [-2, -1, 0, 16, 40] if is_int else [-0.5, 0.0, 1.0, 1.5, 11.0]
+    return next(v for v in candidates if not accept(v))
+
+
+MODEL_MISTAKES = {  # CAiDConfig's own checks: field → a value it refuses
+    "queue_size": 0, "momentum": 1.0, "contrastive_temperature": 0.0, "projection_dim": 0,
+    "shuffle_bn_splits": 0, "encoder_depth": 4, "in_channels": 0, "image_size": 100,
+    "barlow_off_diagonal_weight": -1.0, "simsiam_predictor_hidden_dim": 0,
+    "contrastive_weight": -1.0, "reconstruction_weight": -1.0, "classifier_dropout": 1.0,
+    "segmentation_dice_weight": -1.0, "projection_head": "deep", "reconstruct_views": "all",
+    "discrimination_method": "byol", "reconstruction_activation": "tanh",
+}
+
+
+def _walk(classes, parse, tmp_path):
+    """(field, its Python-API message, the flag's message, the YAML file's message)."""
+    from caid_hf import CAiDConfig
+
+    cases = []
+    for kind in classes:
+        for item in dataclasses.fields(kind):
+            name = item.name
+            if name in VALUE_RULES and not (kind.__name__ == "ModelArguments"):
+                bad, build = _out_of_range(kind, name), kind
+            elif kind.__name__ == "ModelArguments" and name in MODEL_MISTAKES:
+                bad, build = MODEL_MISTAKES[name], CAiDConfig
+            else:
+                continue
+            with pytest.raises(ValueError) as python:
+                build(**{name: bad})
+            line = next(m for m in str(python.value).splitlines() if m.startswith(name))
+            config = tmp_path / f"{name}.yaml"
+            config.write_text(f"{name}: {bad}\n")
+            messages = []
+            for argv in ([f"--{name}", str(bad)], ["--config", str(config)]):
+                with pytest.raises(ConfigurationError) as error:
+                    parse(argv)
+                messages.append(str(error.value))
+            cases.append((name, line, *messages))
+    return cases
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_every_checked_field_is_refused_alike_by_python_flags_and_yaml(command, tmp_path):
+    if command == "pretrain":
+        from caid_hf.training.arguments import ARGUMENT_CLASSES, parse_pretraining_args as parse
+    else:
+        from caid_hf.finetuning.arguments import ARGUMENT_CLASSES, parse_finetuning_args as parse
+    cases = _walk(ARGUMENT_CLASSES, parse, tmp_path)
+    assert len(cases) >= (35 if command == "pretrain" else 25)
+    for name, line, flag_message, yaml_message in cases:
+        assert f"--{line}" in flag_message, name
+        assert f"{tmp_path / name}.yaml: {line}" in yaml_message, name

@@ -252,12 +252,12 @@ def test_finetuning_ends_with_a_summary_and_announces_early_stopping(tmp_path, c
 @pytest.mark.parametrize("command,argv,expected", [
     ("pretrain", ["--learnig_rate", "1", "--momentum", "2", "--image_size", "100"],
      ["unknown flag '--learnig_rate'; did you mean '--learning_rate'?",
-      "image_size must be a positive multiple of 32 (the U-Net halves it 5 times), got 100; "
+      "--image_size must be a positive multiple of 32 (the U-Net halves it 5 times), got 100; "
       "use 96 or 128",
-      "--momentum must be in [0, 1], got 2.0"]),
+      "--momentum must be in [0, 1), got 2.0"]),
     ("finetune", ["--learnig-rate", "1", "--label_fraction", "0", "--image_size", "100"],
      ["unknown flag '--learnig-rate'; did you mean '--learning_rate'?",
-      "image_size must be a positive multiple of 32 (the U-Net halves it 5 times), got 100; "
+      "--image_size must be a positive multiple of 32 (the U-Net halves it 5 times), got 100; "
       "use 96 or 128",
       "--label_fraction must be in (0, 1], got 0.0"]),
 ])
@@ -274,5 +274,5 @@ def test_three_mistakes_in_a_yaml_file_name_the_file(tmp_path, capsys):
     err = _user_error(["pretrain", "--config", str(config)], capsys)
     assert "3 mistakes:" in err
     assert f"{config}: image_size must be a positive multiple of 32" in err
-    assert f"{config}: momentum must be in [0, 1], got 2.0" in err
-    assert f"{config}: queue_size must be >= 1, got 0" in err
+    assert f"{config}: momentum must be in [0, 1), got 2.0" in err
+    assert f"{config}: queue_size must be positive, got 0" in err

@@ -21,7 +21,8 @@ from transformers import HfArgumentParser
 from .console import ConfigurationError, option_strings, unknown_flags_message
 from .data.sources import read_text_file
 
-__all__ = ["VALUE_RULES", "known_fields", "load_yaml_config", "parse_config_args"]
+__all__ = ["VALUE_RULES", "checked_arguments", "known_fields", "load_yaml_config",
+           "parse_config_args", "range_mistakes"]
 
 
 def known_fields(classes: tuple[type, ...]) -> list[str]:
@@ -131,14 +132,14 @@ def _between(low: float, high: float, low_open: bool = False, high_open: bool = 
 
 
 # The range of every numeric argument of pre-training and fine-tuning (None always allowed
-# where the type allows it), checked before any model is built.
+# where the type allows it), checked by each argument class (:func:`checked_arguments`)
+# before any model is built. The model's settings are checked by CAiDConfig itself.
 VALUE_RULES = {
     **dict.fromkeys(("num_train_epochs", "per_device_train_batch_size",
                      "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                      "max_consecutive_nonfinite_steps", "dataloader_prefetch_factor",
                      "num_train_phantoms", "num_validation_phantoms", "num_test_phantoms",
-                     "max_train_samples", "num_labels", "probe_num_images", "queue_size",
-                     "projection_dim"), _at_least(1)),
+                     "max_train_samples", "num_labels", "probe_num_images"), _at_least(1)),
     **dict.fromkeys(("warmup_steps", "save_steps", "save_total_limit", "probe_steps", "seed",
                      "streaming_shuffle_buffer", "streaming_validation_images",
                      "dataloader_num_workers", "eval_steps", "early_stopping_patience",
@@ -148,13 +149,10 @@ VALUE_RULES = {
     "early_stopping_min_steps": _at_least(0, -1),
     "learning_rate": _between(0, 10, low_open=True),
     "sgd_momentum": _between(0, 1, high_open=True),
-    "momentum": _between(0, 1),
-    "contrastive_temperature": _between(0, 100, low_open=True),
-    **dict.fromkeys(("contrastive_weight", "reconstruction_weight", "segmentation_dice_weight",
-                     "barlow_off_diagonal_weight"), _at_least(0)),
-    **dict.fromkeys(("shuffle_bn_splits", "encoder_depth", "in_channels"), _at_least(1)),
-    **dict.fromkeys(("color_jitter_p", "blur_p", "max_bad_fraction", "classifier_dropout"),
-                    _between(0, 1)),
+    # fine-tuning's copies of two model settings (the model's own are CAiDConfig's checks)
+    "segmentation_dice_weight": _at_least(0),
+    "classifier_dropout": _between(0, 1, high_open=True),
+    **dict.fromkeys(("color_jitter_p", "blur_p", "max_bad_fraction"), _between(0, 1)),
     "validation_fraction": _between(0, 1, high_open=True),
     "label_fraction": _between(0, 1, low_open=True),
     **dict.fromkeys(("crop_scale_min", "crop_scale_max"), _between(0, 1, low_open=True)),
@@ -164,22 +162,57 @@ VALUE_RULES = {
 }
 
 
-def value_mistakes(values: dict, yaml_values: dict, config_path: str | None) -> dict[str, str]:
-    """Field name → message for every value out of its field's range (:data:`VALUE_RULES`),
-    each message naming where the value was set (the YAML file or the command line)."""
-    mistakes = {}
-    for name, value in values.items():
-        rule = VALUE_RULES.get(name)
+def range_mistakes(instance) -> list[str]:
+    """A message per field of the dataclass ``instance`` out of its range
+    (:data:`VALUE_RULES`), each starting with the field's name."""
+    mistakes = []
+    for item in dataclasses.fields(instance):
+        rule, value = VALUE_RULES.get(item.name), getattr(instance, item.name)
         if rule is None or value is None or isinstance(value, (bool, str, list)):
             continue
         accept, text = rule
         if not accept(value):
-            mistakes[name] = f"{_where(name, yaml_values, config_path)} must be {text}, got {value!r}"
+            mistakes.append(f"{item.name} must be {text}, got {value!r}")
     return mistakes
 
 
-def _where(name: str, yaml_values: dict, config_path: str | None) -> str:
-    return f"{config_path}: {name}" if config_path and name in yaml_values else f"--{name}"
+def _field_of(message: str) -> str:
+    match = re.match(r"\w+", message)
+    return match[0] if match else ""
+
+
+def checked_arguments(cls: type) -> type:
+    """Class decorator of the argument dataclasses: ``__post_init__`` checks every field's
+    range (:data:`VALUE_RULES`) and then the class's own checks, and raises one
+    ``ValueError`` with every mistake, a line each starting with the field's name. The
+    same checks whatever builds the object: YAML, flags or Python."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        mistakes = range_mistakes(self)
+        if own is not None:
+            try:
+                own(self)
+            except ValueError as error:
+                named = {_field_of(m) for m in mistakes}
+                mistakes += [m for m in str(error).splitlines() if _field_of(m) not in named]
+        if mistakes:
+            raise ValueError("\n".join(mistakes))
+
+    __post_init__.__doc__ = own.__doc__ if own is not None else None
+    cls.__post_init__ = __post_init__
+    return cls
+
+
+def _where(message: str, given: set[str], yaml_values: dict, config_path: str | None) -> str:
+    """``message`` (starting with a field name) prefixed with where the value came from:
+    ``--name`` on the command line, or the YAML file."""
+    name = _field_of(message)
+    if name in given:
+        return f"--{message}"
+    if config_path and name in yaml_values:
+        return f"{config_path}: {message}"
+    return message
 
 
 def _joined(mistakes: list[str]) -> str:
@@ -190,20 +223,13 @@ def _joined(mistakes: list[str]) -> str:
         f"  {k}. {m}" for k, m in enumerate(mistakes, 1))
 
 
-def _build(kind: type, namespace: argparse.Namespace, yaml_values: dict,
-           config_path: str | None) -> tuple[object | None, str | None, str | None]:
-    """``kind`` from the parsed values, or None with the field its ``__post_init__``
-    refused (the message's first word) and the message, naming the YAML file where the
-    value came from it."""
+def _build(kind: type, namespace: argparse.Namespace) -> tuple[object | None, list[str]]:
+    """``kind`` from the parsed values, or None and the mistakes its checks found."""
     names = {f.name for f in dataclasses.fields(kind) if f.init}
     try:
-        return kind(**{k: v for k, v in vars(namespace).items() if k in names}), None, None
-    except ValueError as error:  # a __post_init__ check
-        message = str(error)
-        name = message.split(" ", 1)[0]
-        if config_path and name in yaml_values:
-            message = f"{config_path}: {message}"
-        return None, name, message
+        return kind(**{k: v for k, v in vars(namespace).items() if k in names}), []
+    except ValueError as error:
+        return None, str(error).splitlines()
 
 
 def _first_sentence(text: str) -> str:
@@ -291,16 +317,13 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     parser.set_defaults(**yaml_values)
     namespace, remaining = parser.parse_known_args(args=rest)
     mistakes = [unknown_flags_message(remaining, option_strings(parser))] if remaining else []
-    fields = {f.name for kind in classes for f in dataclasses.fields(kind)}
-    out_of_range = value_mistakes({k: v for k, v in vars(namespace).items() if k in fields},
-                                  yaml_values, known.config)
+    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in rest
+             if token.startswith("--")}
     outputs = []
     for kind in classes:
-        output, field_name, mistake = _build(kind, namespace, yaml_values, known.config)
+        output, found = _build(kind, namespace)
         outputs.append(output)
-        if mistake and field_name not in out_of_range:  # a field is named once
-            mistakes.append(mistake)
-    mistakes += out_of_range.values()
+        mistakes += [_where(m, given, yaml_values, known.config) for m in found]
     if remaining and len(mistakes) == 1:
         parser.error(mistakes[0])  # argparse's usage line above the flag and its suggestion
     if mistakes:

@@ -147,87 +147,98 @@ class CAiDConfig(PretrainedConfig):
         self.validate_caid()
 
     def validate_caid(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
+        """Raise one ``ValueError`` naming every invalid field, a line each (each line
+        starts with the field's name)."""
+        mistakes = self.caid_mistakes()
+        if mistakes:
+            raise ValueError("\n".join(mistakes))
+
+    def caid_mistakes(self) -> list[str]:
+        """Every invalid field's message, in the order of the arguments."""
+        mistakes: list[str] = []
         encoders = available_encoders()
         if self.encoder_name not in encoders:
-            raise ValueError(
+            mistakes.append(
                 f"encoder_name={self.encoder_name!r} is not a segmentation_models_pytorch encoder; "
                 f"choose one of: {', '.join(encoders[:12])}, ..."
             )
         if self.encoder_depth != 5:
             # smp keeps the unused stages of a shallower encoder: they would never get a
             # gradient (DDP refuses that) and would be exported as random weights.
-            raise ValueError(f"encoder_depth must be 5 (the full encoder), got {self.encoder_depth}")
+            mistakes.append(f"encoder_depth must be 5 (the full encoder), got {self.encoder_depth}")
         if len(self.decoder_channels) != self.encoder_depth:
-            raise ValueError(
+            mistakes.append(
                 f"decoder_channels needs one entry per encoder stage ({self.encoder_depth}), "
                 f"got {self.decoder_channels}"
             )
         if any(c <= 0 for c in self.decoder_channels):
-            raise ValueError(f"decoder_channels must be positive, got {self.decoder_channels}")
+            mistakes.append(f"decoder_channels must be positive, got {self.decoder_channels}")
         if self.in_channels <= 0:
-            raise ValueError(f"in_channels must be positive, got {self.in_channels}")
-        check_image_size(self.image_size)
+            mistakes.append(f"in_channels must be positive, got {self.in_channels}")
+        try:
+            check_image_size(self.image_size)
+        except ValueError as error:
+            mistakes.append(str(error))
         if self.discrimination_method not in DISCRIMINATION_METHODS:
-            raise ValueError(
+            mistakes.append(
                 f"discrimination_method={self.discrimination_method!r} is unknown; "
                 f"choose one of {DISCRIMINATION_METHODS}"
             )
         if self.reconstruct_views not in RECONSTRUCT_VIEWS:
-            raise ValueError(
+            mistakes.append(
                 f"reconstruct_views={self.reconstruct_views!r} is unknown; "
                 f"choose one of {RECONSTRUCT_VIEWS}"
             )
         if self.reconstruct_views == "both" and self.discrimination_method not in SYMMETRIC_METHODS:
-            raise ValueError(
+            mistakes.append(
                 "reconstruct_views='both' needs a symmetric method (barlow_twins, simsiam): "
                 f"{self.discrimination_method}'s second view is not encoded by the query "
                 "encoder (MoCo's goes through the momentum encoder, without decoder or gradient)"
             )
         if self.queue_size <= 0:
-            raise ValueError(f"queue_size must be positive, got {self.queue_size}")
+            mistakes.append(f"queue_size must be positive, got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+            mistakes.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.contrastive_temperature <= 0:
-            raise ValueError(
+            mistakes.append(
                 f"contrastive_temperature must be positive, got {self.contrastive_temperature}"
             )
         if self.projection_dim <= 0:
-            raise ValueError(f"projection_dim must be positive, got {self.projection_dim}")
+            mistakes.append(f"projection_dim must be positive, got {self.projection_dim}")
         if self.projection_head not in PROJECTION_HEADS:
-            raise ValueError(
+            mistakes.append(
                 f"projection_head={self.projection_head!r} is unknown; choose one of {PROJECTION_HEADS}"
             )
         if self.shuffle_bn_splits < 1:
-            raise ValueError(f"shuffle_bn_splits must be >= 1, got {self.shuffle_bn_splits}")
+            mistakes.append(f"shuffle_bn_splits must be >= 1, got {self.shuffle_bn_splits}")
         for name in ("barlow_projector_dims", "simsiam_projector_dims"):
             dims = getattr(self, name)
             if not dims or any(d <= 0 for d in dims):
-                raise ValueError(f"{name} needs at least one positive width, got {dims}")
+                mistakes.append(f"{name} needs at least one positive width, got {dims}")
         if self.barlow_off_diagonal_weight < 0:
-            raise ValueError(
+            mistakes.append(
                 f"barlow_off_diagonal_weight must be >= 0, got {self.barlow_off_diagonal_weight}"
             )
         if self.simsiam_predictor_hidden_dim <= 0:
-            raise ValueError(
+            mistakes.append(
                 f"simsiam_predictor_hidden_dim must be positive, got {self.simsiam_predictor_hidden_dim}"
             )
         if self.contrastive_weight < 0:
-            raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+            mistakes.append(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.reconstruction_weight < 0:
-            raise ValueError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+            mistakes.append(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
         if self.reconstruction_activation not in RECONSTRUCTION_ACTIVATIONS:
-            raise ValueError(
+            mistakes.append(
                 f"reconstruction_activation={self.reconstruction_activation!r} is unknown; "
                 f"choose one of {RECONSTRUCTION_ACTIVATIONS}"
             )
         if self.segmentation_dice_weight < 0:
-            raise ValueError(
+            mistakes.append(
                 f"segmentation_dice_weight must be >= 0, got {self.segmentation_dice_weight}"
             )
         if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
-
+            mistakes.append(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+        return mistakes
 
 # save_pretrained writes this file beside the weights and names it in config.json's auto_map
 CAiDConfig.register_for_auto_class()

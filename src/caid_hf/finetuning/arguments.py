@@ -24,6 +24,7 @@ PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
 METRICS = {"mean_auc": True, "accuracy": True, "dice": True, "iou": True, "loss": False}
 
 
+@config_parsing.checked_arguments
 @dataclass
 class FinetuneModelArguments:
     """What model to fine-tune and where its weights start from."""
@@ -73,6 +74,7 @@ class FinetuneModelArguments:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
 
 
+@config_parsing.checked_arguments
 @dataclass
 class FinetuneDataArguments:
     """Where the labelled images come from (see :mod:`caid_hf.finetuning.data`)."""
@@ -182,6 +184,7 @@ class FinetuneDataArguments:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
+@config_parsing.checked_arguments
 @dataclass
 class FinetuningArguments:
     """Optimisation, model selection and bookkeeping of a fine-tuning run."""

@@ -97,6 +97,7 @@ _KEPT_RUN_FILES = ("test_results.json", "validation_results.json", "trainer_stat
                    "bad_files.tsv")
 
 
+@config_parsing.checked_arguments
 @dataclass
 class TransferArguments:
     """What is compared: the backbones, label fractions, seeds and modes."""

@@ -13,14 +13,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_parsing import checked_arguments, parse_config_args
 from ..config_parsing import load_yaml_config as _load_yaml_config
-from ..config_parsing import parse_config_args
 from ..configuration_caid import CAiDConfig
 from ..data.augment import AugmentationConfig
 from ..data.patients import check_patient_rule
 from ..data.source_spec import HFOptions
 
 
+@checked_arguments
 @dataclass
 class _SourceArguments:
     """Where the images come from and how crops are cut (the first part of
@@ -185,6 +186,7 @@ DataArguments.__doc__ = ("Where the images come from, how crops are cut, and eve
                          "to a reference_size view).")
 
 
+@checked_arguments
 @dataclass
 class PretrainingArguments:
     """The optimisation and bookkeeping of a pre-training run."""
@@ -352,17 +354,12 @@ class PretrainingArguments:
             raise ValueError(f"scale_lr must be one of {LR_SCALING}, got {self.scale_lr!r}")
         if (self.push_to_hub or self.hub_dry_run) and not self.hub_model_id:
             raise ValueError("push_to_hub / hub_dry_run need hub_model_id ('namespace/name')")
-        if self.probe_steps < 0:
-            raise ValueError(f"probe_steps must be >= 0 (0: no online probe), got {self.probe_steps}")
         if self.probe_batch_norm_statistics not in ("model", "data"):
             raise ValueError(f"probe_batch_norm_statistics must be 'model' or 'data', got "
                              f"{self.probe_batch_norm_statistics!r}")
         if self.probe_embedding not in ("stages", "pooled"):
             raise ValueError(f"probe_embedding must be 'stages' or 'pooled', got "
                              f"{self.probe_embedding!r}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 LR_SCALING = ("none", "linear", "sqrt")
@@ -417,7 +414,7 @@ def _config_argument_help() -> dict[str, str]:
     return {k: v.replace("``", "") for k, v in helps.items()}
 
 
-ModelArguments = _model_arguments_class()
+ModelArguments = checked_arguments(_model_arguments_class())
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 # --help's groups: DataArguments' crop and appearance settings join the augmentation's, and
