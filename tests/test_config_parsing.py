@@ -194,9 +194,11 @@ def _walk(classes, parse, tmp_path):
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_every_checked_field_is_refused_alike_by_python_flags_and_yaml(command, tmp_path):
     if command == "pretrain":
-        from caid_hf.training.arguments import ARGUMENT_CLASSES, parse_pretraining_args as parse
+        from caid_hf.training.arguments import ARGUMENT_CLASSES
+        from caid_hf.training.arguments import parse_pretraining_args as parse
     else:
-        from caid_hf.finetuning.arguments import ARGUMENT_CLASSES, parse_finetuning_args as parse
+        from caid_hf.finetuning.arguments import ARGUMENT_CLASSES
+        from caid_hf.finetuning.arguments import parse_finetuning_args as parse
     cases = _walk(ARGUMENT_CLASSES, parse, tmp_path)
     assert len(cases) >= (35 if command == "pretrain" else 25)
     for name, line, flag_message, yaml_message in cases:
