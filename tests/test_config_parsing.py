@@ -204,3 +204,27 @@ def test_every_checked_field_is_refused_alike_by_python_flags_and_yaml(command, 
     for name, line, flag_message, yaml_message in cases:
         assert f"--{line}" in flag_message, name
         assert f"{tmp_path / name}.yaml: {line}" in yaml_message, name
+
+
+def test_the_papers_defaults_are_written_once_in_src():
+    """224 px, a queue of 65,536 and momentum 0.999 appear as numbers only where
+    configuration_caid.py defines them; everything else refers to those names."""
+    import ast
+    from pathlib import Path
+
+    import caid_hf
+    from caid_hf import CAiDConfig
+    from caid_hf.configuration_caid import DEFAULT_IMAGE_SIZE, DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
+
+    defaults = {224, 65536, 0.999}
+    found = []
+    for path in Path(caid_hf.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and type(node.value) in (int, float)
+                    and node.value in defaults):
+                found.append((path.name, node.lineno, node.value))
+    assert sorted(v for name, _, v in found if name == "configuration_caid.py") == [0.999, 224, 65536]
+    assert [f for f in found if f[0] != "configuration_caid.py"] == []
+    config = CAiDConfig()
+    assert (config.image_size, config.queue_size, config.momentum) == (
+        DEFAULT_IMAGE_SIZE, DEFAULT_QUEUE_SIZE, DEFAULT_MOMENTUM)

@@ -98,6 +98,7 @@ def _push(argv: list[str], prog: str) -> None:
 
 
 def _convert_original(argv: list[str], prog: str) -> None:
+    from .configuration_caid import DEFAULT_IMAGE_SIZE
     from .convert_original import convert_original_checkpoint
 
     parser = ArgumentParser(
@@ -110,7 +111,8 @@ def _convert_original(argv: list[str], prog: str) -> None:
     parser.add_argument("--out", required=True, help="Folder to write.")
     parser.add_argument("--encoder_name", default=None,
                         help="Encoder of the checkpoint (default: inferred from the weights).")
-    parser.add_argument("--image_size", type=int, default=224, help="Training view size.")
+    parser.add_argument("--image_size", type=int, default=DEFAULT_IMAGE_SIZE,
+                        help="Training view size.")
     parser.add_argument("--temperature", "--moco-t", "--moco_t", type=float, default=None,
                         help="The original run's --moco-t (default: the checkpoint's 'args' "
                              "when it has them, else the original's 0.2).")
@@ -296,6 +298,7 @@ def _evaluate_features_parser(prog: str) -> ArgumentParser:
 
 
 def _evaluate_features(argv: list[str], prog: str) -> None:
+    from .configuration_caid import DEFAULT_IMAGE_SIZE
     from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
     from .finetuning.features import evaluate_features
 
@@ -312,7 +315,8 @@ def _evaluate_features(argv: list[str], prog: str) -> None:
     if a.model == "random":
         torch.manual_seed(a.seed)
         backbone = CAiDModel(CAiDConfig(encoder_name=a.encoder_name,
-                                        image_size=a.image_size or 224), add_decoder=False)
+                                        image_size=a.image_size or DEFAULT_IMAGE_SIZE),
+                            add_decoder=False)
         name = f"randomly initialised {a.encoder_name}"
     else:
         with quiet_loading():

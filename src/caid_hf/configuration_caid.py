@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+# The paper's setting: CAiDConfig's defaults, and what every other part falls back to
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_QUEUE_SIZE = 65536
+DEFAULT_MOMENTUM = 0.999
+
 PROJECTION_HEADS = ("mlp", "linear")
 RECONSTRUCTION_ACTIVATIONS = ("sigmoid", "identity")
 RECONSTRUCT_VIEWS = ("first", "both")
@@ -97,12 +102,12 @@ class CAiDConfig(PretrainedConfig):
         encoder_depth: int = 5,
         decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16),
         in_channels: int = 3,
-        image_size: int = 224,
+        image_size: int = DEFAULT_IMAGE_SIZE,
         discrimination_method: str = "moco_v2",
         context_prediction: bool = True,
         reconstruct_views: str = "first",
-        queue_size: int = 65536,
-        momentum: float = 0.999,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        momentum: float = DEFAULT_MOMENTUM,
         contrastive_temperature: float = 0.2,
         projection_dim: int = 128,
         projection_head: str = "mlp",

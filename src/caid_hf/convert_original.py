@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_caid import CAiDConfig
+from .configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
 from .modeling_caid import CAiDModel, smp_unet
 from .modeling_caid_pretraining import CAiDForPreTraining
@@ -140,7 +140,7 @@ def infer_unet_config(
         "encoder_name": encoder_name or infer_encoder_name(sd),
         "in_channels": sd["encoder.conv1.weight"].shape[1],
         "decoder_channels": [sd[k].shape[0] for k in decoder_keys],
-        "image_size": 224,
+        "image_size": DEFAULT_IMAGE_SIZE,  # the original trains on 224-px views
     }
     fields.update(config_overrides)
     return CAiDConfig(**fields)

@@ -22,6 +22,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
+from .configuration_caid import DEFAULT_IMAGE_SIZE
 from .decoding import decode_grey, pil_to_grey, scale_high_bit_depth
 from .decoding import dicom_to_grey as decode_dicom_dataset
 
@@ -131,7 +132,7 @@ class CAiDImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        size: CAiDSize = 224,
+        size: CAiDSize = DEFAULT_IMAGE_SIZE,
         resample: int = PILImageResampling.BILINEAR,
         do_resize: bool = True,
         bits_stored: int | None = None,

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..configuration_caid import DEFAULT_IMAGE_SIZE
+
 __all__ = [
     "AugmentationConfig",
     "AugmentedViews",
@@ -112,7 +114,7 @@ class AugmentationConfig:
     shuffle_block: tuple[int, int] = (10, 15)
     shuffle_swaps: int = 10
     margin: int = 3
-    reference_size: int = 224
+    reference_size: int = DEFAULT_IMAGE_SIZE  # the original's views
     distort_key_view: bool = True
     reference_compat: bool = False
 

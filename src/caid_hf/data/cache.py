@@ -72,6 +72,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..configuration_caid import DEFAULT_IMAGE_SIZE
 from .sources import ImageSource, _check_index
 
 __all__ = [
@@ -103,7 +104,7 @@ SHARD_FORMATS = ("arrow", "parquet")
 
 
 def default_cache_size(
-    view_size: int = 224, crop_scale_min: float = 0.2, max_aspect: float = 4 / 3
+    view_size: int = DEFAULT_IMAGE_SIZE, crop_scale_min: float = 0.2, max_aspect: float = 4 / 3
 ) -> int:
     """The smallest cache short side from which every training view is a downscale.
 

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
-from ..configuration_caid import CAiDConfig
+from ..configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig
 from ..console import (
     RunConsole,
     describe_hardware,
@@ -251,7 +251,7 @@ def build_model(model_args: FinetuneModelArguments, label_names: list[str]):
     init = model_args.init_from
     weights_file = Path(init).suffix in _WEIGHT_FILES and Path(init).is_file()
     if init in ("random", "imagenet") or weights_file:
-        settings.setdefault("image_size", 224)
+        settings.setdefault("image_size", DEFAULT_IMAGE_SIZE)
         model = model_class(CAiDConfig(encoder_name=model_args.encoder_name, **settings))
         if init != "random":
             load_encoder_weights(model, init)

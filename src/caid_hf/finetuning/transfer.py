@@ -58,7 +58,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .. import config_parsing
-from ..configuration_caid import CAiDConfig, check_image_size
+from ..configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig, check_image_size
 from ..console import format_duration, quiet_loading
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
 from ..modeling_caid import CAiDModel
@@ -395,7 +395,7 @@ class TransferEvaluation:
 
     def __init__(self, args: TransferArguments, data_args: FinetuneDataArguments,
                  training_args: FinetuningArguments, encoder_name: str = "resnet50",
-                 image_size: int = 224) -> None:
+                 image_size: int = DEFAULT_IMAGE_SIZE) -> None:
         _check_data_args(data_args)
         self.args, self.data_args, self.training_args = args, data_args, training_args
         self.encoder_name, self.image_size = encoder_name, image_size
@@ -847,7 +847,7 @@ def evaluate_transfer(args: TransferArguments, data_args: FinetuneDataArguments,
     configs = {spec: resolve_backbone(spec) for spec in args.backbones}
     first = next((c for c in configs.values() if c is not None), None)
     encoder_name = args.encoder_name or (first.encoder_name if first else "resnet50")
-    image_size = args.image_size or (first.image_size if first else 224)
+    image_size = args.image_size or (first.image_size if first else DEFAULT_IMAGE_SIZE)
     evaluation = TransferEvaluation(args, data_args, training_args, encoder_name, image_size)
     if training_args.overwrite_output_dir and (out / "runs").is_dir():
         shutil.rmtree(out / "runs")

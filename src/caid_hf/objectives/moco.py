@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from ..configuration_caid import DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
 from ..distributed import (
     concat_all_gather,
     shuffle_across_ranks,
@@ -136,8 +137,8 @@ class MoCoV2(Objective):
         encoder: nn.Module,
         feature_dim: int,
         projection_dim: int = 128,
-        queue_size: int = 65536,
-        momentum: float = 0.999,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        momentum: float = DEFAULT_MOMENTUM,
         temperature: float = 0.2,
         head: str = "mlp",
         shuffle_bn_splits: int = 2,
