@@ -194,6 +194,12 @@ def resume(evaluation: TransferEvaluation, out: Path) -> list[int]:
         if before[what[0]][what[1]] != now[what[0]][what[1]]:
             raise SystemExit(f"--resume: {path} has {what[1]} {before[what[0]][what[1]]}, "
                              f"this run {now[what[0]][what[1]]}; give another --out")
+    for kind, name in (("transfer", "segmentation_steps"), ("training", "max_steps")):
+        old = before["settings"]["arguments"][kind].get(name)
+        new = now["settings"]["arguments"][kind][name]
+        if old != new:
+            raise SystemExit(f"--resume: {path} ran with {name} {old}, this run {new}; give "
+                             "another --out")
     done = list(before["seeds_done"])
     evaluation.runs = [r for r in before["runs"] if r["seed"] in done]
     evaluation.seeds_done = done
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     done = resume(evaluation, out) if a.resume else []
     supervised = None
-    if "supervised" in version.starts:  # one for every seed: its labels are the same
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    if "supervised" in version.starts and set(seeds) - set(done):  # one for every seed
         supervised = out / "supervised" / "backbone"
         if not (a.resume and (supervised / "config.json").is_file()):
             t = time.perf_counter()
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              a.eval_steps, out / "supervised", device)
             print(f"trained the supervised start in {time.perf_counter() - t:.0f} s",
                   flush=True)
-    for seed in range(a.first_seed, a.first_seed + a.seeds):
+    for seed in seeds:
         if seed in done:
             continue
         starts = {NAMES["random"]: "random"}

@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from safetensors.torch import load_file
 
 from caid_hf.data.phantoms import generate_phantom
+from caid_hf.finetuning.label_formats import CHEXPERT_LABELS
+from caid_hf.training.checkpointing import MARKER, safe_torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +164,87 @@ def reference_projections(model, query: torch.Tensor, key: torch.Tensor):
     z1 = model.objective.projector(features[-1].mean((2, 3)))
     z2 = model.objective.projector(model.caid.encoder(key)[-1].mean((2, 3)))
     return features, z1, z2
+
+
+# -- label tables and checkpoints ---------------------------------------------------------
+
+RNG_SEED = 7
+
+
+def label_cells(rng, n: int, width: int) -> list[list[str]]:
+    """CheXpert-style cells: 1.0, 0.0, -1.0 and blank, all four in every column."""
+    choices = np.array(["1.0", "0.0", "-1.0", ""])
+    cells = rng.choice(choices, size=(n, width), p=[0.3, 0.3, 0.2, 0.2])
+    cells[:4] = np.array(["1.0", "0.0", "-1.0", ""])[:, None]  # every value occurs
+    cells[4:6] = np.array(["1.0", "0.0"])[:, None]
+    return cells.tolist()
+
+
+def write_chexpert(root: Path, patients: int = 12, seed: int = RNG_SEED) -> Path:
+    """CheXpert-v1.0-small/train.csv: 2 studies × (frontal, lateral) per patient."""
+    rng = np.random.default_rng(seed)
+    folder = root / "CheXpert-v1.0-small"
+    rows, k = [], 0
+    for p in range(1, patients + 1):
+        for study in (1, 2):
+            for view, (fl, appa) in enumerate((("Frontal", "AP" if p % 2 else "PA"),
+                                               ("Lateral", ""))):
+                path = (f"CheXpert-v1.0-small/train/patient{p:05d}/study{study}/"
+                        f"view{view + 1}_{fl.lower()}.jpg")
+                write_phantom_png(root / path, k)
+                rows.append([path, "Female" if p % 2 else "Male", str(40 + p), fl, appa])
+                k += 1
+    labels = label_cells(rng, len(rows), len(CHEXPERT_LABELS))
+    table = folder / "train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS])
+        writer.writerows(r + c for r, c in zip(rows, labels))
+    return table
+
+
+# -- DICOM files -----------------------------------------------------------------------
+
+def write_dicom(path, pixels, *, photometric="MONOCHROME2", bits_stored=12, **elements):
+    """A single-frame DICOM file of ``pixels`` ([H, W] grey or [H, W, 3] RGB)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = pixels.shape[:2]
+    dataset.PhotometricInterpretation = photometric
+    dataset.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    if pixels.ndim == 3:
+        dataset.PlanarConfiguration = 0
+    dataset.BitsAllocated = pixels.dtype.itemsize * 8
+    dataset.BitsStored = bits_stored
+    dataset.HighBit = bits_stored - 1
+    dataset.PixelRepresentation = int(pixels.dtype.kind == "i")
+    for keyword, value in elements.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def final_state(out: Path, step: int = 10) -> tuple[dict, dict]:
+    folder = out / "checkpoints" / f"checkpoint_{step}"
+    assert (folder / MARKER).is_file()
+    return load_file(folder / "model.safetensors"), safe_torch_load(folder / "optimizer.bin")
+
+
+def assert_identical_runs(a: Path, b: Path, step: int = 10) -> None:
+    (weights_a, optim_a), (weights_b, optim_b) = final_state(a, step), final_state(b, step)
+    assert weights_a.keys() == weights_b.keys() and "objective.queue" in weights_a
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    assert optim_a["state"].keys() == optim_b["state"].keys()
+    for index, slots in optim_a["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][name]))

@@ -71,3 +71,18 @@ def test_stand_in_forwards_to_the_real_class_and_keeps_its_names():
     assert type(model) is CAiDModel
     with pytest.raises(AttributeError):
         deferred.no_such_attribute  # noqa: B018 (the read is the test)
+
+
+def test_importing_a_class_first_still_registers_everything():
+    # the class's own imports load transformers' registries while caid_hf is mid-import
+    out = run_python("""
+        from caid_hf import CAiDImageProcessor
+        from caid_hf.modeling_caid import CAiDModel
+        from transformers import AutoModel
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+        from caid_hf import CAiDConfig
+        print(IMAGE_PROCESSOR_MAPPING[CAiDConfig]["pil"] is CAiDImageProcessor,
+              type(AutoModel.from_config(CAiDConfig(encoder_name="resnet18", image_size=64)))
+              is CAiDModel)
+    """)
+    assert out.split() == ["True", "True"]

@@ -18,8 +18,8 @@ from caid_hf.config_parsing import (
 from caid_hf.console import ConfigurationError
 
 
-@checked_arguments
 @dataclasses.dataclass
+@checked_arguments
 class Model:
     num_labels: int = 64
     label_fraction: float = 0.5
@@ -30,8 +30,8 @@ class Model:
             raise ValueError(f"encoder_name {self.encoder_name!r} is not a CNN")
 
 
-@checked_arguments
 @dataclasses.dataclass
+@checked_arguments
 class Training:
     learning_rate: float = 0.03
     max_steps: int = -1
@@ -106,6 +106,8 @@ def test_ranges_are_checked_by_the_class_whatever_builds_it():
     assert str(error.value).splitlines() == ["num_labels must be >= 1, got 0",
                                              "label_fraction must be in (0, 1], got 1.5",
                                              "encoder_name 'vit_b' is not a CNN"]
+    with pytest.raises(ValueError, match=r"^learning_rate must be in \(0, 10\], got 20$"):
+        Training(learning_rate=20)  # a class without checks of its own still checks ranges
     accept, text = VALUE_RULES["max_steps"]
     assert (accept(-1), accept(0), accept(5), text) == (True, False, True, ">= 1 or -1")
 

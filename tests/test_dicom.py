@@ -1,46 +1,17 @@
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEGLSLossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from caid_hf.data.sources import ImageFolderSource, decode_grey
 from caid_hf.decoding import decode_dicom, has_dicom_magic
 
-
-def _write_dicom(path, pixels, *, photometric="MONOCHROME2", bits_stored=12, **elements):
-    """A single-frame DICOM file of ``pixels`` ([H, W] grey or [H, W, 3] RGB)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "DX"
-    dataset.Rows, dataset.Columns = pixels.shape[:2]
-    dataset.PhotometricInterpretation = photometric
-    dataset.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-    if pixels.ndim == 3:
-        dataset.PlanarConfiguration = 0
-    dataset.BitsAllocated = pixels.dtype.itemsize * 8
-    dataset.BitsStored = bits_stored
-    dataset.HighBit = bits_stored - 1
-    dataset.PixelRepresentation = int(pixels.dtype.kind == "i")
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
-    dataset.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+from helpers import write_dicom
 
 
 def _stored_12bit():
@@ -54,7 +25,7 @@ def _stored_12bit():
 
 def test_window_with_rescale_and_monochrome1(tmp_path):
     stored = _stored_12bit()
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "m1.dcm",
         stored,
         photometric="MONOCHROME1",
@@ -83,13 +54,13 @@ def test_window_with_rescale_and_monochrome1(tmp_path):
 
 def test_first_of_several_windows_and_sigmoid(tmp_path):
     stored = _stored_12bit()
-    several = _write_dicom(
+    several = write_dicom(
         tmp_path / "two.dcm", stored, WindowCenter=[2000, 500], WindowWidth=[1000, 100]
     )
     brightness = np.clip((stored - 1999.5) / 999.0 + 0.5, 0.0, 1.0)
     np.testing.assert_array_equal(decode_dicom(several), np.rint(255 * brightness))
 
-    sigmoid = _write_dicom(
+    sigmoid = write_dicom(
         tmp_path / "sigmoid.dcm",
         stored,
         WindowCenter=1500,
@@ -105,7 +76,7 @@ def test_first_of_several_windows_and_sigmoid(tmp_path):
 
 def test_no_window_16bit_stored_range_monochrome2(tmp_path):
     stored = np.array([[1000, 2000, 31000], [40000, 61000, 5000]], dtype=np.uint16)
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "deep.dcm", stored, bits_stored=16, RescaleSlope=0.5, RescaleIntercept=100
     )
     decoded = decode_dicom(path)
@@ -119,12 +90,12 @@ def test_no_window_16bit_stored_range_monochrome2(tmp_path):
 def test_two_films_of_one_scanner_share_one_scale_and_bits_stored_overrides(tmp_path):
     bright = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
     dark = bright // 4  # the same 12-bit detector, a thinner patient
-    a = decode_dicom(_write_dicom(tmp_path / "a.dcm", bright))
-    b = decode_dicom(_write_dicom(tmp_path / "b.dcm", dark))
+    a = decode_dicom(write_dicom(tmp_path / "a.dcm", bright))
+    b = decode_dicom(write_dicom(tmp_path / "b.dcm", dark))
     np.testing.assert_array_equal(a, np.rint(bright / 4095 * 255))
     np.testing.assert_array_equal(b, np.rint(dark / 4095 * 255))  # not stretched to 255
     # a header that declares 16 bits of 12-bit data: the override puts it right
-    wrong = _write_dicom(tmp_path / "wrong.dcm", bright, bits_stored=16)
+    wrong = write_dicom(tmp_path / "wrong.dcm", bright, bits_stored=16)
     assert decode_dicom(wrong).max() == round(4095 / 65535 * 255)
     np.testing.assert_array_equal(decode_dicom(wrong, bits_stored=12), a)
     assert decode_grey(wrong, bits_stored=12).tolist() == a.tolist()
@@ -132,12 +103,12 @@ def test_two_films_of_one_scanner_share_one_scale_and_bits_stored_overrides(tmp_
 
 def test_no_window_monochrome1_signed_and_constant(tmp_path):
     stored = np.array([[-2048, -1000, 0], [500, 1023, 2047]], dtype=np.int16)
-    path = _write_dicom(tmp_path / "signed.dcm", stored, photometric="MONOCHROME1")
+    path = write_dicom(tmp_path / "signed.dcm", stored, photometric="MONOCHROME1")
     expected = np.rint(255 * (1 - (stored + 2048.0) / 4095.0))  # the signed 12-bit range
     np.testing.assert_array_equal(decode_dicom(path), expected)
     assert decode_dicom(path)[0].tolist() == [255, 190, 127]  # 0: 255 * 2047 / 4095 = 127.5 - 0.03
 
-    flat = _write_dicom(tmp_path / "flat.dcm", np.full((3, 3), 700, np.uint16))
+    flat = write_dicom(tmp_path / "flat.dcm", np.full((3, 3), 700, np.uint16))
     np.testing.assert_array_equal(decode_dicom(flat), np.full((3, 3), round(700 / 4095 * 255)))
 
 
@@ -150,7 +121,7 @@ def test_voi_lut_sequence_wins_over_window(tmp_path):
     entries = np.array([0, 1000, 3000, 4095])  # … but holding 12-bit values
     lut.LUTData = entries.astype("<u2").tobytes()  # OW, as most files store it
     stored = np.array([[0, 100, 101], [102, 103, 4000]], dtype=np.uint16)
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "lut.dcm", stored, VOILUTSequence=[lut], WindowCenter=10, WindowWidth=5
     )
     expected = np.rint(255 * entries[np.clip(stored.astype(int) - 100, 0, 3)] / 4095)
@@ -168,7 +139,7 @@ def test_rgb_becomes_itu601_luminance(tmp_path):
     rgb[0, 1] = (0, 255, 0)
     rgb[0, 2] = (255, 255, 255)
     rgb[0, 3] = (10, 20, 30)
-    path = _write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB", bits_stored=8)
+    path = write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB", bits_stored=8)
     # 0.299 * 255 = 76.2, 0.587 * 255 = 149.7, 2.99 + 11.74 + 3.42 = 18.15
     assert decode_dicom(path).tolist() == [[76, 150, 255, 18]]
 
@@ -177,7 +148,7 @@ def test_rgb_becomes_itu601_luminance(tmp_path):
 
 
 def test_multi_frame_is_refused(tmp_path):
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "cine.dcm", np.zeros((2, 3, 4), np.uint16).reshape(6, 4), NumberOfFrames=2
     )
     with pytest.raises(ValueError, match="single-frame radiographs are expected") as error:
@@ -188,7 +159,7 @@ def test_multi_frame_is_refused(tmp_path):
 def test_compressed_without_decoder_names_the_extra(tmp_path):
     if get_decoder(JPEGLSLossless).is_available:
         pytest.skip("a JPEG-LS decoder is installed")
-    path = _write_dicom(tmp_path / "ls.dcm", np.zeros((2, 2), np.uint16))
+    path = write_dicom(tmp_path / "ls.dcm", np.zeros((2, 2), np.uint16))
     from pydicom import dcmread
 
     dataset = dcmread(path)
@@ -205,7 +176,7 @@ def test_compressed_without_decoder_names_the_extra(tmp_path):
 
 @pytest.mark.parametrize("keep", [-5, 200, 100])
 def test_truncated_file_names_the_path(tmp_path, keep):
-    whole = _write_dicom(tmp_path / "whole.dcm", _stored_12bit()).read_bytes()
+    whole = write_dicom(tmp_path / "whole.dcm", _stored_12bit()).read_bytes()
     path = tmp_path / "cut.dcm"
     path.write_bytes(whole[:keep])
     with pytest.raises(ValueError, match="cannot decode image") as error:
@@ -231,10 +202,10 @@ def test_not_dicom_and_missing(tmp_path):
 
 def test_decode_grey_dispatches_by_suffix_and_magic(tmp_path):
     stored = _stored_12bit()
-    reference = decode_dicom(_write_dicom(tmp_path / "ref.dcm", stored))
+    reference = decode_dicom(write_dicom(tmp_path / "ref.dcm", stored))
     assert reference.tolist()[0] == [0, 25, 31, 50]  # min..max: 400 * 255 / 4095 = 24.9
     for name in ("upper.DCM", "long.dicom", "IM0001", "1.2.840.113619.2.5"):
-        path = _write_dicom(tmp_path / name, stored)
+        path = write_dicom(tmp_path / name, stored)
         assert has_dicom_magic(path)
         np.testing.assert_array_equal(decode_grey(path), reference)
 
@@ -246,8 +217,8 @@ def test_decode_grey_dispatches_by_suffix_and_magic(tmp_path):
 
 def test_image_folder_finds_dicom(tmp_path):
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "a.png")
-    _write_dicom(tmp_path / "scans" / "b.DCM", _stored_12bit())
-    _write_dicom(tmp_path / "scans" / "c.dicom", _stored_12bit())
+    write_dicom(tmp_path / "scans" / "b.DCM", _stored_12bit())
+    write_dicom(tmp_path / "scans" / "c.dicom", _stored_12bit())
     (tmp_path / "scans" / "notes.txt").write_text("not an image")
     source = ImageFolderSource(tmp_path)
     assert source.relative_paths == ["a.png", "scans/b.DCM", "scans/c.dicom"]
@@ -257,15 +228,15 @@ def test_image_folder_finds_dicom(tmp_path):
 
 def test_presentation_lut_shape_inverse_is_shown_inverted_once(tmp_path):
     stored = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
-    plain = decode_dicom(_write_dicom(tmp_path / "plain.dcm", stored))
-    inverse = decode_dicom(_write_dicom(tmp_path / "inverse.dcm", stored,
+    plain = decode_dicom(write_dicom(tmp_path / "plain.dcm", stored))
+    inverse = decode_dicom(write_dicom(tmp_path / "inverse.dcm", stored,
                                         PresentationLUTShape="INVERSE"))
     np.testing.assert_array_equal(inverse, 255 - plain)
     # MONOCHROME1 with INVERSE (what DX requires for MONOCHROME1) is one inversion, not two
-    m1 = decode_dicom(_write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1",
+    m1 = decode_dicom(write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1",
                                    PresentationLUTShape="INVERSE"))
     np.testing.assert_array_equal(m1, 255 - plain)
-    identity = decode_dicom(_write_dicom(tmp_path / "id.dcm", stored,
+    identity = decode_dicom(write_dicom(tmp_path / "id.dcm", stored,
                                          PresentationLUTShape="IDENTITY"))
     np.testing.assert_array_equal(identity, plain)
 
@@ -274,12 +245,12 @@ def test_pixel_padding_is_shown_black(tmp_path):
     # a 12-bit image inside a padding frame of 4095 (bright stored value outside the body)
     stored = np.full((4, 4), 4095, dtype=np.uint16)
     stored[1:3, 1:3] = [[100, 200], [300, 500]]
-    padded = decode_dicom(_write_dicom(tmp_path / "pad.dcm", stored, PixelPaddingValue=4095))
+    padded = decode_dicom(write_dicom(tmp_path / "pad.dcm", stored, PixelPaddingValue=4095))
     inside = padded[1:3, 1:3]
     np.testing.assert_array_equal(inside, np.rint(stored[1:3, 1:3] / 4095 * 255))
     assert (padded[0] == 0).all() and (padded[:, 0] == 0).all()  # padding shown as air
-    ranged = decode_dicom(_write_dicom(tmp_path / "range.dcm", stored.clip(max=4000) // 1,
+    ranged = decode_dicom(write_dicom(tmp_path / "range.dcm", stored.clip(max=4000) // 1,
                                        PixelPaddingValue=3000, PixelPaddingRangeLimit=4095))
     np.testing.assert_array_equal(ranged[1:3, 1:3], inside)
-    without = decode_dicom(_write_dicom(tmp_path / "none.dcm", stored))
+    without = decode_dicom(write_dicom(tmp_path / "none.dcm", stored))
     assert (without[0] == 255).all()  # without the padding value the frame shows white

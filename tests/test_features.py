@@ -211,11 +211,11 @@ def test_patient_grouped_folds_do_not_score_recognised_patients():
 
 
 def test_evaluate_features_groups_the_folds_by_patient_as_fine_tuning_does(tmp_path):
-    from test_label_formats import write_chexpert
-
     from caid_hf.cli import main
     from caid_hf.finetuning.data import CSVLabelledSource
     from caid_hf.finetuning.features import cross_validation_folds
+
+    from helpers import write_chexpert
 
     table = write_chexpert(tmp_path / "data")  # 12 patients, 4 films each
     source = CSVLabelledSource(table, uncertain_labels="zeros")
@@ -236,9 +236,9 @@ def test_evaluate_features_groups_the_folds_by_patient_as_fine_tuning_does(tmp_p
 
 
 def test_evaluate_features_lists_missing_and_undecodable_images(tmp_path, capsys):
-    from test_label_formats import write_nih
-
     from caid_hf.cli import main
+
+    from helpers import write_nih
 
     table = write_nih(tmp_path, ["Mass", "No Finding", "Effusion", "Mass|Effusion"] * 6)
     (tmp_path / "images" / "00000003_000.png").unlink()  # line 6

@@ -30,41 +30,7 @@ from caid_hf.finetuning.finetune import build_splits, finetune
 from caid_hf.finetuning.label_formats import CHEXPERT_LABELS, detect_label_format
 from caid_hf.finetuning.metrics import classification_metrics, per_class_auc
 
-from helpers import write_nih, write_phantom_png
-
-RNG_SEED = 7
-
-
-def _cells(rng, n: int, width: int) -> list[list[str]]:
-    """CheXpert-style cells: 1.0, 0.0, -1.0 and blank, all four in every column."""
-    choices = np.array(["1.0", "0.0", "-1.0", ""])
-    cells = rng.choice(choices, size=(n, width), p=[0.3, 0.3, 0.2, 0.2])
-    cells[:4] = np.array(["1.0", "0.0", "-1.0", ""])[:, None]  # every value occurs
-    cells[4:6] = np.array(["1.0", "0.0"])[:, None]
-    return cells.tolist()
-
-
-def write_chexpert(root: Path, patients: int = 12, seed: int = RNG_SEED) -> Path:
-    """CheXpert-v1.0-small/train.csv: 2 studies × (frontal, lateral) per patient."""
-    rng = np.random.default_rng(seed)
-    folder = root / "CheXpert-v1.0-small"
-    rows, k = [], 0
-    for p in range(1, patients + 1):
-        for study in (1, 2):
-            for view, (fl, appa) in enumerate((("Frontal", "AP" if p % 2 else "PA"),
-                                               ("Lateral", ""))):
-                path = (f"CheXpert-v1.0-small/train/patient{p:05d}/study{study}/"
-                        f"view{view + 1}_{fl.lower()}.jpg")
-                write_phantom_png(root / path, k)
-                rows.append([path, "Female" if p % 2 else "Male", str(40 + p), fl, appa])
-                k += 1
-    labels = _cells(rng, len(rows), len(CHEXPERT_LABELS))
-    table = folder / "train.csv"
-    with table.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS])
-        writer.writerows(r + c for r, c in zip(rows, labels))
-    return table
+from helpers import RNG_SEED, label_cells, write_chexpert, write_nih, write_phantom_png
 
 
 def write_mimic(root: Path, subjects: int = 10, seed: int = RNG_SEED) -> Path:
@@ -81,7 +47,7 @@ def write_mimic(root: Path, subjects: int = 10, seed: int = RNG_SEED) -> Path:
                 write_phantom_png(root / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg", k)
                 images.append([dicom, subject, study, view])
                 k += 1
-    labels = _cells(rng, len(studies), len(CHEXPERT_LABELS))
+    labels = label_cells(rng, len(studies), len(CHEXPERT_LABELS))
     labels_csv = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
     lines = [",".join(["subject_id", "study_id", *CHEXPERT_LABELS])]
     lines += [",".join(r + c) for r, c in zip(studies, labels)]
@@ -401,12 +367,12 @@ def test_hugging_face_labels_follow_the_same_policies_and_patient_column(tmp_pat
 
 
 def test_views_of_dicom_files_come_from_their_view_position_header(tmp_path):
-    from test_dicom import _write_dicom
+    from helpers import write_dicom
 
     views = ["PA", "LL", "AP", "LATERAL", ""]
     for k, view in enumerate(views):
         extra = {"ViewPosition": view} if view else {}
-        _write_dicom(tmp_path / f"{k:08d}_000.dcm", np.full((4, 4), 100 * k, np.uint16), **extra)
+        write_dicom(tmp_path / f"{k:08d}_000.dcm", np.full((4, 4), 100 * k, np.uint16), **extra)
     table = tmp_path / "labels.csv"
     table.write_text("path,Edema\n" + "".join(f"{k:08d}_000.dcm,{k % 2}\n" for k in range(5)))
     frontal = CSVLabelledSource(table, views=["frontal"])

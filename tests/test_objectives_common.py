@@ -27,8 +27,8 @@ def test_projection_head_layers_and_shapes():
     moco = projection_head(8, [8, 4], batch_norm=False, last_bias=True)
     assert [type(m) for m in moco] == [nn.Linear, nn.ReLU, nn.Linear]
     assert sorted(moco.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    # one plain Linear (MoCo-v1's head) is returned as itself: keys weight, bias
-    assert isinstance(projection_head(8, [4], batch_norm=False, last_bias=True), nn.Linear)
+    # one width: still a Sequential (Barlow Twins' one-layer projector keeps its keys 0.*)
+    assert sorted(projection_head(8, [4]).state_dict()) == ["0.weight"]
 
 
 def test_embedding_std_is_one_over_root_d_when_spread_and_zero_when_collapsed():

@@ -18,12 +18,11 @@ from caid_hf.training.checkpointing import (
     MARKER,
     CheckpointSaveError,
     latest_checkpoint,
-    safe_torch_load,
 )
 from caid_hf.training.preemption import PREEMPTED_EXIT_CODE
 from caid_hf.training.pretrain import main
 
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, assert_identical_runs, final_state
 
 SCRIPT = ROOT / "tests" / "scripts" / "interruptible_pretrain.py"
 # 4 steps per epoch: 10 steps cross two epoch ends (validation, best/, epoch checkpoints)
@@ -40,23 +39,6 @@ def _run(out: Path, **kill) -> subprocess.CompletedProcess:
            **{f"CAID_{k.upper()}": str(v) for k, v in kill.items()}}
     return subprocess.run([sys.executable, str(SCRIPT), *RUN, "--output_dir", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
-
-
-def _final_state(out: Path, step: int = 10) -> tuple[dict, dict]:
-    folder = out / "checkpoints" / f"checkpoint_{step}"
-    assert (folder / MARKER).is_file()
-    return load_file(folder / "model.safetensors"), safe_torch_load(folder / "optimizer.bin")
-
-
-def _assert_identical(a: Path, b: Path, step: int = 10) -> None:
-    (weights_a, optim_a), (weights_b, optim_b) = _final_state(a, step), _final_state(b, step)
-    assert weights_a.keys() == weights_b.keys() and "objective.queue" in weights_a
-    for key in weights_a:
-        assert torch.equal(weights_a[key], weights_b[key]), key
-    assert optim_a["state"].keys() == optim_b["state"].keys()
-    for index, slots in optim_a["state"].items():
-        for name, value in slots.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][name]))
 
 
 @pytest.mark.slow
@@ -80,7 +62,7 @@ def test_sigkill_at_random_instants_then_same_command_gives_identical_weights(tm
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
-    _assert_identical(reference, out)
+    assert_identical_runs(reference, out)
     # retention: the newest 2 plus the best validation checkpoint
     kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*"))
     assert "checkpoint_10" in kept and len(kept) <= 3
@@ -98,7 +80,7 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_identically(tmp_path):
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 7" in proc.stdout
-    _assert_identical(reference, out)
+    assert_identical_runs(reference, out)
 
 
 def test_latest_skips_a_checkpoint_without_marker(tmp_path):
@@ -352,7 +334,7 @@ def _timings_favouring(channels_last: bool, timed: list):
 
 
 def _checkpoint_tensors(out: Path, step: int) -> dict:
-    weights, optimizer = _final_state(out, step)
+    weights, optimizer = final_state(out, step)
     return {**weights, **{f"optimizer.{index}.{name}": torch.as_tensor(value)
                           for index, slots in optimizer["state"].items()
                           for name, value in slots.items()}}
@@ -585,7 +567,7 @@ def test_two_runs_started_together_on_one_folder_one_runs_one_refuses(tmp_path):
     assert "is in use by another caid-hf run (PID" in refused and "Traceback" not in refused
     solo = tmp_path / "solo"
     assert _run(solo).returncode == 0
-    _assert_identical(shared, solo)
+    assert_identical_runs(shared, solo)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -654,4 +636,4 @@ def test_two_process_run_killed_mid_epoch_resumes_bit_for_bit(tmp_path, free_por
     assert latest_checkpoint(out).name == "checkpoint_6"
     proc = launch(out)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
-    _assert_identical(reference, out)
+    assert_identical_runs(reference, out)

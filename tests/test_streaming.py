@@ -108,7 +108,7 @@ def test_two_process_stream_killed_mid_epoch_resumes_at_its_position(tmp_path, f
     last checkpoint is step 6, mid-epoch), the same command resumes at the saved stream
     position, decodes none of the images already trained on, and ends bit for bit where an
     uninterrupted run ends."""
-    from test_resilience import _assert_identical
+    from helpers import assert_identical_runs
 
     pattern = _parquet_shards(tmp_path / "shards", num_images=96, num_files=4, size=72)
     script = ROOT / "tests" / "scripts" / "stream_resume.py"
@@ -141,7 +141,7 @@ def test_two_process_stream_killed_mid_epoch_resumes_at_its_position(tmp_path, f
     proc = launch(killed, tmp_path / "log_resumed")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the stream resumes at its saved position in epoch 0" in proc.stdout
-    _assert_identical(reference, killed, step=14)
+    assert_identical_runs(reference, killed, step=14)
     for rank in (0, 1):
         # Each rank's part of epoch 0 is 48 images; its first 6 batches (24 images) were
         # trained on before the kill. The resumed run decodes the other 24, once each.

@@ -54,7 +54,8 @@ def test_moco_logs_its_accuracy_and_the_collapse_indicator(tmp_path):
     main(TINY + ["--queue_size", "64", "--projection_dim", "16", "--output_dir", str(out),
                  "--max_steps", "1"])
     record = [h for h in _history(out) if "train/loss" in h][0]
-    # top-1 accuracy of the positive key over one batch of 8 queries: k / 8
+    # top-1 accuracy of the positive key over one batch of 8 queries: k / 8, k in 0..8
+    assert 0 <= record["train/contrastive_accuracy"] <= 1
     assert record["train/contrastive_accuracy"] * 8 == pytest.approx(
         round(record["train/contrastive_accuracy"] * 8), abs=1e-6)
     assert 0 < record["train/embedding_std"] < 1

@@ -182,10 +182,12 @@ def _field_of(message: str) -> str:
 
 
 def checked_arguments(cls: type) -> type:
-    """Class decorator of the argument dataclasses: ``__post_init__`` checks every field's
-    range (:data:`VALUE_RULES`) and then the class's own checks, and raises one
-    ``ValueError`` with every mistake, a line each starting with the field's name. The
-    same checks whatever builds the object: YAML, flags or Python."""
+    """Class decorator of the argument dataclasses, written below ``@dataclass`` (so the
+    generated ``__init__`` calls the ``__post_init__`` it sets, whether or not the class has
+    one): ``__post_init__`` checks every field's range (:data:`VALUE_RULES`) and then the
+    class's own checks, and raises one ``ValueError`` with every mistake, a line each
+    starting with the field's name. The same checks whatever builds the object: YAML,
+    flags or Python."""
     own = cls.__dict__.get("__post_init__")
 
     def __post_init__(self) -> None:

@@ -14,10 +14,14 @@ RECONSTRUCTION_ACTIVATIONS = ("sigmoid", "identity")
 RECONSTRUCT_VIEWS = ("first", "both")
 
 
-def available_encoders() -> list[str]:
-    """Names of the segmentation_models_pytorch encoders CAiD can use (e.g. ``resnet50``)."""
-    from segmentation_models_pytorch.encoders import encoders
-
+def available_encoders() -> list[str] | None:
+    """Names of the segmentation_models_pytorch encoders CAiD can use (e.g. ``resnet50``);
+    None without segmentation_models_pytorch (a Hub visitor loading only the image
+    processor, whose remote code imports this file: nothing to check against)."""
+    try:
+        from segmentation_models_pytorch.encoders import encoders
+    except ImportError:
+        return None
     return sorted(encoders)
 
 
@@ -162,7 +166,7 @@ class CAiDConfig(PretrainedConfig):
         """Every invalid field's message, in the order of the arguments."""
         mistakes: list[str] = []
         encoders = available_encoders()
-        if self.encoder_name not in encoders:
+        if encoders is not None and self.encoder_name not in encoders:
             mistakes.append(
                 f"encoder_name={self.encoder_name!r} is not a segmentation_models_pytorch encoder; "
                 f"choose one of: {', '.join(encoders[:12])}, ..."

@@ -24,8 +24,8 @@ PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
 METRICS = {"mean_auc": True, "accuracy": True, "dice": True, "iou": True, "loss": False}
 
 
-@config_parsing.checked_arguments
 @dataclass
+@config_parsing.checked_arguments
 class FinetuneModelArguments:
     """What model to fine-tune and where its weights start from."""
 
@@ -74,8 +74,8 @@ class FinetuneModelArguments:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
 
 
-@config_parsing.checked_arguments
 @dataclass
+@config_parsing.checked_arguments
 class FinetuneDataArguments:
     """Where the labelled images come from (see :mod:`caid_hf.finetuning.data`)."""
 
@@ -184,8 +184,8 @@ class FinetuneDataArguments:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
-@config_parsing.checked_arguments
 @dataclass
+@config_parsing.checked_arguments
 class FinetuningArguments:
     """Optimisation, model selection and bookkeeping of a fine-tuning run."""
 
@@ -242,8 +242,6 @@ class FinetuningArguments:
         if self.metric_for_best_model is not None and self.metric_for_best_model not in METRICS:
             raise ValueError(f"metric_for_best_model must be one of {list(METRICS)}, got "
                              f"{self.metric_for_best_model!r}")
-        if self.per_device_train_batch_size < 1 or self.num_train_epochs < 1:
-            raise ValueError("per_device_train_batch_size and num_train_epochs must be >= 1")
         if not 0 < self.confidence_level < 1:
             raise ValueError(f"confidence_level must be in (0, 1), got {self.confidence_level}")
         # 'auto' is decided now, so run_config.yaml and the model card say what ran

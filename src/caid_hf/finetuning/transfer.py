@@ -97,8 +97,8 @@ _KEPT_RUN_FILES = ("test_results.json", "validation_results.json", "trainer_stat
                    "bad_files.tsv")
 
 
-@config_parsing.checked_arguments
 @dataclass
+@config_parsing.checked_arguments
 class TransferArguments:
     """What is compared: the backbones, label fractions, seeds and modes."""
 

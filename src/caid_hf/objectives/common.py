@@ -129,8 +129,7 @@ def projection_head(in_features: int, dims: list[int], batch_norm: bool = True,
     the last unless ``last_bias`` (Barlow Twins' loss standardises it away). The BatchNorms
     use the global batch when several processes train
     (:class:`~caid_hf.distributed.GlobalBatchNorm1d`). MoCo-v2's head is ``batch_norm=False,
-    last_bias=True`` (keys ``0.*``, ``2.*`` as the original's ``encoder_q.fc``); a single
-    plain Linear (MoCo-v1's head) is returned as itself.
+    last_bias=True`` (keys ``0.*``, ``2.*`` as the original's ``encoder_q.fc``).
     """
     layers: list[nn.Module] = []
     for i, width in enumerate(dims):
@@ -142,7 +141,7 @@ def projection_head(in_features: int, dims: list[int], batch_norm: bool = True,
         elif output_norm:
             layers.append(GlobalBatchNorm1d(width, affine=False))
         in_features = width
-    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+    return nn.Sequential(*layers)
 
 
 @torch.no_grad()

@@ -146,10 +146,13 @@ class MoCoV2(Objective):
         super().__init__()
         self.momentum = momentum
         self.shuffle_bn_splits = shuffle_bn_splits
-        # MoCo-v2's MLP Linear(C, C) → ReLU → Linear(C, D), or MoCo-v1's Linear(C, D)
+        # MoCo-v2's MLP Linear(C, C) → ReLU → Linear(C, D), or MoCo-v1's Linear(C, D) (as
+        # itself: its keys are weight and bias)
         dims = [feature_dim, projection_dim] if head == "mlp" else [projection_dim]
         self.projection_head = projection_head(feature_dim, dims, batch_norm=False,
                                                last_bias=True)
+        if head != "mlp":
+            self.projection_head = self.projection_head[0]
         self.criterion = InfoNCE(temperature)
         self.momentum_encoder = copy.deepcopy(encoder)
         self.momentum_projection_head = copy.deepcopy(self.projection_head)

@@ -21,8 +21,8 @@ from ..data.patients import check_patient_rule
 from ..data.source_spec import HFOptions
 
 
-@checked_arguments
 @dataclass
+@checked_arguments
 class _SourceArguments:
     """Where the images come from and how crops are cut (the first part of
     :class:`DataArguments`)."""
@@ -186,8 +186,8 @@ DataArguments.__doc__ = ("Where the images come from, how crops are cut, and eve
                          "to a reference_size view).")
 
 
-@checked_arguments
 @dataclass
+@checked_arguments
 class PretrainingArguments:
     """The optimisation and bookkeeping of a pre-training run."""
 
