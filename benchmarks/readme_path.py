@@ -68,10 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
         results["random"][str(k)] = test_mean_auc(run)
         print(f"random init, fine-tuning seed {k}: test mean AUC "
               f"{results['random'][str(k)]:.4f}", flush=True)
+    demo_wall_s = {}
     for s in a.demo_seeds:
         demo = out / f"demo_seed{s}"
+        t = time.perf_counter()
         caid_hf("pretrain", "--config", str(DEMO), "--seed", str(s), "--output_dir", str(demo),
                 "--overwrite_output_dir", "true", *demo_extra)
+        demo_wall_s[str(s)] = round(time.perf_counter() - t, 1)
+        print(f"demo seed {s}: {demo_wall_s[str(s)] / 60:.1f} min from the command to its end",
+              flush=True)
         for k in a.finetune_seeds:
             run = out / f"demo{s}_seed{k}"
             caid_hf("finetune", "--config", str(FINETUNE), "--init_from", str(demo / "best"),
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                "random_mean": statistics.mean(results["random"].values()),
                "random_std": (statistics.stdev(results["random"].values())
                               if len(results["random"]) > 1 else 0.0),
+               "demo_wall_s": demo_wall_s,
                "wall_time_s": round(time.perf_counter() - started, 1)}
     record = {"runs": results, "summary": summary, "demo_config": DEMO.read_text(),
               "finetune_config": FINETUNE.read_text()}

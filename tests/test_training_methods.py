@@ -155,6 +155,7 @@ def test_every_shipped_pretraining_config_parses_into_a_valid_run(path):
         assert config.discrimination_method == "moco_v2"
     assert config.context_prediction == (not name.startswith("id_") and not name.endswith("_id"))
     if name.startswith("demo"):
-        assert config.encoder_name == "resnet18" and data_args.train_source == "phantoms"
+        assert config.encoder_name == "resnet18"
+        assert data_args.train_source == ("phantoms:cxr14" if name == "demo" else "phantoms")
     else:
         assert config.encoder_name == "resnet50" and config.image_size == 224
