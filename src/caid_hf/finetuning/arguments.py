@@ -168,20 +168,16 @@ class FinetuneDataArguments:
         "help": "Random horizontal flips in training (off: chest anatomy is not symmetric)."})
 
     def __post_init__(self):
-        for name in ("validation_fraction", "label_fraction"):
-            value = getattr(self, name)
-            if not 0 < value <= 1 or (name == "validation_fraction" and value >= 1):
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if not 0 < self.crop_scale_min <= 1:
-            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        # label_fraction, crop_scale_min and max_bad_fraction: their ranges (VALUE_RULES);
+        # fine-tuning also needs a validation share above 0
+        if self.validation_fraction <= 0:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         for name, allowed in (("label_format", LABEL_FORMATS),
                               ("uncertain_labels", UNCERTAIN_POLICIES),
                               ("blank_labels", BLANK_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_patient_rule(self.patient_id_from)
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
