@@ -22,7 +22,7 @@ from caid_hf.data.augment import (
 )
 
 # Appearance off: views differ from the crop only by flip and distortion.
-PLAIN = {"jitter_p": 0.0, "blur_p": 0.0}
+PLAIN = {"color_jitter_p": 0.0, "blur_p": 0.0}
 NO_DISTORTION = {"cutout_p": 0.0, "outpaint_p": 0.0, "shuffle_p": 0.0}
 CUTOUT_ONLY = {"cutout_p": 1.0, "outpaint_p": 0.0, "shuffle_p": 0.0}
 OUTPAINT_ONLY = {"cutout_p": 0.0, "outpaint_p": 1.0, "shuffle_p": 0.0}
@@ -62,7 +62,7 @@ def _augment_plain(augmenter: ViewAugmenter, crops: torch.Tensor) -> torch.Tenso
 def test_defaults_are_the_reference_values():
     c = AugmentationConfig()
     assert (c.brightness, c.contrast, c.saturation, c.hue) == (0.4, 0.4, 0.4, 0.1)
-    assert (c.jitter_p, c.blur_p, c.blur_sigma, c.flip_p) == (0.8, 0.5, (0.1, 2.0), 0.5)
+    assert (c.color_jitter_p, c.blur_p, c.blur_sigma, c.flip_p) == (0.8, 0.5, (0.1, 2.0), 0.5)
     assert (c.cutout_p, c.outpaint_p, c.shuffle_p) == (0.30, 0.05, 0.30)
     assert (c.max_boxes, c.box_stop_p, c.cutout_size, c.outpaint_shrink) == (
         10,
@@ -77,7 +77,7 @@ def test_defaults_are_the_reference_values():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"jitter_p": 1.5}, "jitter_p"),
+        ({"color_jitter_p": 1.5}, "color_jitter_p"),
         ({"box_stop_p": -0.1}, "box_stop_p"),
         ({"cutout_p": 0.5, "shuffle_p": 0.6}, "cutout_p"),
         ({"cutout_size": (70, 10)}, "cutout_size"),
@@ -182,7 +182,7 @@ def test_blur_rate_is_one_half():
     n = 4000
     crops = torch.zeros(n, 2, 16, 16, dtype=torch.uint8)
     crops[:, :, 8:] = 255
-    config = AugmentationConfig(jitter_p=0.0, reference_compat=True)
+    config = AugmentationConfig(color_jitter_p=0.0, reference_compat=True)
     views = _augment_plain(ViewAugmenter(config, context_prediction=False), crops)
     blurred = ((views > 0) & (views < 1)).flatten(2).any(-1)
     assert abs(blurred.float().mean().item() - 0.5) < _tolerance(0.5, 2 * n)

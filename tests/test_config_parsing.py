@@ -165,9 +165,16 @@ MODEL_MISTAKES = {  # CAiDConfig's own checks: field → a value it refuses
 }
 
 
+AUGMENTATION_MISTAKES = {  # AugmentationConfig's own checks (DataArguments inherits them)
+    "hue": 0.7, "brightness": -1.0, "color_jitter_p": 1.5, "blur_p": -0.5, "flip_p": 2.0,
+    "max_boxes": 0, "margin": -1, "reference_size": 0,
+}
+
+
 def _walk(classes, parse, tmp_path):
     """(field, its Python-API message, the flag's message, the YAML file's message)."""
     from caid_hf import CAiDConfig
+    from caid_hf.data.augmentation_config import AugmentationConfig
 
     cases = []
     for kind in classes:
@@ -177,6 +184,8 @@ def _walk(classes, parse, tmp_path):
                 bad, build = _out_of_range(kind, name), kind
             elif kind.__name__ == "ModelArguments" and name in MODEL_MISTAKES:
                 bad, build = MODEL_MISTAKES[name], CAiDConfig
+            elif kind.__name__ == "DataArguments" and name in AUGMENTATION_MISTAKES:
+                bad, build = AUGMENTATION_MISTAKES[name], AugmentationConfig
             else:
                 continue
             with pytest.raises(ValueError) as python:
@@ -202,7 +211,7 @@ def test_every_checked_field_is_refused_alike_by_python_flags_and_yaml(command, 
         from caid_hf.finetuning.arguments import ARGUMENT_CLASSES
         from caid_hf.finetuning.arguments import parse_finetuning_args as parse
     cases = _walk(ARGUMENT_CLASSES, parse, tmp_path)
-    assert len(cases) >= (35 if command == "pretrain" else 25)
+    assert len(cases) >= (43 if command == "pretrain" else 25)
     for name, line, flag_message, yaml_message in cases:
         assert f"--{line}" in flag_message, name
         assert f"{tmp_path / name}.yaml: {line}" in yaml_message, name
@@ -210,13 +219,13 @@ def test_every_checked_field_is_refused_alike_by_python_flags_and_yaml(command, 
 
 def test_the_papers_defaults_are_written_once_in_src():
     """224 px, a queue of 65,536 and momentum 0.999 appear as numbers only where
-    configuration_caid.py defines them; everything else refers to those names."""
+    model_settings.py defines them; everything else refers to those names."""
     import ast
     from pathlib import Path
 
     import caid_hf
     from caid_hf import CAiDConfig
-    from caid_hf.configuration_caid import DEFAULT_IMAGE_SIZE, DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
+    from caid_hf.model_settings import DEFAULT_IMAGE_SIZE, DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
 
     defaults = {224, 65536, 0.999}
     found = []
@@ -225,8 +234,66 @@ def test_the_papers_defaults_are_written_once_in_src():
             if (isinstance(node, ast.Constant) and type(node.value) in (int, float)
                     and node.value in defaults):
                 found.append((path.name, node.lineno, node.value))
-    assert sorted(v for name, _, v in found if name == "configuration_caid.py") == [0.999, 224, 65536]
-    assert [f for f in found if f[0] != "configuration_caid.py"] == []
+    assert sorted(v for name, _, v in found if name == "model_settings.py") == [0.999, 224, 65536]
+    assert [f for f in found if f[0] != "model_settings.py"] == []
     config = CAiDConfig()
     assert (config.image_size, config.queue_size, config.momentum) == (
         DEFAULT_IMAGE_SIZE, DEFAULT_QUEUE_SIZE, DEFAULT_MOMENTUM)
+
+
+@dataclasses.dataclass
+class Shapes:
+    sigma: tuple[float, float] = (0.1, 2.0)
+    flip: bool = True
+    channels_last: bool | None = None
+    dims: list[int] = dataclasses.field(default_factory=lambda: [8, 8])
+
+
+def test_flags_follow_the_field_types():
+    parsed, = parse_config_args((Shapes,), ["--sigma", "0.5", "1.5", "--flip", "false",
+                                            "--channels-last", "--dims", "4", "2", "1"])
+    assert parsed == Shapes(sigma=(0.5, 1.5), flip=False, channels_last=True, dims=[4, 2, 1])
+    assert parse_config_args((Shapes,), [])[0] == Shapes()
+    for wrong in (["--sigma", "0.5"], ["--flip", "maybe"], ["--dims", "a"]):
+        with pytest.raises(SystemExit):  # argparse's message and usage, status 2
+            parse_config_args((Shapes,), wrong)
+
+
+def test_yaml_pairs_become_tuples(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("sigma: [0.2, 3]\n")
+    assert load_yaml_config(config, (Shapes,)) == {"sigma": (0.2, 3.0)}
+    config.write_text("sigma: [0.2, 3, 4]\n")
+    with pytest.raises(ValueError, match=r"run.yaml: sigma: expected a list of 2"):
+        load_yaml_config(config, (Shapes,))
+
+
+def test_command_arguments_are_parsed_and_refused_without_torch(tmp_path):
+    """Both commands' settings (model, augmentation, data, training) are read and checked
+    with the standard library and PyYAML only, so a mistake is answered before torch (or
+    transformers, which loads it) is imported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from caid_hf.cli import main\n"
+        "from caid_hf.training.arguments import parse_pretraining_args\n"
+        "from caid_hf.finetuning.arguments import parse_finetuning_args\n"
+        "model, data, _ = parse_pretraining_args(['--config', 'configs/demo.yaml'])\n"
+        "assert (model.image_size, data.color_jitter_p) == (64, 0.8), (model, data)\n"
+        "parse_finetuning_args(['--config', 'configs/finetune_phantoms_classification.yaml'])\n"
+        "for command in ('pretrain', 'finetune'):\n"
+        "    try:\n"
+        "        main([command, '--learnig_rate', '1'])\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 2, stop.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stderr.count("did you mean '--learning_rate'?") == 2

@@ -64,7 +64,7 @@ def test_method_fields_defaults_and_choices():
         CAiDConfig(discrimination_method="byol")
     for method in ("barlow_twins", "simsiam"):
         assert CAiDConfig(discrimination_method=method, reconstruct_views="both").reconstruct_views == "both"
-    from caid_hf.configuration_caid import DISCRIMINATION_METHODS, SYMMETRIC_METHODS
+    from caid_hf.model_settings import DISCRIMINATION_METHODS, SYMMETRIC_METHODS
     from caid_hf.objectives import OBJECTIVES, objective_class
 
     # config_fields are the fields whose change makes a saved objective unusable: changing

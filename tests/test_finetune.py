@@ -140,10 +140,12 @@ def test_multi_class_segmentation_from_a_mask_folder(tmp_path):
 @pytest.mark.parametrize("min_steps,stopped_at", [(0, 3), (-1, 11)])
 def test_early_stopping_on_a_metric_that_cannot_improve(tmp_path, min_steps, stopped_at):
     # learning rate 0 and a frozen encoder: every validation gives the same Dice; validations
-    # before early_stopping_min_steps (-1: half of the 20 steps) do not count
+    # before early_stopping_min_steps (-1: half of the 20 steps) do not count. The arguments
+    # refuse a zero learning rate, so it is set after they are checked.
     model, data, args = tiny_run("segmentation", "random", tmp_path / "stop", max_steps=20,
-                                 eval_steps=1, early_stopping_patience=2, learning_rate=0.0,
+                                 eval_steps=1, early_stopping_patience=2,
                                  bootstrap_resamples=0, early_stopping_min_steps=min_steps)
+    args.learning_rate = 0.0
     model.freeze_encoder = True
     data.num_train_phantoms, data.num_validation_phantoms, data.num_test_phantoms = 8, 4, 4
     result = finetune(model, data, args)

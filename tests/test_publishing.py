@@ -39,7 +39,8 @@ def expected_files(folder):
 def test_upload_plan_lists_exactly_the_saved_files(saved_folder):
     plan = upload_plan(saved_folder)
     assert [path for path, _ in plan] == ["README.md", "config.json", "configuration_caid.py",
-                                          "model.safetensors", "modeling_caid.py"]
+                                          "model.safetensors", "model_settings.py",
+                                          "modeling_caid.py"]
     assert plan == expected_files(saved_folder)
 
 
@@ -155,7 +156,8 @@ def test_offline_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
     cached = scan_cache_dir(cache)  # the layout is one huggingface_hub itself accepts
     assert [r.repo_id for r in cached.repos] == ["org/caid-resnet18"]
     assert {f.file_name for r in cached.repos for rev in r.revisions for f in rev.files} == {
-        "config.json", "model.safetensors", "configuration_caid.py", "modeling_caid.py"}
+        "config.json", "model.safetensors", "configuration_caid.py", "model_settings.py",
+        "modeling_caid.py"}
 
     expected = model.state_dict()
     for loaded in (CAiDModel.from_pretrained("org/caid-resnet18"),

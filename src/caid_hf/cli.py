@@ -98,8 +98,8 @@ def _push(argv: list[str], prog: str) -> None:
 
 
 def _convert_original(argv: list[str], prog: str) -> None:
-    from .configuration_caid import DEFAULT_IMAGE_SIZE
     from .convert_original import convert_original_checkpoint
+    from .model_settings import DEFAULT_IMAGE_SIZE
 
     parser = ArgumentParser(
         prog=prog,
@@ -210,9 +210,12 @@ def _prepare_data(argv: list[str], prog: str) -> None:
 
 
 def _finetune(argv: list[str], prog: str) -> None:
-    from .finetuning.finetune import main as finetune_main
+    from .finetuning.arguments import parse_finetuning_args  # without torch
 
-    finetune_main(argv, prog=prog)
+    arguments = parse_finetuning_args(argv, prog=prog)  # every mistake before torch loads
+    from .finetuning.finetune import finetune
+
+    finetune(*arguments)
 
 
 def _evaluate_features_parser(prog: str) -> ArgumentParser:
@@ -298,9 +301,9 @@ def _evaluate_features_parser(prog: str) -> ArgumentParser:
 
 
 def _evaluate_features(argv: list[str], prog: str) -> None:
-    from .configuration_caid import DEFAULT_IMAGE_SIZE
     from .finetuning.data import LabelledSourceOptions, labelled_source_from_spec
     from .finetuning.features import evaluate_features
+    from .model_settings import DEFAULT_IMAGE_SIZE
 
     a = _evaluate_features_parser(prog).parse_args(argv)
 
@@ -363,9 +366,12 @@ def _evaluate_transfer(argv: list[str], prog: str) -> None:
 
 
 def _pretrain(argv: list[str], prog: str) -> None:
-    from .training.pretrain import main as pretrain_main
+    from .training.arguments import parse_pretraining_args  # standard library and PyYAML
 
-    pretrain_main(argv, prog=prog)
+    arguments = parse_pretraining_args(argv, prog=prog)  # every mistake before torch loads
+    from .training.pretrain import pretrain
+
+    pretrain(*arguments)
 
 
 COMMANDS = {  # name: (what it does, handler of its arguments)

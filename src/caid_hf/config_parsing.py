@@ -1,7 +1,8 @@
 """The command-line and YAML side of every caid-hf command: a YAML file of argument values
-plus ``--field value`` overrides, parsed into argument dataclasses with transformers'
-``HfArgumentParser``, every value checked for its type and range before anything is
-built, and every bad one named with the file or flag it came from."""
+plus ``--field value`` overrides, parsed into argument dataclasses (one flag per field, as
+transformers' ``HfArgumentParser`` makes them), every value checked for its type and range
+before anything is built, and every bad one named with the file or flag it came from. The
+standard library and PyYAML only: a mistyped flag is answered before torch is loaded."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
 
-from .console import ConfigurationError, option_strings, unknown_flags_message
-from .data.sources import read_text_file
+from .console import ArgumentParser, ConfigurationError, option_strings, unknown_flags_message
+from .data.options import read_text_file
 
 __all__ = ["VALUE_RULES", "checked_arguments", "known_fields", "load_yaml_config",
            "parse_config_args", "range_mistakes"]
@@ -50,6 +50,10 @@ def _coerce(value, annotation):
             except TypeError as error:
                 errors.append(error)
         raise errors[0] if errors else TypeError("null")
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"expected a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(v, kind) for v, kind in zip(value, args))
     if typing.get_origin(annotation) is list:
         values = value if isinstance(value, list) else None
         if values is None:
@@ -77,6 +81,44 @@ def _coerce(value, annotation):
     else:
         return value
     raise TypeError(f"expected {_type_name(annotation)}, got {value!r}")
+
+
+def _flag_value(text: str, kind: type):
+    """A flag's text as ``kind`` (argparse's ``type``): ``true``/``false`` for booleans."""
+    if kind is bool:
+        if text.lower() in ("true", "yes", "1"):
+            return True
+        if text.lower() in ("false", "no", "0"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return kind(text)
+
+
+class _TupleAction(argparse.Action):
+    """Stores a fixed number of values as a tuple (argparse makes a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(values))
+
+
+def _add_field(parser: argparse.ArgumentParser, item: dataclasses.Field, annotation) -> None:
+    """``--name`` for one dataclass field: ``X | None`` takes an X; ``list[X]`` one or more;
+    ``tuple[X, X]`` exactly two; a boolean alone means true, or takes true/false."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        annotation, args = args[0], list(typing.get_args(args[0]))
+    options: dict = {"dest": item.name, "default": field_default(item)}
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        options.update(nargs="+", type=args[0])
+    elif origin is tuple:
+        options.update(nargs=len(args), type=args[0], action=_TupleAction)
+    elif annotation is bool:
+        options.update(nargs="?", const=True, metavar="true|false",
+                       type=lambda text: _flag_value(text, bool))
+    else:
+        options["type"] = annotation
+    parser.add_argument(f"--{item.name}", **options)
 
 
 def _field_types(classes: tuple[type, ...]) -> dict[str, object]:
@@ -152,7 +194,7 @@ VALUE_RULES = {
     # fine-tuning's copies of two model settings (the model's own are CAiDConfig's checks)
     "segmentation_dice_weight": _at_least(0),
     "classifier_dropout": _between(0, 1, high_open=True),
-    **dict.fromkeys(("color_jitter_p", "blur_p", "max_bad_fraction"), _between(0, 1)),
+    "max_bad_fraction": _between(0, 1),
     "validation_fraction": _between(0, 1, high_open=True),
     "label_fraction": _between(0, 1, low_open=True),
     **dict.fromkeys(("crop_scale_min", "crop_scale_max"), _between(0, 1, low_open=True)),
@@ -188,7 +230,7 @@ def checked_arguments(cls: type) -> type:
     class's own checks, and raises one ``ValueError`` with every mistake, a line each
     starting with the field's name. The same checks whatever builds the object: YAML,
     flags or Python."""
-    own = cls.__dict__.get("__post_init__")
+    own = getattr(cls, "__post_init__", None)  # its own, or a base class's checks
 
     def __post_init__(self) -> None:
         mistakes = range_mistakes(self)
@@ -248,14 +290,6 @@ def _shown(value) -> str:
     return "(unset)" if value is None else str(value)
 
 
-def field_help(kind: type, item: dataclasses.Field) -> str:
-    """A field's help: its ``help`` metadata, else the class's ``field_help(name)``."""
-    text = item.metadata.get("help")
-    if not text and hasattr(kind, "field_help"):
-        text = kind.field_help(item.name)
-    return text or ""
-
-
 def field_default(item: dataclasses.Field):
     if item.default_factory is not dataclasses.MISSING:
         return item.default_factory()
@@ -277,7 +311,7 @@ def grouped_help(classes: tuple[type, ...], usage: str, description: str | None,
                 continue
             group = group_of(kind, item.name) if group_of else title
             line = (f"  --{item.name} {_shown(field_default(item))}  "
-                    f"{_first_sentence(field_help(kind, item))}")
+                    f"{_first_sentence(item.metadata.get('help', ''))}")
             groups.setdefault(group, []).append(line)
     lines = [f"usage: {usage}", ""]
     if description:
@@ -312,8 +346,13 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     if "-h" in rest or "--help" in rest:
         print(grouped_help(classes, usage, description, group_of, group_order), end="")
         raise SystemExit(0)
-    # the generated usage lists every field (60 lines): too long above an error message
-    parser = HfArgumentParser(classes, prog=prog, description=description, usage=usage)
+    # the generated usage would list every field (60 lines): too long above an error message
+    parser = ArgumentParser(prog=prog, description=description, usage=usage)
+    types_by_name = _field_types(classes)
+    for kind in classes:
+        for item in dataclasses.fields(kind):
+            if item.init:
+                _add_field(parser, item, types_by_name[item.name])
     parser.add_argument("--config", default=None, help="YAML file of argument values.")
     yaml_values = load_yaml_config(known.config, classes) if known.config else {}
     parser.set_defaults(**yaml_values)

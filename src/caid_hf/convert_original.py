@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from .configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig
+from .configuration_caid import CAiDConfig
 from .image_processing_caid import CAiDImageProcessor
+from .model_settings import DEFAULT_IMAGE_SIZE
 from .modeling_caid import CAiDModel, smp_unet
 from .modeling_caid_pretraining import CAiDForPreTraining
 

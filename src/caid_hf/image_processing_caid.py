@@ -22,9 +22,9 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
-from .configuration_caid import DEFAULT_IMAGE_SIZE
 from .decoding import decode_grey, pil_to_grey, scale_high_bit_depth
 from .decoding import dicom_to_grey as decode_dicom_dataset
+from .model_settings import DEFAULT_IMAGE_SIZE
 
 try:  # DICOM datasets as input need pydicom (a caid-hf dependency, optional for remote code)
     from pydicom.dataset import Dataset as DicomDataset

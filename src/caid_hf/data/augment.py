@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..configuration_caid import DEFAULT_IMAGE_SIZE
+from .augmentation_config import AugmentationConfig, PixelGeometry
 
 __all__ = [
     "AugmentationConfig",
@@ -66,166 +66,6 @@ class Distortion(IntEnum):
     CUTOUT = 1
     OUTPAINT = 2
     SHUFFLE = 3
-
-
-_PROBABILITIES = (
-    "jitter_p",
-    "blur_p",
-    "flip_p",
-    "cutout_p",
-    "outpaint_p",
-    "shuffle_p",
-    "box_stop_p",
-)
-_RANGES = ("blur_sigma", "cutout_size", "outpaint_shrink", "shuffle_block")
-
-
-@dataclass
-class AugmentationConfig:
-    """Hyperparameters of the view augmentation; defaults are the reference's.
-
-    Pixel sizes (``blur_sigma``, ``cutout_size``, ``outpaint_shrink``,
-    ``shuffle_block``, ``margin``) are for a ``reference_size`` view and are
-    scaled by ``S / reference_size`` for an S-px view (see :meth:`geometry`),
-    unless ``reference_compat`` is set. ``reference_compat=True`` also leaves
-    the reconstruction target unflipped, as the reference does.
-
-    ``saturation`` and ``hue`` are kept for parity with the reference's
-    ``ColorJitter`` but change nothing on grey images: saturation blends the
-    image with its own grey version (itself), and a hue rotation moves no
-    colour of a pixel whose saturation is zero.
-    """
-
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    flip_p: float = 0.5
-    cutout_p: float = 0.30
-    outpaint_p: float = 0.05
-    shuffle_p: float = 0.30
-    max_boxes: int = 10
-    box_stop_p: float = 0.1
-    cutout_size: tuple[int, int] = (10, 70)
-    outpaint_shrink: tuple[int, int] = (50, 70)
-    shuffle_block: tuple[int, int] = (10, 15)
-    shuffle_swaps: int = 10
-    margin: int = 3
-    reference_size: int = DEFAULT_IMAGE_SIZE  # the original's views
-    distort_key_view: bool = True
-    reference_compat: bool = False
-
-    def __post_init__(self) -> None:
-        for name in _RANGES:
-            value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or len(value) != 2:
-                raise ValueError(
-                    f"AugmentationConfig.{name} must be a (low, high) pair, got {value!r}"
-                )
-            setattr(self, name, tuple(value))
-        for name in _PROBABILITIES:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"AugmentationConfig.{name} must be in [0, 1], got {getattr(self, name)}"
-                )
-        total = self.cutout_p + self.outpaint_p + self.shuffle_p
-        if total > 1.0 + 1e-9:
-            raise ValueError(
-                "AugmentationConfig.cutout_p + outpaint_p + shuffle_p must be <= 1, "
-                f"got {self.cutout_p} + {self.outpaint_p} + {self.shuffle_p} = {total}"
-            )
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"AugmentationConfig.{name} must be >= 0, got {getattr(self, name)}"
-                )
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"AugmentationConfig.hue must be in [0, 0.5], got {self.hue}")
-        for name in _RANGES:
-            low, high = getattr(self, name)
-            positive = name == "blur_sigma"  # sigma may be fractional, pixel sizes are >= 1
-            if (low <= 0 if positive else low < 1) or low > high:
-                raise ValueError(
-                    f"AugmentationConfig.{name} must be a (low, high) pair with "
-                    f"{'0 <' if positive else '1 <='} low <= high, got {(low, high)}"
-                )
-        for name, low in (
-            ("max_boxes", 1),
-            ("shuffle_swaps", 0),
-            ("margin", 0),
-            ("reference_size", 1),
-        ):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < low:
-                raise ValueError(
-                    f"AugmentationConfig.{name} must be an integer >= {low}, got {getattr(self, name)}"
-                )
-
-    def geometry(self, size: int) -> PixelGeometry:
-        """Pixel sizes for an ``size``-px view.
-
-        Integer sizes are ``round(v * size / reference_size)`` (at least 1; the
-        margin at least 1 when the reference margin is positive), sigma is
-        scaled without rounding. With ``reference_compat`` nothing is scaled.
-        """
-        scale = 1.0 if self.reference_compat else size / self.reference_size
-
-        def pixels(value: int) -> int:
-            return max(1, math.floor(value * scale + 0.5))
-
-        def pair(values: tuple[int, int]) -> tuple[int, int]:
-            return pixels(values[0]), pixels(values[1])
-
-        return PixelGeometry(
-            size=size,
-            blur_sigma=(self.blur_sigma[0] * scale, self.blur_sigma[1] * scale),
-            cutout_size=pair(self.cutout_size),
-            outpaint_shrink=pair(self.outpaint_shrink),
-            shuffle_block=pair(self.shuffle_block),
-            margin=pixels(self.margin) if self.margin > 0 else 0,
-            reference_compat=self.reference_compat,
-        )
-
-
-@dataclass(frozen=True)
-class PixelGeometry:
-    """The config's pixel sizes resolved for one view size (see ``AugmentationConfig.geometry``)."""
-
-    size: int
-    blur_sigma: tuple[float, float]
-    cutout_size: tuple[int, int]
-    outpaint_shrink: tuple[int, int]
-    shuffle_block: tuple[int, int]
-    margin: int
-    reference_compat: bool = False
-
-    def check_fits(self) -> None:
-        """Raise ``ValueError`` when boxes, windows or blocks cannot be placed inside the margin."""
-        size, margin = self.size, self.margin
-        problems = []
-        if self.cutout_size[1] + 2 * margin > size:
-            problems.append(f"cut-out boxes up to {self.cutout_size[1]} px")
-        if self.outpaint_shrink[1] >= size or self.outpaint_shrink[0] < 2 * margin:
-            problems.append(f"out-painting windows of {size} - {self.outpaint_shrink} px")
-        if self.shuffle_block[1] + 2 * margin > size:
-            problems.append(f"shuffle blocks up to {self.shuffle_block[1]} px")
-        if not problems:
-            return
-        message = f"{', '.join(problems)} with a {margin}-px margin do not fit a {size}-px view"
-        if self.reference_compat:
-            needed = max(
-                self.cutout_size[1] + 2 * margin,
-                self.shuffle_block[1] + 2 * margin,
-                self.outpaint_shrink[1] + 1,
-            )
-            message += (
-                "; reference_compat=True keeps the reference's absolute pixel sizes (made for "
-                f"224-px views): use views of at least {needed} px, or reference_compat=False "
-                "to scale the sizes with the view"
-            )
-        raise ValueError(message)
 
 
 @dataclass
@@ -833,7 +673,7 @@ class ViewAugmenter:
         # Both views of every image form one batch of 2B: sample 2i is image i's query.
         # Each step writes into this batch (no copies of it).
         x = crops.reshape(2 * batch, 1, size, size).float().div_(255.0)
-        x, _ = color_jitter(x, generator, config.brightness, config.contrast, config.jitter_p,
+        x, _ = color_jitter(x, generator, config.brightness, config.contrast, config.color_jitter_p,
                             inplace=True)
         x, _ = random_gaussian_blur(x, generator, config.blur_p, geo.blur_sigma, inplace=True)
         x, flipped = random_horizontal_flip(x, generator, config.flip_p, inplace=True)

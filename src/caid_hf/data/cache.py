@@ -72,7 +72,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..configuration_caid import DEFAULT_IMAGE_SIZE
+from ..model_settings import DEFAULT_IMAGE_SIZE
 from .sources import ImageSource, _check_index
 
 __all__ = [

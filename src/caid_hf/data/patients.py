@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .options import check_patient_rule
+
 __all__ = [
     "CHESTXRAY14_NAME",
     "check_patient_rule",
@@ -38,24 +40,6 @@ __all__ = [
 
 # ChestX-ray14 image names: 8 digits of patient, 3 of follow-up.
 CHESTXRAY14_NAME = re.compile(r"^(\d{8})_\d{3}\.[A-Za-z]+$")
-_RULE_HELP = "'auto', 'none', 'filename_prefix', 'column:NAME' or 'regex:PATTERN'"
-
-
-def check_patient_rule(rule: str) -> str:
-    """``rule`` if it is a valid ``patient_id_from`` value; else ValueError saying why."""
-    if rule in ("auto", "none", "filename_prefix"):
-        return rule
-    kind, _, value = rule.partition(":")
-    if kind == "column" and value:
-        return rule
-    if kind == "regex" and value:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"patient_id_from {rule!r}: not a regular expression ({error})"
-                             ) from None
-        return rule
-    raise ValueError(f"patient_id_from must be {_RULE_HELP}, got {rule!r}")
 
 
 def _file_name(image_id: str) -> str:

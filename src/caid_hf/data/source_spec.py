@@ -20,34 +20,17 @@ prepare-data SOURCE``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
 
+from .options import HFOptions
 from .sources import ImageFolderSource, PhantomSource, SplitListSource
 
 PHANTOMS = "phantoms"
 PHANTOM_SPECS = {"phantoms": "v1", "phantoms:v1": "v1", "phantoms:cxr14": "cxr14"}
 HF_PREFIX = "hf:"
 _HF_FILES = (".parquet", ".arrow")
-
-
-@dataclass
-class HFOptions:
-    """How to read a Hugging Face dataset source."""
-
-    split: str = "train"
-    config_name: str | None = None
-    image_column: str | None = None
-    id_column: str | None = None
-    patient_id_from: str = "auto"  # see caid_hf.data.patients
-
-    @property
-    def patient_column(self) -> str | None:
-        """The column of patient ids ``patient_id_from`` names, if it names one."""
-        kind, _, value = self.patient_id_from.partition(":")
-        return value if kind == "column" else None
 
 
 def is_hf_spec(spec: str) -> bool:

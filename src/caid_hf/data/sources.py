@@ -17,6 +17,7 @@ import numpy as np
 
 from ..decoding import IMAGE_EXTENSIONS, decode_grey
 from .chest_phantoms import FINDINGS, LOCALISED_FINDINGS, generate_chest_phantom
+from .options import read_text_file
 from .phantoms import generate_phantom
 
 __all__ = [
@@ -41,22 +42,6 @@ class ImageSource(Protocol):
     def image_id(self, i: int) -> str:
         """A stable name of image ``i`` (a relative path, ``phantom_00042``, …)."""
         ...
-
-
-def read_text_file(path: str | os.PathLike) -> str:
-    """A text file (split list, CSV, YAML) as str: UTF-8, with or without a byte-order mark,
-    any line ending. Not UTF-8 (a Latin-1 list, say): ValueError naming file, line and byte."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        start = error.start
-        line = data.count(b"\n", 0, start) + 1
-        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
-        raise ValueError(
-            f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at column "
-            f"{column}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
-        ) from None
 
 
 def _check_index(i: int, length: int) -> int:

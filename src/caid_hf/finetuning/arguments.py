@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config_parsing
-from ..configuration_caid import check_image_size
-from ..data.patients import check_patient_rule
-from ..runs import resolve_precision
+from ..data.options import check_patient_rule
+from ..model_settings import check_image_size
 from .label_formats import BLANK_POLICIES, LABEL_FORMATS, UNCERTAIN_POLICIES
 
 TASKS = ("classification", "segmentation")
@@ -240,8 +239,6 @@ class FinetuningArguments:
                              f"{self.metric_for_best_model!r}")
         if not 0 < self.confidence_level < 1:
             raise ValueError(f"confidence_level must be in (0, 1), got {self.confidence_level}")
-        # 'auto' is decided now, so run_config.yaml and the model card say what ran
-        self.mixed_precision = resolve_precision(self.mixed_precision, self.use_cpu)
 
 
 ARGUMENT_CLASSES = (FinetuneModelArguments, FinetuneDataArguments, FinetuningArguments)

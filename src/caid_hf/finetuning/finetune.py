@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
-from ..configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig
+from ..configuration_caid import CAiDConfig
 from ..console import (
     RunConsole,
     describe_hardware,
@@ -40,6 +40,7 @@ from ..data.bad_files import BadFileLog
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
 from ..data.source_spec import PHANTOM_SPECS, HFOptions
 from ..image_processing_caid import CAiDImageProcessor
+from ..model_settings import DEFAULT_IMAGE_SIZE
 from ..modeling_caid import CAiDForImageClassification, CAiDForSemanticSegmentation
 from ..runs import (
     build_lr_scheduler,
@@ -49,6 +50,7 @@ from ..runs import (
     make_accelerator,
     plain_model,
     prepare_output_dir,
+    resolve_precision,
     run_record,
     start_run_records,
     write_run_state,
@@ -448,6 +450,8 @@ def setup_finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataAr
     """Check the arguments, take the output folder, build data, model, optimizer and
     schedule, write run_config.yaml and start the trackers. ``splits`` (default: drawn by
     :func:`build_splits` from ``data_args``) are the images to train, validate and test on."""
+    # 'auto' is decided first, so run_config.yaml and the model card say what ran
+    args.mixed_precision = resolve_precision(args.mixed_precision, args.use_cpu)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     lock_output_dir(accelerator, output_dir, cleanup)

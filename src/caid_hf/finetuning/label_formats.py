@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import read_text_file
+from ..data.options import read_text_file
 from ..decoding import IMAGE_EXTENSIONS
 
 __all__ = [

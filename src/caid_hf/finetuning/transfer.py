@@ -58,9 +58,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .. import config_parsing
-from ..configuration_caid import DEFAULT_IMAGE_SIZE, CAiDConfig, check_image_size
+from ..configuration_caid import CAiDConfig
 from ..console import format_duration, quiet_loading
 from ..data.patients import grouped_hold_out, patient_ids_of, take_patients
+from ..model_settings import DEFAULT_IMAGE_SIZE, check_image_size
 from ..modeling_caid import CAiDModel
 from ..performance import describe_cpu
 from . import finetune as finetune_module

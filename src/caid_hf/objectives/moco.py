@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from ..configuration_caid import DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
 from ..distributed import (
     concat_all_gather,
     shuffle_across_ranks,
     unshuffle_across_ranks,
     world_size,
 )
+from ..model_settings import DEFAULT_MOMENTUM, DEFAULT_QUEUE_SIZE
 from .common import Objective, ObjectiveOutput, global_pool, projection_head
 from .info_nce import InfoNCE
 from .shuffle_bn_emulation import (

@@ -7,25 +7,29 @@ Precedence: dataclass defaults < YAML file (``--config``) < command line.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config_parsing import checked_arguments, parse_config_args
 from ..config_parsing import load_yaml_config as _load_yaml_config
-from ..configuration_caid import CAiDConfig
-from ..data.augment import AugmentationConfig
-from ..data.patients import check_patient_rule
-from ..data.source_spec import HFOptions
+from ..data.augmentation_config import AugmentationConfig
+from ..data.options import HFOptions, check_patient_rule
+from ..model_settings import CAiDSettings
 
 
 @dataclass
 @checked_arguments
-class _SourceArguments:
-    """Where the images come from and how crops are cut (the first part of
-    :class:`DataArguments`)."""
+class ModelArguments(CAiDSettings):
+    """Every CAiDConfig setting (defined, documented and checked in
+    :class:`~caid_hf.model_settings.CAiDSettings`), overridable from YAML or the command line."""
+
+
+@dataclass
+@checked_arguments
+class DataArguments(AugmentationConfig):
+    """Where the images come from, how crops are cut, and every setting of the view
+    augmentation (:class:`~caid_hf.data.augmentation_config.AugmentationConfig`'s fields;
+    pixel sizes refer to a reference_size view)."""
 
     train_source: str = field(
         default="phantoms",
@@ -94,26 +98,11 @@ class _SourceArguments:
                           "original; 1.0 roughly halves the crop cost (mean difference about half "
                           "a grey level)."},
     )
-    color_jitter_p: float = field(
-        default=0.8, metadata={"help": "Probability of the brightness/contrast jitter of each view "
-                                       "(0.8 as the original). Lower it when images differ mainly "
-                                       "in global brightness, as the synthetic phantoms do."}
-    )
-    blur_p: float = field(default=0.5, metadata={"help": "Probability of the Gaussian blur of each view."})
     max_bad_fraction: float = field(
         default=0.01,
         metadata={"help": "Unreadable images are skipped, counted and listed in "
                           "<output_dir>/bad_files.tsv; the run stops when more than this fraction "
                           "of the images is bad."},
-    )
-    reference_compat: bool = field(
-        default=False,
-        metadata={"help": "Two quirks of the original's augmentation: the reconstruction "
-                          "target is not flipped with the view, and distortion sizes are in "
-                          "absolute pixels (for 224 px views) instead of scaled to the view "
-                          "size. (Crops always match the original's crop-then-resize; the "
-                          "views' random draws come from torch generators, not the original's "
-                          "Python random.)"},
     )
 
     def hf_options(self) -> HFOptions:
@@ -122,68 +111,14 @@ class _SourceArguments:
                          image_column=self.image_column, id_column=self.id_column,
                          patient_id_from=self.patient_id_from)
 
-    def augmentation_config(self) -> AugmentationConfig:
-        """The view augmentation these arguments ask for (checked when they are parsed)."""
-        values = {name: getattr(self, name) for name in _AUGMENTATION_FIELDS}
-        return AugmentationConfig(**values, jitter_p=self.color_jitter_p, blur_p=self.blur_p,
-                                  reference_compat=self.reference_compat)
-
     def __post_init__(self) -> None:
-        check_patient_rule(self.patient_id_from)
+        mistakes = AugmentationConfig.mistakes(self)
         try:
-            self.augmentation_config()
-        except ValueError as error:  # "AugmentationConfig.cutout_p ..." → the flag's name
-            raise ValueError(str(error).replace("AugmentationConfig.", "", 1)) from None
-
-
-# AugmentationConfig fields that DataArguments names itself (jitter_p as color_jitter_p)
-_AUGMENTATION_OWN = {"jitter_p", "blur_p", "reference_compat"}
-_AUGMENTATION_HELP = {
-    "brightness": "Brightness jitter strength (ColorJitter's brightness).",
-    "contrast": "Contrast jitter strength.",
-    "saturation": "Saturation jitter strength (no effect on grey images; kept for parity).",
-    "hue": "Hue jitter strength (no effect on grey images; kept for parity).",
-    "blur_sigma": "Gaussian blur sigma range, two numbers (px of a reference_size view).",
-    "flip_p": "Probability of the horizontal flip of each view.",
-    "cutout_p": "CAiD distortion: probability of cut-out (boxes set to 0).",
-    "outpaint_p": "CAiD distortion: probability of out-painting (all but windows set to 0).",
-    "shuffle_p": "CAiD distortion: probability of local shuffling (block swaps).",
-    "max_boxes": "CAiD distortion: most cut-out boxes / out-painting windows.",
-    "box_stop_p": "CAiD distortion: chance to stop after each box or window.",
-    "cutout_size": "CAiD distortion: cut-out box side range, two integers (px at reference_size).",
-    "outpaint_shrink": "CAiD distortion: out-painting window shrink range, two integers (px).",
-    "shuffle_block": "CAiD distortion: shuffled block side range, two integers (px).",
-    "shuffle_swaps": "CAiD distortion: block swaps of local shuffling.",
-    "margin": "CAiD distortion: margin kept from the border (px).",
-    "reference_size": "View side the pixel sizes above refer to; scaled for other views.",
-    "distort_key_view": "Distort the second (key) view too, as the original does.",
-}
-
-
-def _augmentation_fields() -> list[tuple]:
-    """One field per AugmentationConfig setting DataArguments does not name itself, with
-    AugmentationConfig's default (pairs become two-number lists on the command line)."""
-    fields = []
-    for item in dataclasses.fields(AugmentationConfig):
-        if item.name in _AUGMENTATION_OWN:
-            continue
-        default = item.default
-        help_text = {"help": _AUGMENTATION_HELP[item.name]}
-        if isinstance(default, tuple):
-            fields.append((item.name, list[type(default[0])],
-                           field(default_factory=lambda d=default: list(d), metadata=help_text)))
-        else:
-            fields.append((item.name, type(default), field(default=default, metadata=help_text)))
-    return fields
-
-
-_AUGMENTATION_FIELDS = [name for name, *_ in _augmentation_fields()]
-DataArguments = dataclasses.make_dataclass("DataArguments", _augmentation_fields(),
-                                           bases=(_SourceArguments,))
-DataArguments.__module__ = __name__
-DataArguments.__doc__ = ("Where the images come from, how crops are cut, and every setting of "
-                         "the view augmentation (AugmentationConfig's fields; pixel sizes refer "
-                         "to a reference_size view).")
+            check_patient_rule(self.patient_id_from)
+        except ValueError as error:
+            mistakes.append(str(error))
+        if mistakes:
+            raise ValueError("\n".join(mistakes))
 
 
 @dataclass
@@ -374,53 +309,11 @@ def scaled_learning_rate(learning_rate: float, rule: str, global_batch: int) -> 
             "sqrt": learning_rate * ratio ** 0.5}[rule]
 
 
-def _model_arguments_class() -> type:
-    """A dataclass with one field per CAiDConfig argument, defaults taken from CAiDConfig."""
-    fields = []
-    for name, param in inspect.signature(CAiDConfig.__init__).parameters.items():
-        if name == "self" or param.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        default = param.default
-        if isinstance(default, (list, tuple)):
-            fields.append((name, list[int], field(default_factory=lambda d=default: list(d))))
-        else:
-            fields.append((name, type(default), field(default=default)))
-    def check(self) -> None:  # the config's own checks, when the arguments are parsed
-        CAiDConfig(**dataclasses.asdict(self))
-
-    def field_help(cls, name: str) -> str:  # CAiDConfig documents its arguments once
-        return _config_argument_help().get(name, "")
-
-    cls = dataclasses.make_dataclass("ModelArguments", fields,
-                                     namespace={"__post_init__": check,
-                                                "field_help": classmethod(field_help)})
-    cls.__doc__ = ("Every CAiDConfig field, overridable from YAML or the command line, "
-                   "checked by CAiDConfig itself.")
-    return cls
-
-
-def _config_argument_help() -> dict[str, str]:
-    """CAiDConfig's docstring ``Args:`` section: argument name → its description."""
-    helps: dict[str, str] = {}
-    name = None
-    for line in (CAiDConfig.__doc__ or "").split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^ {8}(\w+): (.*)$", line)
-        if match:
-            name, helps[match[1]] = match[1], match[2]
-        elif name and line.startswith(" " * 12):
-            helps[name] += " " + line.strip()
-        elif line.strip():
-            name = None
-    return {k: v.replace("``", "") for k, v in helps.items()}
-
-
-ModelArguments = checked_arguments(_model_arguments_class())
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 # --help's groups: DataArguments' crop and appearance settings join the augmentation's, and
 # PretrainingArguments splits by purpose
-_AUGMENTATION_NAMED_HERE = ("crop_scale_min", "crop_scale_max", "crop_reducing_gap",
-                            "color_jitter_p", "blur_p", "reference_compat")
+_CROP_SETTINGS = ("crop_scale_min", "crop_scale_max", "crop_reducing_gap")
 _TRAINING_GROUPS = {
     "speed and devices": ("mixed_precision", "channels_last", "gradient_checkpointing",
                           "torch_compile", "dataloader_num_workers", "dataloader_prefetch_factor",
@@ -441,7 +334,8 @@ def help_group(kind: type, name: str) -> str:
     if kind is ModelArguments:
         return "model (CAiDConfig)"
     if kind is DataArguments:
-        return ("augmentation" if name in _AUGMENTATION_FIELDS or name in _AUGMENTATION_NAMED_HERE
+        return ("augmentation" if name in AugmentationConfig.__dataclass_fields__
+                or name in _CROP_SETTINGS
                 else "data")
     if name.startswith("probe_"):
         return "online probe"
