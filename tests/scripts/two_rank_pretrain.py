@@ -13,12 +13,12 @@ from caid_hf.data.crops import TwoCropDataset
 from caid_hf.objectives.moco import MoCoV2
 from caid_hf.training.pretrain import main
 
-local_keys = []
+enqueued = []  # (objective, keys): a first start on a machine also steps a calibration model
 _enqueue = MoCoV2.enqueue
 
 
 def recording_enqueue(self, keys):
-    local_keys.append(keys.detach().cpu().clone())
+    enqueued.append((id(self), keys.detach().cpu().clone()))
     _enqueue(self, keys)
 
 
@@ -37,6 +37,7 @@ def recording_crops(self, i, boxes_of=None):
 TwoCropDataset.crops = recording_crops
 result = main(sys.argv[1:])
 model = result.model
+local_keys = [keys for objective, keys in enqueued if objective == id(model.objective)]
 rank = int(os.environ["RANK"])  # the process group is gone after end_training()
 torch.save(
     {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]),

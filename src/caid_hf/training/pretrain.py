@@ -1,9 +1,11 @@
 """CAiD pre-training with Accelerate: one CPU, one GPU or many nodes, same code.
 
-The loop reads like Accelerate's examples: :func:`setup_run` builds one
-:class:`PretrainRun` (model, optimizer, scheduler, data, augmenter, state); each batch goes
-through :func:`train_step`, then the named steps of the loop in order (count the step,
-log, probe, save or leave on a signal); each epoch ends in :func:`validate_and_save`.
+The loop in :func:`pretrain` reads like Accelerate's examples, top to bottom: each batch
+goes through :func:`train_step` (augment, forward, backward, optimizer step), then the
+step is counted, logged, probed, and saved (or the run leaves on a signal); each epoch
+ends in a validation, the best backbone and a checkpoint. :func:`setup_run` builds the
+:class:`PretrainRun` the helpers work with (model, optimizer, scheduler, data, augmenter,
+and the checkpointed state).
 Launch with ``accelerate launch scripts/pretrain.py --config FILE``.
 """
 
@@ -261,23 +263,35 @@ class PretrainRun:
     base_model: str | None
     step_lines: list[str] = dataclasses.field(default_factory=list)  # the header's, on settings
     state: TrainState = dataclasses.field(default_factory=TrainState)
-    epoch: int = 0  # the epoch being trained (state.epoch moves on once it is complete)
-    stopping: bool = False  # a signal came: leave after this epoch's validation
-    images_since_log: int = 0
-    last_log: float = dataclasses.field(default_factory=time.perf_counter)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 @dataclasses.dataclass
 class StepOutcome:
     """What :func:`train_step` did: the model output, whether the update was finite,
-    whether a stop was requested, and whether an optimizer step ended (False for the
-    micro-batches of gradient accumulation)."""
+    whether a stop was requested, whether an optimizer step ended (False for the
+    micro-batches of gradient accumulation), and the images it took on all processes."""
 
     out: Any
     finite: bool
     stop: bool
     stepped: bool
+    images: int
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Images trained since the last log line, and when that line was written."""
+
+    images: int = 0
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def take(self) -> tuple[int, float]:
+        """(images, seconds) since the last call (or the start); then counts anew."""
+        now = time.perf_counter()
+        taken = self.images, max(now - self.since, 1e-9)
+        self.images, self.since = 0, now
+        return taken
 
 
 def build_model(config: CAiDConfig, args: PretrainingArguments) -> CAiDForPreTraining:
@@ -596,11 +610,11 @@ def train_step(run: PretrainRun, batch: dict) -> StepOutcome:
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     state.batches_in_epoch += 1
-    run.images_since_log += crops.shape[0] * accelerator.num_processes
-    return StepOutcome(out, finite, stop, stepped=accelerator.sync_gradients)
+    return StepOutcome(out, finite, stop, stepped=accelerator.sync_gradients,
+                       images=crops.shape[0] * accelerator.num_processes)
 
 
-def count_step(run: PretrainRun, step: StepOutcome) -> None:
+def count_step(run: PretrainRun, finite: bool) -> None:
     """Advance the schedule and the step counter; count a non-finite update, stopping the
     run after ``max_consecutive_nonfinite_steps`` of them in a row."""
     state = run.state
@@ -610,7 +624,7 @@ def count_step(run: PretrainRun, step: StepOutcome) -> None:
             run.scheduler.step()
     state.global_step += 1
     run.console.update(1)
-    if step.finite:
+    if finite:
         state.consecutive_nonfinite = 0
         return
     state.nonfinite_steps += 1
@@ -637,19 +651,17 @@ def images_seen(run: PretrainRun) -> int | None:
             + len(run.data.val_set))
 
 
-def log_step(run: PretrainRun, out) -> None:
+def log_step(run: PretrainRun, out, epoch: int, images: int, seconds: float) -> dict:
     """Log the step's losses, learning rate and speed (TensorBoard, console, history), and
-    report the unreadable images met since the last log."""
+    report the unreadable images met since the last log; returns the logged values."""
     state = run.state
     run.data.report_bad_files(images_seen(run), run.console.say)
-    now = time.perf_counter()
-    elapsed = max(now - run.last_log, 1e-9)
     logs = {"train/loss": out.loss.item(),
             "train/discrimination_loss": out.contrastive_loss.item(),
             "train/embedding_std": out.embedding_std.item(),
-            "train/lr": run.scheduler.get_last_lr()[0], "train/epoch": run.epoch,
-            "train/images_per_second": run.images_since_log / elapsed,
-            "train/data_wait_fraction": run.data.take_data_wait() / elapsed}
+            "train/lr": run.scheduler.get_last_lr()[0], "train/epoch": epoch,
+            "train/images_per_second": images / seconds,
+            "train/data_wait_fraction": run.data.take_data_wait() / seconds}
     if out.logits is not None:  # MoCo: its InfoNCE and positive-key top-1
         logs["train/contrastive_loss"] = out.contrastive_loss.item()
         logs["train/contrastive_accuracy"] = (out.logits.argmax(dim=1) == 0).float().mean().item()
@@ -661,7 +673,7 @@ def log_step(run: PretrainRun, out) -> None:
     run.console.log(f"step {state.global_step}/{run.total_steps}: loss {logs['train/loss']:.4f}, "
                     f"{logs['train/images_per_second']:.1f} images/s")
     state.history.append({"step": state.global_step, **logs})
-    run.last_log, run.images_since_log = now, 0
+    return logs
 
 
 def run_probe(run: PretrainRun) -> None:
@@ -703,40 +715,14 @@ def leave_preempted(run: PretrainRun) -> None:
     raise TrainingPreempted(run.state.global_step)
 
 
-def save_or_leave(run: PretrainRun, stop: bool) -> None:
-    """Mid-epoch: leave on a signal (saving this step first), save every ``save_steps``.
-    (The epoch end saves after its validation.)"""
-    state, args = run.state, run.args
-    end_of_epoch = not run.data.streaming and state.batches_in_epoch == len(run.data.train_loader)
-    run.stopping = run.stopping or stop
-    if stop and not end_of_epoch and state.global_step < run.total_steps:
-        save(run)
-        leave_preempted(run)
-    # the run's last step is saved after its validation (validate_and_save)
-    if (args.save_steps and state.global_step % args.save_steps == 0 and not end_of_epoch
-            and state.global_step < run.total_steps):
-        save(run)
+def at_epoch_end(run: PretrainRun) -> bool:
+    """Whether the step just taken was the epoch's last (never known for a stream)."""
+    return (not run.data.streaming
+            and run.state.batches_in_epoch == len(run.data.train_loader))
 
 
-def train_epoch(run: PretrainRun) -> None:
-    """One epoch of optimizer steps (the rest of it when resuming mid-epoch), or fewer when
-    the run's last step comes first."""
-    state, args = run.state, run.args
-    run.epoch = state.epoch
-    for batch in run.data.epoch(run.epoch, state.batches_in_epoch):
-        step = train_step(run, batch)
-        if not step.stepped:
-            continue
-        count_step(run, step)
-        if state.global_step % args.logging_steps == 0 or state.global_step == 1:
-            log_step(run, step.out)
-        if args.probe_steps and (state.global_step % args.probe_steps == 0
-                                 or state.global_step == run.total_steps):
-            run_probe(run)  # on the main process; the others wait
-        save_or_leave(run, step.stop)
-        if state.global_step >= run.total_steps:
-            return
-    state.epoch, state.batches_in_epoch = run.epoch + 1, 0  # the epoch ran to its end
+def every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
 
 
 def card_args(run: PretrainRun) -> dict:
@@ -754,12 +740,12 @@ def card_args(run: PretrainRun) -> dict:
             "datasets": args.hub_datasets, **facts}
 
 
-def validate_and_save(run: PretrainRun) -> None:
-    """Validate, keep the best backbone in ``best/``, save the training state, and leave if
-    a signal came during the epoch."""
-    state, args, accelerator = run.state, run.args, run.accelerator
+def validate(run: PretrainRun, epoch: int) -> tuple[dict, bool]:
+    """Validate (losses, a reconstruction picture, the unreadable images so far), log it and
+    print one line; returns the metrics and whether the loss is the run's best so far."""
+    state, accelerator = run.state, run.accelerator
     metrics, picture = evaluate(run.model, run.data.validation_batches(), run.augmentation,
-                                args.seed, run.config, accelerator)
+                                run.args.seed, run.config, accelerator)
     if picture is not None and accelerator.is_main_process:
         save_reconstruction_grid(picture, run.output_dir / "pictures" /
                                  f"reconstructions_step{state.global_step:07d}.png",
@@ -767,22 +753,24 @@ def validate_and_save(run: PretrainRun) -> None:
                                  run.data.data_args.train_source)
     run.data.report_bad_files(images_seen(run), run.console.say)
     bad = len(run.data.bad_files)
-    metrics.update({"epoch": run.epoch, "data/bad_files": bad})
+    metrics.update({"epoch": epoch, "data/bad_files": bad})
     accelerator.log(metrics, step=state.global_step)
     state.history.append({"step": state.global_step, **metrics})
     is_best = metrics["val/loss"] < state.best_val_loss
-    run.console.say(validation_line(state.global_step, run.epoch, metrics, is_best)
+    run.console.say(validation_line(state.global_step, epoch, metrics, is_best)
                     + (f"; {bad} unreadable images skipped so far" if bad else ""))
-    if is_best:
-        state.best_val_loss, state.best_step = metrics["val/loss"], state.global_step
-        save_backbone(accelerator, run.model, run.output_dir / "best",
-                      {**card_args(run), "weights": "best"}, run.data.data_args.bits_stored)
-        if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
-            push_backbone(accelerator, run.output_dir / "best", args)
-    if state.batches_in_epoch == 0 or state.global_step >= run.total_steps:
-        save(run, best=is_best)
-    if run.stopping and state.global_step < run.total_steps:  # signalled at the epoch's end
-        leave_preempted(run)
+    return metrics, is_best
+
+
+def keep_best(run: PretrainRun, val_loss: float) -> None:
+    """Record the new best validation loss and write its backbone to ``best/`` (and push it
+    with ``hub_push_every_best``)."""
+    state, args = run.state, run.args
+    state.best_val_loss, state.best_step = val_loss, state.global_step
+    save_backbone(run.accelerator, run.model, run.output_dir / "best",
+                  {**card_args(run), "weights": "best"}, run.data.data_args.bits_stored)
+    if args.hub_push_every_best and (args.push_to_hub or args.hub_dry_run):
+        push_backbone(run.accelerator, run.output_dir / "best", args)
 
 
 def finish_run(run: PretrainRun) -> PretrainResult:
@@ -815,17 +803,49 @@ def finish_run(run: PretrainRun) -> PretrainResult:
 def pretrain(model_args, data_args: DataArguments, args: PretrainingArguments) -> PretrainResult:
     """Run CAiD pre-training with the given arguments (see :mod:`.arguments`).
 
-    While it runs, SIGTERM / SIGINT ask for a clean stop (:mod:`.preemption`); the previous
-    signal handlers are back when it returns or raises.
+    While it runs, SIGTERM / SIGINT ask for a clean stop (:mod:`.preemption`): mid-epoch the
+    step's state is saved and the run leaves at once; at an epoch's end it leaves after the
+    validation. The previous signal handlers are back when it returns or raises.
     """
     with PreemptionHandler() as preemption, contextlib.ExitStack() as cleanup:
         run = setup_run(model_args, data_args, args, preemption, cleanup)
+        state = run.state  # what a checkpoint holds: step, epoch, best loss, history ...
         resume(run)
         show_header(run)
         run.model.train()
-        while run.state.global_step < run.total_steps:
-            train_epoch(run)
-            validate_and_save(run)
+        throughput, stopping = Throughput(), False
+        while state.global_step < run.total_steps:
+            epoch = state.epoch
+            for batch in run.data.epoch(epoch, state.batches_in_epoch):
+                step = train_step(run, batch)  # augment, forward, backward, optimizer step
+                throughput.images += step.images
+                if not step.stepped:  # a micro-batch of gradient accumulation
+                    continue
+                count_step(run, step.finite)  # schedule, step counter, non-finite guard
+                if every(state.global_step, args.logging_steps) or state.global_step == 1:
+                    log_step(run, step.out, epoch, *throughput.take())
+                if every(state.global_step, args.probe_steps) or (
+                        args.probe_steps and state.global_step == run.total_steps):
+                    run_probe(run)  # on the main process; the others wait
+                stopping = stopping or step.stop
+                if state.global_step >= run.total_steps:
+                    break  # its state is saved after the validation below
+                if at_epoch_end(run):
+                    continue  # saved (or left on a signal) after the validation below
+                if stopping:  # a signal mid-epoch: save this step and leave
+                    save(run)
+                    leave_preempted(run)
+                if every(state.global_step, args.save_steps):
+                    save(run)
+            else:  # the epoch ran to its end
+                state.epoch, state.batches_in_epoch = epoch + 1, 0
+            metrics, is_best = validate(run, epoch)
+            if is_best:
+                keep_best(run, metrics["val/loss"])
+            if state.batches_in_epoch == 0 or state.global_step >= run.total_steps:
+                save(run, best=is_best)
+            if stopping and state.global_step < run.total_steps:  # signalled at the epoch end
+                leave_preempted(run)
         return finish_run(run)
 
 
