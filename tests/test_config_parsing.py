@@ -297,3 +297,30 @@ def test_command_arguments_are_parsed_and_refused_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert done.stderr.count("did you mean '--learning_rate'?") == 2
+
+
+@pytest.mark.parametrize("argv, mistakes", [
+    (["evaluate-features", "random", "--out", "x", "--max-bad-fraction", "2",
+      "--bits-stored", "40", "--folds", "1", "--image-size", "100", "--k", "0"],
+     ["--image-size must be a positive multiple of 32 (the U-Net halves it 5 times), got 100; "
+      "use 96 or 128", "--k must be >= 1, got 0", "--folds must be >= 2, got 1",
+      "--max-bad-fraction must be in [0, 1], got 2.0", "--bits-stored must be in [1, 32], got 40"]),
+    (["prepare-data", "phantoms", "--out", "x", "--num-proc", "0", "--shards", "0"],
+     ["--num-proc must be >= 1, got 0", "--shards must be >= 1, got 0"]),
+])
+def test_subcommand_options_are_checked_by_the_argument_classes_rules(argv, mistakes, capsys):
+    """The hand-written subcommands refuse an out-of-range option with the words the argument
+    dataclasses use for the field of the same name, every mistake at once, before any work."""
+    from caid_hf.cli import main
+    from caid_hf.finetuning.arguments import FinetuneDataArguments
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{len(mistakes)} mistakes:" in error
+    assert [line.split(". ", 1)[1] for line in error.splitlines() if line[:5].strip()[:1].isdigit()
+            ] == mistakes
+    with pytest.raises(ValueError) as dataclass_error:  # the same field's own check
+        FinetuneDataArguments(max_bad_fraction=2.0)
+    assert str(dataclass_error.value) == "max_bad_fraction must be in [0, 1], got 2.0"

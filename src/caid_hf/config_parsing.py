@@ -1,6 +1,6 @@
 """The command-line and YAML side of every caid-hf command: a YAML file of argument values
-plus ``--field value`` overrides, parsed into argument dataclasses (one flag per field, as
-transformers' ``HfArgumentParser`` makes them), every value checked for its type and range
+plus ``--field value`` overrides, parsed into argument dataclasses (one flag per field,
+grouped and helped from the fields' metadata), every value checked for its type and range
 before anything is built, and every bad one named with the file or flag it came from. The
 standard library and PyYAML only: a mistyped flag is answered before torch is loaded."""
 
@@ -21,7 +21,7 @@ import yaml
 from .console import ArgumentParser, ConfigurationError, option_strings, unknown_flags_message
 from .data.options import read_text_file
 
-__all__ = ["VALUE_RULES", "checked_arguments", "known_fields", "load_yaml_config",
+__all__ = ["VALUE_RULES", "checked_arguments", "value_mistake", "known_fields", "load_yaml_config",
            "parse_config_args", "range_mistakes"]
 
 
@@ -201,7 +201,31 @@ VALUE_RULES = {
     "confidence_level": _between(0, 1, low_open=True, high_open=True),
     "phantom_size": _at_least(32),
     "bits_stored": _between(1, 32),
+    # numbers of the hand-written subcommands only (console.ArgumentParser checks them)
+    **dict.fromkeys(("num_phantoms", "k", "batch_size", "num_proc", "chunk_size", "shards"),
+                    _at_least(1)),
+    "folds": _at_least(2),
 }
+
+
+def value_mistake(name: str, value, flag: str | None = None) -> str | None:
+    """The message for ``value`` of the field or flag destination ``name`` out of its range
+    (:data:`VALUE_RULES`; an ``image_size`` not a multiple of 32), starting with ``flag``
+    (default: the name); None when it is fine or has no rule."""
+    if value is None or isinstance(value, (bool, str, list, tuple)):
+        return None
+    if name == "image_size":
+        from .model_settings import check_image_size
+
+        try:
+            check_image_size(value, flag or name)
+        except ValueError as error:
+            return str(error)
+        return None
+    rule = VALUE_RULES.get(name)
+    if rule is None or rule[0](value):
+        return None
+    return f"{flag or name} must be {rule[1]}, got {value!r}"
 
 
 def range_mistakes(instance) -> list[str]:
@@ -209,12 +233,10 @@ def range_mistakes(instance) -> list[str]:
     (:data:`VALUE_RULES`), each starting with the field's name."""
     mistakes = []
     for item in dataclasses.fields(instance):
-        rule, value = VALUE_RULES.get(item.name), getattr(instance, item.name)
-        if rule is None or value is None or isinstance(value, (bool, str, list)):
-            continue
-        accept, text = rule
-        if not accept(value):
-            mistakes.append(f"{item.name} must be {text}, got {value!r}")
+        if item.name in VALUE_RULES:
+            mistake = value_mistake(item.name, getattr(instance, item.name))
+            if mistake:
+                mistakes.append(mistake)
     return mistakes
 
 

@@ -10,8 +10,9 @@
   missing file, a used output folder, a mistyped flag) end with exit status 2 and one
   message naming the field or file, without a traceback; ``CAID_HF_DEBUG=1`` shows it.
   Programming errors keep their traceback.
-- :class:`ArgumentParser`: argparse with snake_case and kebab-case spellings of every flag
-  and "did you mean" for mistyped ones.
+- :class:`ArgumentParser`: argparse with snake_case and kebab-case spellings of every flag,
+  "did you mean" for mistyped ones, and the argument dataclasses' range checks for options
+  of the same name, every mistake reported at once.
 """
 
 from __future__ import annotations
@@ -123,7 +124,25 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             self.error(unknown_flags_message(extras, option_strings(self)))
+        mistakes = self.value_mistakes(namespace)
+        if mistakes:
+            self.error(mistakes[0] if len(mistakes) == 1 else f"{len(mistakes)} mistakes:\n"
+                       + "\n".join(f"  {k}. {m}" for k, m in enumerate(mistakes, 1)))
         return namespace
+
+    def value_mistakes(self, namespace: argparse.Namespace) -> list[str]:
+        """Every option out of its range, by the rules the argument dataclasses use for the
+        field of the same name (:data:`caid_hf.config_parsing.VALUE_RULES`), each message
+        starting with the flag."""
+        from .config_parsing import value_mistake  # standard library and PyYAML
+
+        mistakes = []
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            values = value if isinstance(value, list) else [value]
+            mistakes += [m for v in values if (m := value_mistake(action.dest, v, flag))]
+        return mistakes
 
     def error(self, message: str):
         """A short usage line (positionals, then ``[options]``) above ``prog: error: …``:
