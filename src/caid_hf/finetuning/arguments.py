@@ -1,6 +1,6 @@
 """Fine-tuning configuration: a YAML file plus command-line overrides, as in pre-training.
 
-Three dataclasses parsed by transformers' ``HfArgumentParser``; flag names follow
+Three written-out dataclasses, parsed by :mod:`caid_hf.config_parsing`; flag names follow
 ``TrainingArguments`` where the meaning is the same (``--output_dir``,
 ``--learning_rate``, ``--metric_for_best_model``, ``--early_stopping_patience`` …).
 Precedence: dataclass defaults < YAML file (``--config``) < command line. An unknown YAML
