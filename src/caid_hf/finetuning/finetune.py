@@ -1,7 +1,11 @@
 """Fine-tune a CAiD backbone for classification or segmentation, with Accelerate.
 
-Flat loop, top to bottom: data, model, prepare, loop (forward, backward, step, log),
-validate (best model, early stopping), test with bootstrap intervals, save. Launch with
+The loop in :func:`finetune` reads top to bottom: :func:`setup_finetune` builds data,
+model, optimizer and schedule; each batch goes through :func:`train_step` (forward,
+backward, step), is logged, and at each epoch end (or every ``eval_steps``) the model is
+validated, its weights kept in :class:`BestWeights` when they are the best so far, and
+early stopping decided; then the best weights are tested with bootstrap intervals and
+saved. Launch with
 ``caid-hf finetune --config FILE`` or ``accelerate launch scripts/finetune.py --config FILE``.
 
 The output folder is a model that ``AutoModelForImageClassification`` /
@@ -381,14 +385,7 @@ class FinetuneRun:
     run: dict  # the arguments, as run_config.yaml holds them
     console: RunConsole
     bad_files: BadFileLog | None = None  # unreadable images met, <output_dir>/bad_files.tsv
-    new_bad_files: list = dataclasses.field(default_factory=list)  # not yet reported
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    best_value: float | None = None
-    best_step: int = 0
-    best_state: dict | None = None
-    bad_evals: int = 0
-    stopped_early: bool = False
+    history: list = dataclasses.field(default_factory=list)  # every logged value, by step
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -399,6 +396,33 @@ class FinetuneRun:
     def single_label(self) -> bool:
         return (not self.segmentation
                 and self.model_args.problem_type == "single_label_classification")
+
+
+@dataclasses.dataclass
+class BestWeights:
+    """The best validation value so far, its step and its weights (copied to the CPU), and
+    how many validations since have not improved on it by more than ``margin``."""
+
+    higher_is_better: bool
+    margin: float = 0.0
+    value: float | None = None
+    step: int = 0
+    state: dict | None = None
+    since: int = 0
+
+    def offer(self, value: float, step: int, model, counts: bool = True) -> bool:
+        """Keep ``model``'s weights when ``value`` improves on the best; otherwise count a
+        validation without improvement (when ``counts``). Returns whether it improved."""
+        improved = math.isfinite(value) and (
+            self.value is None or (value > self.value + self.margin if self.higher_is_better
+                                   else value < self.value - self.margin))
+        if improved:
+            self.value, self.step, self.since = value, step, 0
+            self.state = {k: v.detach().to("cpu", copy=True)
+                          for k, v in model.state_dict().items()}
+        elif counts:
+            self.since += 1
+        return improved
 
 
 def choose_metric(model_args: FinetuneModelArguments, args: FinetuningArguments) -> str:
@@ -521,10 +545,10 @@ def open_bad_file_log(splits: LabelledSplits, data_args: FinetuneDataArguments,
 
 
 def report_bad_files(ft: FinetuneRun, records=()) -> None:
-    """Add the unreadable images met since the last report (every process's, so call it on
-    all processes alike) to ``bad_files.tsv``, say each once, and stop the run when they
-    are more than ``max_bad_fraction`` of the images."""
-    new, ft.new_bad_files = [*ft.new_bad_files, *records], []
+    """Add the unreadable images ``records`` (every process's, so call it on all processes
+    alike) to ``bad_files.tsv``, say each once, and stop the run when they are more than
+    ``max_bad_fraction`` of the images."""
+    new = list(records)
     if ft.accelerator.num_processes > 1:
         new = gather_object(new)
     for image_id, reason in ft.bad_files.add(new):
@@ -549,30 +573,26 @@ def show_header(ft: FinetuneRun) -> None:
     ft.console.bar(ft.total_steps, desc="fine-tuning")
 
 
-def validate(ft: FinetuneRun) -> bool:
-    """Validate and keep the best weights (on the CPU); True when early stopping says stop."""
+def validate(ft: FinetuneRun, step: int) -> dict[str, float]:
+    """The validation metrics at ``step``, logged (trackers and history)."""
     prediction = predict(ft.model, ft.val_loader, ft.accelerator, ft.model_args.task,
                          ft.single_label)
     report_bad_files(ft, prediction["bad_files"])
     metrics = compute_metrics(prediction, ft.splits.label_names)
-    value = metrics[ft.metric]
     logs = {f"val/{k}": v for k, v in metrics.items()}
-    ft.accelerator.log(logs, step=ft.step)
-    ft.history.append({"step": ft.step, **logs})
-    margin = ft.args.early_stopping_threshold
-    improved = math.isfinite(value) and (
-        ft.best_value is None or (value > ft.best_value + margin if METRICS[ft.metric]
-                                  else value < ft.best_value - margin))
-    if improved:
-        ft.best_value, ft.best_step, ft.bad_evals = value, ft.step, 0
-        ft.best_state = {k: v.detach().to("cpu", copy=True)
-                         for k, v in ft.accelerator.unwrap_model(ft.model).state_dict().items()}
-    elif ft.step >= ft.min_steps:  # the opening plateau does not count
-        ft.bad_evals += 1
-    ft.console.say(f"step {ft.step}: validation {ft.metric} {value:.4f}"
+    ft.accelerator.log(logs, step=step)
+    ft.history.append({"step": step, **logs})
+    return metrics
+
+
+def validate_and_keep_best(ft: FinetuneRun, step: int, best: BestWeights) -> None:
+    """Validate, offer the weights to ``best`` (validations before ``min_steps`` do not
+    count towards early stopping) and print one line."""
+    metrics = validate(ft, step)
+    improved = best.offer(metrics[ft.metric], step, ft.accelerator.unwrap_model(ft.model),
+                          counts=step >= ft.min_steps)
+    ft.console.say(f"step {step}: validation {ft.metric} {metrics[ft.metric]:.4f}"
                    f"{' (best)' if improved else ''}, loss {metrics['loss']:.4f}")
-    patience = ft.args.early_stopping_patience
-    return bool(patience) and ft.bad_evals >= patience
 
 
 def train_mode(ft: FinetuneRun) -> None:
@@ -581,57 +601,38 @@ def train_mode(ft: FinetuneRun) -> None:
         ft.accelerator.unwrap_model(ft.model).caid.encoder.eval()
 
 
-def log_step(ft: FinetuneRun, loss: torch.Tensor) -> None:
+def train_step(ft: FinetuneRun, batch: dict) -> tuple[torch.Tensor, list]:
+    """Forward, backward, optimizer and schedule step; returns the loss and the batch's
+    unreadable images."""
+    batch.pop("readable", None)
+    bad_files = batch.pop("bad_files", [])
+    out = ft.model(**batch)
+    ft.accelerator.backward(out.loss)
+    ft.optimizer.step()
+    ft.scheduler.step()
+    ft.optimizer.zero_grad(set_to_none=True)
+    return out.loss, bad_files
+
+
+def log_step(ft: FinetuneRun, step: int, loss: torch.Tensor) -> None:
     logs = {"train/loss": loss.item(), "train/lr": ft.scheduler.get_last_lr()[0]}
-    ft.accelerator.log(logs, step=ft.step)
-    ft.history.append({"step": ft.step, **logs})
+    ft.accelerator.log(logs, step=step)
+    ft.history.append({"step": step, **logs})
     ft.console.update(0, loss=f"{logs['train/loss']:.4f}")
-    ft.console.log(f"step {ft.step}/{ft.total_steps}: loss {logs['train/loss']:.4f}")
+    ft.console.log(f"step {step}/{ft.total_steps}: loss {logs['train/loss']:.4f}")
 
 
-def train(ft: FinetuneRun) -> None:
-    """Optimizer steps until ``total_steps`` or early stopping, validating at each epoch
-    end (or every ``eval_steps``) and once more after the last step."""
-    args, steps_per_epoch, validated_at = ft.args, len(ft.train_loader), -1
-    train_mode(ft)
-    while ft.step < ft.total_steps and not ft.stopped_early:
-        for batch in ft.train_loader:
-            batch.pop("readable", None)
-            ft.new_bad_files.extend(batch.pop("bad_files", ()))
-            out = ft.model(**batch)
-            ft.accelerator.backward(out.loss)
-            ft.optimizer.step()
-            ft.scheduler.step()
-            ft.optimizer.zero_grad(set_to_none=True)
-            ft.step += 1
-            ft.console.update(1)
-            if ft.step % args.logging_steps == 0 or ft.step == 1:
-                log_step(ft, out.loss)
-                report_bad_files(ft)
-            end_of_epoch = ft.step % steps_per_epoch == 0
-            if (ft.step % args.eval_steps == 0) if args.eval_steps else end_of_epoch:
-                ft.stopped_early, validated_at = validate(ft), ft.step
-                train_mode(ft)
-            if ft.stopped_early or ft.step >= ft.total_steps:
-                break
-    if validated_at != ft.step:  # the steps since the last validation count too
-        validate(ft)
-    ft.console.close()
-    if ft.stopped_early:
-        ft.console.say(f"stopped early at step {ft.step} of {ft.total_steps}: validation "
-                       f"{ft.metric} did not improve for {args.early_stopping_patience} "
-                       f"validations (best {ft.best_value:.4f} at step {ft.best_step}; "
-                       "--early_stopping_patience 0 trains every step)")
+def validation_due(ft: FinetuneRun, step: int) -> bool:
+    """Every ``eval_steps``, or at each epoch's end when it is 0."""
+    period = ft.args.eval_steps or len(ft.train_loader)
+    return step % period == 0
 
 
-def test_best_model(ft: FinetuneRun) -> dict:
+def test_best_model(ft: FinetuneRun, best: BestWeights) -> dict:
     """Put the best weights back and report the test set, with bootstrap intervals (main
     process; the others return an empty report)."""
-    if ft.best_state is None:
-        ft.console.say(f"validation {ft.metric} was never defined; keeping the last weights")
-        ft.best_value, ft.best_step = math.nan, ft.step
-    else:
-        ft.accelerator.unwrap_model(ft.model).load_state_dict(ft.best_state)
+    if best.state is not None:
+        ft.accelerator.unwrap_model(ft.model).load_state_dict(best.state)
     prediction = predict(ft.model, ft.test_loader, ft.accelerator, ft.model_args.task,
                          ft.single_label)
     report_bad_files(ft, prediction["bad_files"])
@@ -663,15 +664,16 @@ def save_model(ft: FinetuneRun, report: dict, state: dict) -> None:
     (output_dir / f"{split}_results.json").write_text(json.dumps(report, indent=2))
     facts = {k: v for k, v in state.items()
              if k not in ("global_step", "metric_for_best_model", "best_metric", "best_step")}
-    write_run_state(output_dir, ft.step, ft.metric, ft.best_value, ft.best_step, facts,
-                    ft.history)
+    write_run_state(output_dir, state["global_step"], ft.metric, state["best_metric"],
+                    state["best_step"], facts, ft.history)
     write_finetuned_card(output_dir, ft.run, report, state)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if "/" not in k)
-    images = ft.step * ft.batch_size * ft.accelerator.num_processes
+    images = state["global_step"] * ft.batch_size * ft.accelerator.num_processes
     ft.console.summary(
-        f"done: {ft.step} steps in {format_duration(state['training_time_s'])} "
+        f"done: {state['global_step']} steps in {format_duration(state['training_time_s'])} "
         f"({images / max(state['training_time_s'], 1e-9):.1f} images/s)",
-        f"  best validation {ft.metric} {ft.best_value:.4f} at step {ft.best_step} (its "
+        f"  best validation {ft.metric} {state['best_metric']:.4f} at step "
+        f"{state['best_step']} (its "
         "weights are the ones saved and tested)",
         f"  {split} ({report['num_samples']} images): {summary}",
         f"  model -> {output_dir} ({split}_results.json, trainer_state.json, README.md)")
@@ -687,11 +689,45 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
     with contextlib.ExitStack() as cleanup:
         ft = setup_finetune(model_args, data_args, args, cleanup, splits)
         show_header(ft)
-        train(ft)
-        report = test_best_model(ft)
-        state = {"metric_for_best_model": ft.metric, "best_metric": ft.best_value,
-                 "best_step": ft.best_step, "global_step": ft.step,
-                 "stopped_early": ft.stopped_early, "num_train_images": ft.num_train,
+        best = BestWeights(higher_is_better=METRICS[ft.metric],
+                           margin=args.early_stopping_threshold)
+        patience, step, validated_at, stopped_early = args.early_stopping_patience, 0, -1, False
+        unreported = []  # unreadable training images not yet reported
+        train_mode(ft)
+        while step < ft.total_steps and not stopped_early:
+            for batch in ft.train_loader:
+                loss, bad_files = train_step(ft, batch)  # forward, backward, step, schedule
+                unreported += bad_files
+                step += 1
+                ft.console.update(1)
+                if step % args.logging_steps == 0 or step == 1:
+                    log_step(ft, step, loss)
+                    report_bad_files(ft, unreported)
+                    unreported = []
+                if validation_due(ft, step):
+                    report_bad_files(ft, unreported)
+                    unreported = []
+                    validate_and_keep_best(ft, step, best)
+                    validated_at, stopped_early = step, bool(patience) and best.since >= patience
+                    train_mode(ft)
+                if stopped_early or step >= ft.total_steps:
+                    break
+        report_bad_files(ft, unreported)
+        if validated_at != step:  # the steps since the last validation count too
+            validate_and_keep_best(ft, step, best)
+        ft.console.close()
+        if stopped_early:
+            ft.console.say(f"stopped early at step {step} of {ft.total_steps}: validation "
+                           f"{ft.metric} did not improve for {patience} validations (best "
+                           f"{best.value:.4f} at step {best.step}; --early_stopping_patience 0 "
+                           "trains every step)")
+        if best.state is None:
+            ft.console.say(f"validation {ft.metric} was never defined; keeping the last weights")
+            best.value, best.step = math.nan, step
+        report = test_best_model(ft, best)
+        state = {"metric_for_best_model": ft.metric, "best_metric": best.value,
+                 "best_step": best.step, "global_step": step,
+                 "stopped_early": stopped_early, "num_train_images": ft.num_train,
                  "num_validation_images": ft.num_validation,
                  "bad_files": len(ft.bad_files),
                  "hardware": describe_hardware(ft.accelerator),
@@ -703,8 +739,8 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         # the plain model: without the autocast wrapper Accelerate put around its forward
         unwrapped = plain_model(ft.accelerator, ft.model)
         return FinetuneResult(model=unwrapped.cpu().eval(), output_dir=ft.output_dir,
-                              best_metric=ft.best_value, best_step=ft.best_step,
-                              global_step=ft.step, stopped_early=ft.stopped_early,
+                              best_metric=best.value, best_step=best.step,
+                              global_step=step, stopped_early=stopped_early,
                               history=ft.history, test_report=report)
 
 
