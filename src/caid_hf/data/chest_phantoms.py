@@ -527,108 +527,147 @@ def _findings(rng: np.random.Generator, p: _Patient, c: _Canvas, labels: np.ndar
     add = np.zeros_like(air)
     keep_air = np.ones_like(air)
     lesions: list[Lesion] = []
+    effusion_top = 1e9  # the highest fluid level: other findings stay above it
+    if labels[_F["Effusion"]]:
+        effusion_top = _effusion(rng, p, c, details, masks, add, keep_air)
+    if labels[_F["Consolidation"]]:
+        _consolidation(rng, p, c, details, masks, add, keep_air, effusion_top)
+    if labels[_F["Atelectasis"]]:
+        _atelectasis(rng, p, c, details, masks, add, keep_air, effusion_top)
+    if labels[_F["Mass"]]:
+        _mass(rng, p, c, masks, add, keep_air, effusion_top, lesions)
+    if labels[_F["Nodule"]]:
+        _nodules(rng, p, c, masks, add, effusion_top, lesions)
+    return add, keep_air, lesions
+
+
+# Each finding below adds its density to ``add``, multiplies the air it removes into
+# ``keep_air`` and marks its mask, in place, in the order _findings calls them.
+
+def _effusion(rng, p: _Patient, c: _Canvas, details: dict, masks: np.ndarray,
+              add: np.ndarray, keep_air: np.ndarray) -> float:
+    """Fluid in the costophrenic angle with a meniscus; returns the highest fluid level."""
     x, y = c.x, c.y
     effusion_top = 1e9
-    if labels[_F["Effusion"]]:
-        for side in details["effusion_sides"]:
-            lung = p.lungs[(side + 1) // 2]
-            height = _u(rng, 20.0, 110.0)
-            rise = _u(rng, 35.0, 60.0)
-            cp_y = lung.costophrenic()[1]
-            medial_edge = lung.cx - side * lung.ax
-            t = np.clip((x - medial_edge) * side / (2 * lung.ax), 0.0, 1.0)
-            top = cp_y - height - rise * t * t
-            effusion_top = min(effusion_top, cp_y - height - rise)
-            inside = lung.inside(x, y, margin=-2.0)
-            depth = np.clip((y - top) / 20.0, 0.0, 1.0)  # the meniscus thins upwards
-            fluid = c.ramp(inside) * c.ramp(y - top) * (0.35 + 0.65 * depth)
-            keep_air *= 1.0 - fluid
-            add += 0.1 * fluid
-            masks[LOCALISED_FINDINGS.index("Effusion")] |= (fluid >= 0.5).astype(np.uint8)
-    if labels[_F["Consolidation"]]:
-        side = details["consolidation_side"]
+    for side in details["effusion_sides"]:
         lung = p.lungs[(side + 1) // 2]
-        radius = _u(rng, 20.0, 50.0)
-        zone = _u(rng, 0.2, 0.85)
-        ccx = lung.cx + side * _u(rng, -0.2, 0.45) * lung.ax
-        ccy = lung.apex + zone * (lung.dome_top - lung.apex) + 10.0
-        ccy = min(ccy, effusion_top - 0.3 * radius)
-        wobble = _smooth_field(rng, c, 14)
-        r = np.hypot(x - ccx, y - ccy) / radius + 0.3 * wobble
-        region = c.ramp((1.0 - r) * radius, 16.0) * c.ramp(lung.inside(x, y))
-        if rng.random() < 0.5:  # a lobe's fissure gives one sharp, straight margin
-            fissure = ccy + _u(rng, -0.6, -0.2) * radius
-            region *= c.ramp(y - fissure)
-        keep_air *= 1.0 - _u(rng, 0.8, 0.92) * region
-        add += 0.05 * region
-        details["air_bronchograms"] = (region, ccx, ccy, radius)
-        masks[LOCALISED_FINDINGS.index("Consolidation")] |= (region >= 0.5).astype(np.uint8)
-    if labels[_F["Atelectasis"]]:
-        side, kind = details["atelectasis"]
-        lung = p.lungs[(side + 1) // 2]
-        if kind == "band":  # plate-like (or compressive, above an effusion) atelectasis
-            length, thick = _u(rng, 45.0, 85.0), _u(rng, 8.0, 14.0)
-            bx = lung.cx + side * _u(rng, 0.05, 0.35) * lung.ax  # clear of the heart
-            by = min(lung.dome_top - _u(rng, 18.0, 45.0), effusion_top - 12.0)
-            angle = math.radians(_u(rng, -15.0, 15.0))
-            along = (x - bx) * math.cos(angle) + (y - by) * math.sin(angle)
-            across = (y - by) * math.cos(angle) - (x - bx) * math.sin(angle)
-            region = c.ramp(thick / 2 - np.abs(across), 5.0) * c.ramp(length / 2 - np.abs(along),
-                                                                        10.0)
-        else:  # a collapsed lobe: a wedge against the mediastinum
-            medial = lung.cx - side * lung.ax
-            if kind == "lower":
-                tip_y, base_y = lung.dome_top - _u(rng, 70.0, 110.0), lung.dome_top + 10.0
-                reach = _u(rng, 65.0, 90.0)  # out past the heart's border
-                slope = (x - medial) * side / reach
-                region = c.ramp(y - tip_y - (base_y - tip_y) * np.clip(slope, 0, None), 3.0)
-            else:
-                base_y = lung.apex + _u(rng, 50.0, 80.0)
-                reach = _u(rng, 45.0, 70.0)
-                slope = np.clip((x - medial) * side / reach, 0, None)
-                region = c.ramp(base_y - (base_y - lung.apex) * slope ** 1.5 - y, 3.0)
-            region = region * c.ramp((x - medial) * side + 2.0)
-        region = region * c.ramp(lung.inside(x, y))
-        keep_air *= 1.0 - 0.85 * region
-        # a collapsed lobe is denser than the heart it lies behind (the retrocardiac
-        # triangle): its density adds even where no air is left to replace
-        add += (0.06 if kind == "band" else 0.12) * region
-        masks[LOCALISED_FINDINGS.index("Atelectasis")] |= (region >= 0.5).astype(np.uint8)
-    if labels[_F["Mass"]]:
-        diameter = _u(rng, 30.0, 60.0)
-        spot = _free_spot(rng, p, diameter / 2 + 6.0, lesions, effusion_top)
+        height = _u(rng, 20.0, 110.0)
+        rise = _u(rng, 35.0, 60.0)
+        cp_y = lung.costophrenic()[1]
+        medial_edge = lung.cx - side * lung.ax
+        t = np.clip((x - medial_edge) * side / (2 * lung.ax), 0.0, 1.0)
+        top = cp_y - height - rise * t * t
+        effusion_top = min(effusion_top, cp_y - height - rise)
+        inside = lung.inside(x, y, margin=-2.0)
+        depth = np.clip((y - top) / 20.0, 0.0, 1.0)  # the meniscus thins upwards
+        fluid = c.ramp(inside) * c.ramp(y - top) * (0.35 + 0.65 * depth)
+        keep_air *= 1.0 - fluid
+        add += 0.1 * fluid
+        masks[LOCALISED_FINDINGS.index("Effusion")] |= (fluid >= 0.5).astype(np.uint8)
+    return effusion_top
+
+
+def _consolidation(rng, p: _Patient, c: _Canvas, details: dict, masks: np.ndarray,
+                   add: np.ndarray, keep_air: np.ndarray, effusion_top: float) -> None:
+    """An airless region with a soft edge (and sometimes a fissure's sharp one)."""
+    x, y = c.x, c.y
+    side = details["consolidation_side"]
+    lung = p.lungs[(side + 1) // 2]
+    radius = _u(rng, 20.0, 50.0)
+    zone = _u(rng, 0.2, 0.85)
+    ccx = lung.cx + side * _u(rng, -0.2, 0.45) * lung.ax
+    ccy = lung.apex + zone * (lung.dome_top - lung.apex) + 10.0
+    ccy = min(ccy, effusion_top - 0.3 * radius)
+    wobble = _smooth_field(rng, c, 14)
+    r = np.hypot(x - ccx, y - ccy) / radius + 0.3 * wobble
+    region = c.ramp((1.0 - r) * radius, 16.0) * c.ramp(lung.inside(x, y))
+    if rng.random() < 0.5:  # a lobe's fissure gives one sharp, straight margin
+        fissure = ccy + _u(rng, -0.6, -0.2) * radius
+        region *= c.ramp(y - fissure)
+    keep_air *= 1.0 - _u(rng, 0.8, 0.92) * region
+    add += 0.05 * region
+    details["air_bronchograms"] = (region, ccx, ccy, radius)
+    masks[LOCALISED_FINDINGS.index("Consolidation")] |= (region >= 0.5).astype(np.uint8)
+
+
+def _atelectasis(rng, p: _Patient, c: _Canvas, details: dict, masks: np.ndarray,
+                 add: np.ndarray, keep_air: np.ndarray, effusion_top: float) -> None:
+    """A plate-like band or a collapsed lobe's wedge against the mediastinum."""
+    x, y = c.x, c.y
+    side, kind = details["atelectasis"]
+    lung = p.lungs[(side + 1) // 2]
+    if kind == "band":  # plate-like (or compressive, above an effusion) atelectasis
+        length, thick = _u(rng, 45.0, 85.0), _u(rng, 8.0, 14.0)
+        bx = lung.cx + side * _u(rng, 0.05, 0.35) * lung.ax  # clear of the heart
+        by = min(lung.dome_top - _u(rng, 18.0, 45.0), effusion_top - 12.0)
+        angle = math.radians(_u(rng, -15.0, 15.0))
+        along = (x - bx) * math.cos(angle) + (y - by) * math.sin(angle)
+        across = (y - by) * math.cos(angle) - (x - bx) * math.sin(angle)
+        region = c.ramp(thick / 2 - np.abs(across), 5.0) * c.ramp(length / 2 - np.abs(along),
+                                                                    10.0)
+    else:  # a collapsed lobe: a wedge against the mediastinum
+        medial = lung.cx - side * lung.ax
+        if kind == "lower":
+            tip_y, base_y = lung.dome_top - _u(rng, 70.0, 110.0), lung.dome_top + 10.0
+            reach = _u(rng, 65.0, 90.0)  # out past the heart's border
+            slope = (x - medial) * side / reach
+            region = c.ramp(y - tip_y - (base_y - tip_y) * np.clip(slope, 0, None), 3.0)
+        else:
+            base_y = lung.apex + _u(rng, 50.0, 80.0)
+            reach = _u(rng, 45.0, 70.0)
+            slope = np.clip((x - medial) * side / reach, 0, None)
+            region = c.ramp(base_y - (base_y - lung.apex) * slope ** 1.5 - y, 3.0)
+        region = region * c.ramp((x - medial) * side + 2.0)
+    region = region * c.ramp(lung.inside(x, y))
+    keep_air *= 1.0 - 0.85 * region
+    # a collapsed lobe is denser than the heart it lies behind (the retrocardiac
+    # triangle): its density adds even where no air is left to replace
+    add += (0.06 if kind == "band" else 0.12) * region
+    masks[LOCALISED_FINDINGS.index("Atelectasis")] |= (region >= 0.5).astype(np.uint8)
+
+
+def _mass(rng, p: _Patient, c: _Canvas, masks: np.ndarray, add: np.ndarray,
+          keep_air: np.ndarray, effusion_top: float, lesions: list) -> None:
+    """One lobulated opacity over 3 cm."""
+    x, y = c.x, c.y
+    diameter = _u(rng, 30.0, 60.0)
+    spot = _free_spot(rng, p, diameter / 2 + 6.0, lesions, effusion_top)
+    if spot is None:
+        spot = (p.lungs[1].cx, p.lungs[1].apex + 0.35 * p.lungs[1].ay)
+    harmonics = (_u(rng, 0.06, 0.12), _u(rng, 0, 6.3), _u(rng, 0.03, 0.07), _u(rng, 0, 6.3))
+    theta = np.arctan2(y - spot[1], x - spot[0])
+    edge = diameter / 2 * (1.0 + harmonics[0] * np.cos(3 * theta + harmonics[1])
+                           + harmonics[2] * np.cos(5 * theta + harmonics[3]))
+    r = np.hypot(x - spot[0], y - spot[1])
+    add += _u(rng, 0.3, 0.42) * np.sqrt(np.clip(1.0 - (r / edge) ** 2, 0.0, 1.0))
+    keep_air *= 1.0 - 0.3 * c.ramp(edge - r)
+    masks[LOCALISED_FINDINGS.index("Mass")] |= (r <= edge).astype(np.uint8)
+    lesions.append(Lesion("Mass", spot[0], spot[1], diameter))
+
+
+def _nodules(rng, p: _Patient, c: _Canvas, masks: np.ndarray, add: np.ndarray,
+             effusion_top: float, lesions: list) -> None:
+    """One to three round opacities of 2-3 cm, clear of the other lesions."""
+    x, y = c.x, c.y
+    count = 1 + int(rng.choice(3, p=[0.6, 0.25, 0.15]))
+    for _ in range(count):
+        diameter = _u(rng, 20.0, 30.0)
+        spot = _free_spot(rng, p, diameter / 2, lesions, effusion_top)
+        contrast = _u(rng, 0.26, 0.36)
         if spot is None:
-            spot = (p.lungs[1].cx, p.lungs[1].apex + 0.35 * p.lungs[1].ay)
-        harmonics = (_u(rng, 0.06, 0.12), _u(rng, 0, 6.3), _u(rng, 0.03, 0.07), _u(rng, 0, 6.3))
-        theta = np.arctan2(y - spot[1], x - spot[0])
-        edge = diameter / 2 * (1.0 + harmonics[0] * np.cos(3 * theta + harmonics[1])
-                               + harmonics[2] * np.cos(5 * theta + harmonics[3]))
+            continue
         r = np.hypot(x - spot[0], y - spot[1])
-        add += _u(rng, 0.3, 0.42) * np.sqrt(np.clip(1.0 - (r / edge) ** 2, 0.0, 1.0))
-        keep_air *= 1.0 - 0.3 * c.ramp(edge - r)
-        masks[LOCALISED_FINDINGS.index("Mass")] |= (r <= edge).astype(np.uint8)
-        lesions.append(Lesion("Mass", spot[0], spot[1], diameter))
-    if labels[_F["Nodule"]]:
-        count = 1 + int(rng.choice(3, p=[0.6, 0.25, 0.15]))
-        for _ in range(count):
-            diameter = _u(rng, 20.0, 30.0)
-            spot = _free_spot(rng, p, diameter / 2, lesions, effusion_top)
-            contrast = _u(rng, 0.26, 0.36)
-            if spot is None:
-                continue
-            r = np.hypot(x - spot[0], y - spot[1])
-            profile = np.sqrt(np.clip(1.0 - (r / (diameter / 2)) ** 2, 0.0, 1.0))
-            add += contrast * c.ramp(diameter / 2 - r) * (0.45 + 0.55 * profile)
-            masks[LOCALISED_FINDINGS.index("Nodule")] |= (r <= diameter / 2).astype(np.uint8)
-            lesions.append(Lesion("Nodule", spot[0], spot[1], diameter))
-        if not any(lesion.finding == "Nodule" for lesion in lesions):  # no room: a small one
-            lung = p.lungs[0]
-            spot = (lung.cx, lung.apex + 0.3 * lung.ay)
-            r = np.hypot(x - spot[0], y - spot[1])
-            add += 0.3 * c.ramp(10.0 - r)
-            masks[LOCALISED_FINDINGS.index("Nodule")] |= (r <= 10.0).astype(np.uint8)
-            lesions.append(Lesion("Nodule", spot[0], spot[1], 20.0))
-    return add, keep_air, lesions
+        profile = np.sqrt(np.clip(1.0 - (r / (diameter / 2)) ** 2, 0.0, 1.0))
+        add += contrast * c.ramp(diameter / 2 - r) * (0.45 + 0.55 * profile)
+        masks[LOCALISED_FINDINGS.index("Nodule")] |= (r <= diameter / 2).astype(np.uint8)
+        lesions.append(Lesion("Nodule", spot[0], spot[1], diameter))
+    if not any(lesion.finding == "Nodule" for lesion in lesions):  # no room: a small one
+        lung = p.lungs[0]
+        spot = (lung.cx, lung.apex + 0.3 * lung.ay)
+        r = np.hypot(x - spot[0], y - spot[1])
+        add += 0.3 * c.ramp(10.0 - r)
+        masks[LOCALISED_FINDINGS.index("Nodule")] |= (r <= 10.0).astype(np.uint8)
+        lesions.append(Lesion("Nodule", spot[0], spot[1], 20.0))
 
 
 # --------------------------------------------------------------------------- devices
