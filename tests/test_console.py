@@ -150,7 +150,7 @@ def test_programming_errors_keep_their_traceback():
 
 def test_hand_written_flags_take_both_spellings():
     parser = ArgumentParser(prog="caid-hf test")
-    parser.add_argument("--image-size", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num_proc", type=int, default=1)
     assert parser.parse_args(["--image_size", "64"]).image_size == 64
     assert parser.parse_args(["--image-size", "32"]).image_size == 32
