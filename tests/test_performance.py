@@ -435,12 +435,17 @@ def test_benchmark_interleaves_auto_with_fixed_precisions_and_names_the_cpu(tmp_
         capture_output=True, text=True, timeout=600, check=True)
     out = result.stdout
     assert out.startswith(f"CPU: {performance.cpu_model_name()}; torch kernels "), out
-    assert re.search(r"^--precision auto: fp32, (channels_last|contiguous) \(measured in "
-                     r"[\d.]+ s(, unsteady steps \(a busy machine\?\))?; per step "
-                     r"fp32, channels_last: \d+ ms; fp32, contiguous: \d+ ms\)$", out,
-                     re.MULTILINE), out
-    arms = re.findall(r"^  (auto|fp32) \(fp32, \w+\) +[\d.]+ images/s", out, re.MULTILINE)
-    assert arms == ["auto", "fp32"], out
+    # auto times every candidate of this CPU (bf16 too where it has bf16 instructions)
+    candidates = [c.label for c in performance.step_setting_candidates("auto", None, "cpu")]
+    per_step = "; ".join(f"{re.escape(label)}: \\d+ ms" for label in candidates)
+    chosen = re.search(r"^--precision auto: ((fp32|bf16), (channels_last|contiguous)) \(measured "
+                       r"in [\d.]+ s(, unsteady steps \(a busy machine\?\))?; per step "
+                       + per_step + r"\)$", out, re.MULTILINE)
+    assert chosen and chosen[1] in candidates, out
+    arms = re.findall(r"^  (auto|fp32) \((fp32|bf16), (\w+)\) +[\d.]+ images/s", out,
+                      re.MULTILINE)
+    assert [(a[0], f"{a[1]}, {a[2]}") for a in arms][0] == ("auto", chosen[1]), out
+    assert [a[0] for a in arms] == ["auto", "fp32"] and arms[1][1] == "fp32", out
     assert re.search(r"auto / faster fixed arm fp32 .*auto within 3 % of it: (yes|NO)$", out,
                      re.MULTILINE), out
 
