@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import f1_score, jaccard_score, roc_auc_score
 
 from caid_hf.finetuning.metrics import (
+    binary_auc,
     bootstrap_interval,
     classification_metrics,
     classification_report,
@@ -32,6 +33,24 @@ def test_auc_of_a_hand_computed_case():
     # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 pairs ordered right
     auc = per_class_auc(np.array([[0], [0], [1], [1]]), np.array([[0.1], [0.4], [0.35], [0.8]]))
     assert auc.tolist() == [0.75]
+
+
+def test_auc_matches_scikit_learn_with_ties_repeats_and_infinite_scores():
+    """Coarse scores (many ties), bootstrap-style repeated rows, and ±inf logits."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        truth = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(np.float64)
+        truth[:2] = [0, 1]  # both outcomes present
+        scores = np.round(truth * rng.uniform(0, 2) + rng.normal(size=n), int(rng.integers(0, 3)))
+        if trial % 10 == 0:
+            scores[rng.integers(0, n, 2)] = [np.inf, -np.inf]
+        rows = rng.integers(0, n, n) if trial % 2 else np.arange(n)
+        rows = np.r_[0, 1, rows]
+        finite = np.clip(scores, -1e300, 1e300)  # scikit-learn refuses infinities: same order
+        assert binary_auc(truth[rows], scores[rows]) == pytest.approx(
+            roc_auc_score(truth[rows], finite[rows]), abs=1e-12), trial
+    assert math.isnan(binary_auc(np.array([0.0, 1.0]), np.array([0.3, np.nan])))
 
 
 def test_per_class_and_mean_auc_match_scikit_learn(multilabel):

@@ -1,9 +1,12 @@
 """Downstream metrics with bootstrap confidence intervals.
 
-Classification: per-class ROC-AUC (scikit-learn's ``roc_auc_score``) and their mean over
-the classes where it is defined (both outcomes present), as the paper reports for
-ChestX-ray14. Ignored label entries (NaN, e.g. CheXpert's uncertain labels under
-``uncertain_labels=ignore``) are left out of their class's AUC. Segmentation: Dice and IoU per class, pooled over all pixels of the set
+Classification: per-class ROC-AUC and their mean over the classes where it is defined (both
+outcomes present), as the paper reports for ChestX-ray14. The AUC is the Mann-Whitney
+statistic over mid-ranks, which equals scikit-learn's ``roc_auc_score`` (tests check it to
+1e-12) at a fraction of its per-call cost: a test report's 1,000 bootstrap replicates of
+eight findings took about 12 s through scikit-learn. Ignored label entries (NaN, e.g.
+CheXpert's uncertain labels under ``uncertain_labels=ignore``) are left out of their class's
+AUC. Segmentation: Dice and IoU per class, pooled over all pixels of the set
 (``2·TP / (2·TP + FP + FN)`` and ``TP / (TP + FP + FN)``, which equal scikit-learn's
 ``f1_score`` and ``jaccard_score`` on the flattened masks: tests check that), and their
 mean over the foreground classes. Pooling over pixels keeps images without any foreground
@@ -25,9 +28,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "binary_auc",
     "bootstrap_interval",
     "classification_metrics",
     "classification_report",
@@ -54,8 +57,27 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         known = np.isfinite(labels[:, k])
         truth = labels[known, k]
         if 0 < truth.sum() < len(truth):
-            auc[k] = roc_auc_score(truth, scores[known, k])
+            auc[k] = binary_auc(truth, scores[known, k])
     return auc
+
+
+def binary_auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC of scores [N] against truth [N] in {0, 1} with both outcomes present: the
+    probability that a positive scores above a negative, ties counting half (mid-ranks);
+    NaN when a score is NaN."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        return math.nan
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each tie group's
+    sizes = np.diff(np.r_[starts, len(ordered)])
+    ranks = np.empty(len(ordered))
+    ranks[order] = np.repeat(starts + (sizes + 1) / 2, sizes)  # 1-based mid-ranks
+    positive = np.asarray(truth) == 1
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def classification_metrics(labels: np.ndarray, scores: np.ndarray,
