@@ -33,7 +33,7 @@ from caid_hf.finetuning.data import (
     SplitListLabelledSource,
     labelled_source_from_spec,
 )
-from caid_hf.finetuning.finetune import build_model, finetune
+from caid_hf.finetuning.finetune import BestWeights, build_model, finetune
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +319,20 @@ def test_evaluation_preprocessing_is_the_processor_and_training_crops_keep_masks
         bright = item["pixel_values"][0] > 0.6
         mask = item["labels"][0] > 0
         assert (bright & mask).sum() > 0.8 * bright.sum()
+
+
+def test_best_weights_keep_the_best_copy_and_count_validations_without_improvement():
+    model = torch.nn.Linear(2, 1)
+    best = BestWeights(higher_is_better=True, margin=0.01)
+    assert not best.offer(float("nan"), 1, model)  # undefined: never the best, but counted
+    assert best.since == 1 and best.state is None and best.value is None
+    assert best.offer(0.70, 2, model) and (best.value, best.step, best.since) == (0.70, 2, 0)
+    kept = {k: v.clone() for k, v in best.state.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the copy is the model's weights at step 2, not a view
+    assert all(torch.equal(best.state[k], kept[k]) for k in kept)
+    assert not best.offer(0.705, 3, model)  # within the margin
+    assert not best.offer(0.5, 4, model, counts=False)  # before min_steps: not counted
+    assert best.since == 1 and best.step == 2
+    loss = BestWeights(higher_is_better=False)
+    assert loss.offer(0.4, 1, model) and loss.offer(0.3, 2, model) and not loss.offer(0.35, 3, model)

@@ -179,11 +179,7 @@ def _prepare_data(argv: list[str], prog: str) -> None:
                         help="Bit depth of 16-bit PNG and DICOM pixels (e.g. 12) for the whole "
                              "source (default: each file's header, DICOM BitsStored or PNG "
                              "sBIT, else a per-image guess).")
-    a = parser.parse_args(argv)
-    if a.bits_stored is not None and not 1 <= a.bits_stored <= 32:
-        parser.error(f"--bits-stored must be in [1, 32], got {a.bits_stored}")
-    if a.shards < 1:
-        parser.error(f"--shards must be 1 or more, got {a.shards}")
+    a = parser.parse_args(argv)  # ranges checked too (--bits-stored, --shards, --num-proc ...)
     options = HFOptions(split=a.split, config_name=a.config_name, image_column=a.image_column,
                         id_column=a.id_column)
     source = source_from_spec(a.source, images_root=a.images_root, hf_options=options,

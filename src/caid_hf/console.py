@@ -107,7 +107,8 @@ def option_strings(parser: argparse.ArgumentParser) -> list[str]:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the hand-written subcommands: every ``--kebab-case`` flag is also
     accepted as ``--snake_case`` (the spelling ``pretrain`` and ``finetune`` use, after
-    transformers), and a mistyped flag gets "did you mean"."""
+    transformers), a mistyped flag gets "did you mean", and every option named like an
+    argument-class field is range-checked by that field's rule, all mistakes at once."""
 
     def add_argument(self, *names, **kwargs):
         spellings = list(names)

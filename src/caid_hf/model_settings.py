@@ -233,6 +233,10 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"
 
 def _whole(value) -> int:
     """``value`` as an int when it is a whole number (``5``, ``5.0``); else TypeError."""
-    if isinstance(value, (bool, str)) or int(value) != value:
+    try:
+        whole = int(value)
+    except (OverflowError, ValueError):  # inf, nan
+        raise TypeError(value) from None
+    if isinstance(value, (bool, str)) or whole != value:
         raise TypeError(value)
-    return int(value)
+    return whole

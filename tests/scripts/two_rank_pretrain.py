@@ -18,7 +18,7 @@ _enqueue = MoCoV2.enqueue
 
 
 def recording_enqueue(self, keys):
-    enqueued.append((id(self), keys.detach().cpu().clone()))
+    enqueued.append((self, keys.detach().cpu().clone()))  # kept alive: ids are not reused
     _enqueue(self, keys)
 
 
@@ -37,7 +37,7 @@ def recording_crops(self, i, boxes_of=None):
 TwoCropDataset.crops = recording_crops
 result = main(sys.argv[1:])
 model = result.model
-local_keys = [keys for objective, keys in enqueued if objective == id(model.objective)]
+local_keys = [keys for objective, keys in enqueued if objective is model.objective]
 rank = int(os.environ["RANK"])  # the process group is gone after end_training()
 torch.save(
     {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]),

@@ -108,7 +108,7 @@ class AugmentationConfig:
             mistakes.append(f"hue must be in [0, 0.5], got {self.hue}")
         for name, low in _WHOLE:
             value = getattr(self, name)
-            if int(value) != value or value < low:
+            if not math.isfinite(value) or int(value) != value or value < low:
                 mistakes.append(f"{name} must be an integer >= {low}, got {value}")
         return mistakes
 

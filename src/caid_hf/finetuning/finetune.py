@@ -716,14 +716,14 @@ def finetune(model_args: FinetuneModelArguments, data_args: FinetuneDataArgument
         if validated_at != step:  # the steps since the last validation count too
             validate_and_keep_best(ft, step, best)
         ft.console.close()
+        if best.state is None:
+            ft.console.say(f"validation {ft.metric} was never defined; keeping the last weights")
+            best.value, best.step = math.nan, step
         if stopped_early:
             ft.console.say(f"stopped early at step {step} of {ft.total_steps}: validation "
                            f"{ft.metric} did not improve for {patience} validations (best "
                            f"{best.value:.4f} at step {best.step}; --early_stopping_patience 0 "
                            "trains every step)")
-        if best.state is None:
-            ft.console.say(f"validation {ft.metric} was never defined; keeping the last weights")
-            best.value, best.step = math.nan, step
         report = test_best_model(ft, best)
         state = {"metric_for_best_model": ft.metric, "best_metric": best.value,
                  "best_step": best.step, "global_step": step,
