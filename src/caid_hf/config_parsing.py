@@ -18,7 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from .console import ArgumentParser, ConfigurationError, option_strings, unknown_flags_message
+from .console import (
+    ArgumentParser,
+    ConfigurationError,
+    joined_mistakes,
+    option_strings,
+    unknown_flags_message,
+)
 from .data.options import read_text_file
 
 __all__ = ["VALUE_RULES", "checked_arguments", "value_mistake", "known_fields", "load_yaml_config",
@@ -281,14 +287,6 @@ def _where(message: str, given: set[str], yaml_values: dict, config_path: str | 
     return message
 
 
-def _joined(mistakes: list[str]) -> str:
-    """One mistake as it is; several numbered on their own lines."""
-    if len(mistakes) == 1:
-        return mistakes[0]
-    return f"{len(mistakes)} mistakes:\n" + "\n".join(
-        f"  {k}. {m}" for k, m in enumerate(mistakes, 1))
-
-
 def _build(kind: type, namespace: argparse.Namespace) -> tuple[object | None, list[str]]:
     """``kind`` from the parsed values, or None and the mistakes its checks found."""
     names = {f.name for f in dataclasses.fields(kind) if f.init}
@@ -390,5 +388,5 @@ def parse_config_args(classes: tuple[type, ...], argv: list[str] | None = None,
     if remaining and len(mistakes) == 1:
         parser.error(mistakes[0])  # argparse's usage line above the flag and its suggestion
     if mistakes:
-        raise ConfigurationError(_joined(mistakes))
+        raise ConfigurationError(joined_mistakes(mistakes))
     return tuple(outputs)

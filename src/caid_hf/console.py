@@ -90,6 +90,14 @@ def suggest_flag(flag: str, known: list[str]) -> str:
     return f"; did you mean '--{close[0]}'?" if close else ""
 
 
+def joined_mistakes(mistakes: list[str]) -> str:
+    """One mistake as it is; several numbered on their own lines."""
+    if len(mistakes) == 1:
+        return mistakes[0]
+    return f"{len(mistakes)} mistakes:\n" + "\n".join(
+        f"  {k}. {m}" for k, m in enumerate(mistakes, 1))
+
+
 def unknown_flags_message(extras: list[str], known: list[str]) -> str:
     """The message for arguments no option took, each flag with its suggestion."""
     flags = [e for e in extras if e.startswith("-")]
@@ -127,8 +135,7 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(unknown_flags_message(extras, option_strings(self)))
         mistakes = self.value_mistakes(namespace)
         if mistakes:
-            self.error(mistakes[0] if len(mistakes) == 1 else f"{len(mistakes)} mistakes:\n"
-                       + "\n".join(f"  {k}. {m}" for k, m in enumerate(mistakes, 1)))
+            self.error(joined_mistakes(mistakes))
         return namespace
 
     def value_mistakes(self, namespace: argparse.Namespace) -> list[str]:
